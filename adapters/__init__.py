@@ -1,0 +1,1 @@
+"""Platform edges: each turns its platform's messages into `bot.messages.Incoming`."""

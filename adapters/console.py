@@ -1,0 +1,91 @@
+"""Chat in the terminal through the same core, store and commands.
+
+One message per line. With piped stdin it prints one reply per input line
+and returns at end of input. Replies are printed as they stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import sys
+import threading
+from typing import TextIO
+
+from bot.messages import Incoming
+from bot.service import ChatService
+from bot.settings import Settings
+
+
+def _read_lines(stream: TextIO, loop: asyncio.AbstractEventLoop,
+                queue: asyncio.Queue[str | None]) -> None:
+    """Blocking reads in a daemon thread: the event loop never waits on stdin,
+    and a pending read cannot hold up the process's exit."""
+    try:
+        for line in stream:
+            loop.call_soon_threadsafe(queue.put_nowait, line.rstrip("\n"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        pass
+    finally:
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(queue.put_nowait, None)
+
+
+class ConsoleAdapter:
+    name = "console"
+
+    def __init__(self, settings: Settings, *, stdin: TextIO | None = None,
+                 stdout: TextIO | None = None, user_id: str | None = None) -> None:
+        self._settings = settings
+        self._stdin = stdin or sys.stdin
+        self._stdout = stdout or sys.stdout
+        self._user = user_id or _local_user()
+
+    async def run(self, service: ChatService, stop: asyncio.Event) -> None:
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[str | None] = asyncio.Queue()
+        threading.Thread(target=_read_lines, args=(self._stdin, loop, lines),
+                         daemon=True, name="console-stdin").start()
+        interactive = self._stdin.isatty()
+        if interactive:
+            self._write(f"Chatting as {self._user}. /help for commands, Ctrl-D to quit.\n> ")
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            while not stop.is_set():
+                getting = asyncio.create_task(lines.get())
+                await asyncio.wait({getting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if not getting.done():
+                    getting.cancel()
+                    return
+                line = getting.result()
+                if line is None:
+                    return
+                await self._answer(service, line)
+                if interactive:
+                    self._write("> ")
+        finally:
+            stopping.cancel()
+
+    async def _answer(self, service: ChatService, line: str) -> None:
+        msg = Incoming(platform="console", user_id=self._user, display_name=self._user,
+                       chat_id="console", place_id=None, text=line)
+        wrote = False
+        async with contextlib.aclosing(service.handle(msg)) as deltas:
+            async for delta in deltas:
+                self._write(delta)
+                wrote = True
+        if wrote:
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        # Console output is the user's own terminal or pipe: small writes.
+        self._stdout.write(text)
+        self._stdout.flush()
+
+
+def _local_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "local"

@@ -1,0 +1,1 @@
+"""memorybot: a self-hosted LLM chat bot that remembers each user."""

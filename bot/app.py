@@ -1,0 +1,96 @@
+"""Wiring: settings → store, provider, service → adapters; signals and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from bot.providers import make_provider
+from bot.service import ChatService
+from bot.settings import Settings
+from storage import open_store
+
+log = logging.getLogger(__name__)
+
+
+class Adapter(Protocol):
+    """A platform edge: answers until `stop` is set, then drains and returns."""
+
+    name: str
+
+    async def run(self, service: ChatService, stop: asyncio.Event) -> None: ...
+
+
+@contextlib.asynccontextmanager
+async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
+    """A ready service: store opened and migrated, provider built."""
+    store = open_store(settings.DATABASE_URL, pool_size=settings.DB_POOL_SIZE)
+    await store.open()
+    try:
+        service = ChatService(settings, store, make_provider(settings))
+        try:
+            yield service
+        finally:
+            await service.aclose()
+    finally:
+        await store.close()
+
+
+def choose_adapters(settings: Settings, *, console: bool) -> list[Adapter]:
+    """The adapters the tokens ask for; the console when there are none."""
+    adapters: list[Adapter] = []
+    if not console:
+        # Platform libraries are imported only when their adapter starts.
+        if settings.TELEGRAM_TOKEN is not None:
+            from adapters.telegram_adapter import TelegramAdapter
+
+            adapters.append(TelegramAdapter(settings))
+        if settings.DISCORD_TOKEN is not None:
+            from adapters.discord_adapter import DiscordAdapter
+
+            adapters.append(DiscordAdapter(settings))
+    if not adapters:
+        from adapters.console import ConsoleAdapter
+
+        adapters.append(ConsoleAdapter(settings))
+    return adapters
+
+
+def log_access(settings: Settings) -> None:
+    if not settings.allowed_users and not settings.allowed_places:
+        log.info("access: open to everyone (set ALLOWED_USERS / ALLOWED_PLACES to restrict)")
+    else:
+        log.info("access: %d allowed users, %d allowed places",
+                 len(settings.allowed_users), len(settings.allowed_places))
+
+
+async def run_bot(settings: Settings, *, console: bool = False) -> int:
+    """Run until a signal (or the console's end of input); return the exit code."""
+    adapters = choose_adapters(settings, console=console)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    if not console and adapters[0].name != "console":
+        log_access(settings)
+    async with open_service(settings) as service:
+        tasks = {asyncio.create_task(a.run(service, stop), name=a.name): a for a in adapters}
+        stopper = asyncio.create_task(stop.wait())
+        await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        stop.set()  # one adapter ending (console EOF, a crash) ends them all
+        await service.shutdown(settings.SHUTDOWN_GRACE)
+        code = 0
+        for task, adapter in tasks.items():
+            try:
+                await task
+            except Exception as exc:
+                log.error("%s adapter failed: %s", adapter.name, exc)
+                log.debug("adapter failure", exc_info=True)
+                code = 1
+        stopper.cancel()
+        return code

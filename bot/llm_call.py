@@ -1,0 +1,145 @@
+"""One model call: retries before any text, timeouts, and cancellation.
+
+The provider's stream runs in its own task feeding a queue, so that the
+caller can wait with a deadline (first token, then a stall limit), and so
+that shutdown can stop the call without tearing down the adapter's task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from bot.providers.base import Provider, ProviderError, Usage
+
+log = logging.getLogger(__name__)
+
+
+class CallCancelled(Exception):
+    """The call was stopped from outside (shutdown)."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallLimits:
+    first_token: float  # seconds until the first text
+    stall: float  # seconds between two pieces of text
+    retries: int  # attempts after the first, only before any text
+    backoff: float = 0.5  # first retry delay; doubles each time
+
+
+class _End:
+    pass
+
+
+def _retryable(exc: BaseException) -> bool:
+    return isinstance(exc, ProviderError) and exc.retryable
+
+
+async def stream_reply(
+    provider: Provider,
+    model: str,
+    messages: list[dict[str, str]],
+    *,
+    num_ctx: int,
+    max_tokens: int,
+    limits: CallLimits,
+    running: set[asyncio.Task[None]],
+) -> AsyncIterator[str | Usage]:
+    """Yield text deltas then one Usage; raise ProviderError or CallCancelled.
+
+    `running` holds the feeding task while it runs, so that shutdown can
+    cancel it.
+    """
+    queue: asyncio.Queue[object] = asyncio.Queue()
+
+    async def open_stream() -> AsyncIterator[str | Usage]:
+        # Retried only until the first text: a stream that showed text is
+        # never started again (the user would see it twice).
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(limits.retries + 1),
+            wait=wait_exponential(multiplier=limits.backoff, max=8),
+            retry=retry_if_exception(_retryable),
+            reraise=True,
+        ):
+            with attempt:
+                stream = provider.stream(model, messages, num_ctx=num_ctx, max_tokens=max_tokens)
+                try:
+                    first = await anext(stream)
+                except StopAsyncIteration:
+                    raise ProviderError(
+                        "The model returned an empty reply. Please try again.",
+                        detail="stream ended before any text", retryable=True,
+                    ) from None
+                except BaseException:
+                    await stream.aclose()
+                    raise
+                return _chain(first, stream)
+        raise AssertionError("unreachable")
+
+    async def feed() -> None:
+        try:
+            stream = await open_stream()
+            try:
+                async for item in stream:
+                    queue.put_nowait(item)
+            finally:
+                await stream.aclose()
+            queue.put_nowait(_End())
+        except asyncio.CancelledError:
+            queue.put_nowait(CallCancelled())
+            raise
+        except ProviderError as exc:
+            queue.put_nowait(exc)
+        except Exception as exc:  # a provider bug must still end the turn clearly
+            log.exception("model call failed unexpectedly")
+            queue.put_nowait(ProviderError(
+                "Something went wrong talking to the model. Please try again.",
+                detail=f"{type(exc).__name__}: {exc}",
+            ))
+
+    task = asyncio.create_task(feed())
+    running.add(task)
+    task.add_done_callback(running.discard)
+    got_text = False
+    try:
+        while True:
+            wait = limits.stall if got_text else limits.first_token
+            try:
+                async with asyncio.timeout(wait):
+                    item = await queue.get()
+            except TimeoutError:
+                if got_text:
+                    raise ProviderError(
+                        "The model stopped responding in the middle of the reply.",
+                        detail=f"no new token for {wait:g} s",
+                    ) from None
+                raise ProviderError(
+                    f"The model didn't start replying within {wait:g} seconds. "
+                    "Please try again later.",
+                    detail=f"no first token within {wait:g} s",
+                ) from None
+            if isinstance(item, _End):
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, str):
+                got_text = True
+            yield item  # type: ignore[misc]
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def _chain(
+    first: str | Usage, rest: AsyncIterator[str | Usage]
+) -> AsyncIterator[str | Usage]:
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]

@@ -1,0 +1,40 @@
+"""The platform-neutral message an adapter hands to the core.
+
+Like errbot's backends or opsdroid's connectors: adapters translate their
+platform's objects into these, keep the raw object aside, and render the
+Markdown the core streams back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One message a user sent to the bot."""
+
+    platform: str  # "telegram", "discord", "console"
+    user_id: str
+    display_name: str
+    chat_id: str  # where the reply goes: a DM chat, a channel, a group
+    place_id: str | None  # the server / group; None in a direct message
+    text: str  # what the model sees: mention of the bot already stripped
+    raw: object = field(default=None, compare=False, repr=False)
+
+    @property
+    def user_key(self) -> str:
+        """`platform:user_id`, the form ALLOWED_USERS and `forget` use."""
+        return f"{self.platform}:{self.user_id}"
+
+    @property
+    def is_direct(self) -> bool:
+        return self.place_id is None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelChoices:
+    """What `/model` shows: the user's model and the ones they may pick."""
+
+    current: str
+    available: tuple[str, ...]

@@ -1,0 +1,89 @@
+"""Ollama through `ollama.AsyncClient`, streaming /api/chat."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+import httpx
+import ollama
+
+from bot.providers.base import ProviderError, Usage, cut_off, unreachable
+
+
+class OllamaProvider:
+    name = "ollama"
+
+    def __init__(self, host: str) -> None:
+        self._client = ollama.AsyncClient(host=host)
+
+    async def stream(
+        self, model: str, messages: list[dict[str, str]], *, num_ctx: int, max_tokens: int
+    ) -> AsyncIterator[str | Usage]:
+        started = False
+        try:
+            # num_ctx: Ollama otherwise truncates long prompts silently at its
+            # own default window.
+            parts = await self._client.chat(
+                model=model,
+                messages=messages,
+                stream=True,
+                options={"num_ctx": num_ctx, "num_predict": max_tokens},
+            )
+            async for part in parts:
+                started = True
+                text = part.message.content if part.message else ""
+                if text:
+                    yield text
+                if part.done:
+                    yield Usage(part.prompt_eval_count, part.eval_count)
+                    return
+        except ollama.ResponseError as exc:
+            raise _response_error(model, exc) from None
+        except (httpx.TransportError, ConnectionError, OSError) as exc:
+            if started:
+                raise cut_off(exc) from None
+            raise unreachable("Ollama", exc) from None
+        except (json.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise ProviderError(
+                "The model server sent a reply I couldn't read. Please try again.",
+                detail=f"malformed stream: {type(exc).__name__}: {exc}",
+                retryable=not started,
+            ) from None
+        raise cut_off(EOFError("stream ended without done"))
+
+    async def list_models(self) -> list[str]:
+        try:
+            listed = await self._client.list()
+        except ollama.ResponseError as exc:
+            raise _response_error("", exc) from None
+        except (httpx.TransportError, ConnectionError, OSError) as exc:
+            raise unreachable("Ollama", exc) from None
+        names = [m.model for m in listed.models if m.model]
+        return [n.removesuffix(":latest") for n in names]
+
+    async def close(self) -> None:
+        client = getattr(self._client, "_client", None)
+        if client is not None:
+            await client.aclose()
+
+
+def _response_error(model: str, exc: ollama.ResponseError) -> ProviderError:
+    status = exc.status_code
+    text = str(exc.error)
+    if status == 404 or "not found" in text.lower():
+        return ProviderError(
+            f"The model `{model}` is not installed on the model server. "
+            "Pick another with /model (or ask the operator to `ollama pull` it).",
+            detail=f"ollama {status}: {text}",
+        )
+    if status == 429:
+        return ProviderError(
+            "The model server is busy. Please try again in a moment.",
+            detail=f"ollama 429: {text}", retryable=True,
+        )
+    return ProviderError(
+        "The model server had an error. Please try again in a moment.",
+        detail=f"ollama {status}: {text}",
+        retryable=status is None or status >= 500 or status < 0,
+    )

@@ -1,0 +1,233 @@
+"""Settings from the environment and `.env` (the environment wins).
+
+Every setting has a description: `python -m bot --help` prints them all, and
+`.env.example` lists them with their defaults. A bad value stops start-up
+with one line naming the setting, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a helpful, friendly assistant in a chat. Answer in the language the user "
+    "writes in. Be concise. Use Markdown sparingly."
+)
+PLATFORMS = ("telegram", "discord", "console")
+SECRET_FIELDS = ("OPENAI_API_KEY", "DISCORD_TOKEN", "TELEGRAM_TOKEN", "TELEGRAM_WEBHOOK_SECRET")
+
+
+class SettingsError(Exception):
+    """A setting has a bad value; the message is one line for the operator."""
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _check_platform_ids(name: str, value: str) -> str:
+    for item in _csv(value):
+        platform, sep, ident = item.partition(":")
+        if not sep or platform not in PLATFORMS or not ident:
+            raise ValueError(
+                f"{item!r} is not platform:id; allowed: comma-separated entries like "
+                "telegram:123,discord:456"
+            )
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything the bot reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=True,
+        validate_default=True,
+    )
+
+    LLM_PROVIDER: Literal["ollama", "openai"] = Field(
+        "ollama", description="ollama, or openai for any OpenAI-compatible server")
+    LLM_MODEL: str = Field("llama3.2", min_length=1,
+                           description="the model a user gets until they pick one with /model")
+    LLM_MODELS: str = Field("", description="comma-separated models users may pick; "
+                                            "empty: whatever the provider lists")
+    OLLAMA_HOST: str = Field("http://localhost:11434", description="the Ollama server")
+    OPENAI_API_KEY: SecretStr | None = Field(None, description="API key of the OpenAI-compatible "
+                                                               "server (secret)")
+    OPENAI_BASE_URL: str | None = Field(None, description="base URL of the OpenAI-compatible "
+                                                          "server; empty: OpenAI's")
+    SYSTEM_PROMPT: str = Field(DEFAULT_SYSTEM_PROMPT,
+                               description="the system message of every conversation")
+    CONTEXT_TOKENS: int = Field(4096, ge=256, le=2_000_000,
+                                description="context window the whole prompt must fit; "
+                                            "sent to Ollama as num_ctx")
+    REPLY_TOKENS: int = Field(512, ge=16, description="kept free for the reply; sent as the "
+                                                      "reply limit")
+    DATABASE_URL: str = Field("sqlite:///data/bot.db",
+                              description="sqlite:///path or postgresql://user@host/db")
+    DISCORD_TOKEN: SecretStr | None = Field(None, description="starts the Discord adapter (secret)")
+    DISCORD_DEV_GUILD: int | None = Field(None, description="a server id whose slash commands "
+                                                            "are synced at once, for development")
+    DISCORD_SHARD_COUNT: int | None = Field(None, ge=1, description="total shards; "
+                                                                    "empty: discord.py decides")
+    DISCORD_SHARD_IDS: str = Field("", description="comma-separated shard ids this process runs")
+    DISCORD_API_BASE: str = Field("", description="Discord's REST API base, e.g. a proxy or an "
+                                                  "emulator; empty: https://discord.com/api/v10")
+    TELEGRAM_TOKEN: SecretStr | None = Field(None, description="starts the Telegram adapter "
+                                                               "(secret)")
+    TELEGRAM_BASE_URL: str | None = Field(None, description="a self-hosted Bot API server, e.g. "
+                                                            "http://127.0.0.1:8081/bot")
+    TELEGRAM_WEBHOOK_URL: str = Field("", description="public URL Telegram posts updates to; "
+                                                      "empty: long polling")
+    TELEGRAM_WEBHOOK_LISTEN: str = Field("127.0.0.1", description="webhook server address")
+    TELEGRAM_WEBHOOK_PORT: int = Field(8443, ge=1, le=65535, description="webhook server port")
+    TELEGRAM_WEBHOOK_SECRET: SecretStr | None = Field(
+        None, description="required with a webhook; requests without it are refused (secret)")
+    ALLOWED_USERS: str = Field("", description="comma-separated platform:user_id; "
+                                               "empty: everyone")
+    ADMIN_USERS: str = Field("", description="comma-separated platform:user_id who may see "
+                                             "/stats")
+    ALLOWED_PLACES: str = Field("", description="comma-separated platform:place_id (servers, "
+                                                "groups); empty: everywhere")
+    RATE_LIMIT_PER_MINUTE: int = Field(20, ge=0, description="messages one user may send a "
+                                                            "minute; 0: no limit")
+    MEMORY_SCOPE: Literal["place", "user"] = Field(
+        "place", description="place: one memory per user per DM/server/group; user: one "
+                             "memory per user everywhere")
+    MEMORY_STRATEGY: Literal["summarize", "truncate"] = Field(
+        "summarize", description="summarize: older turns folded into a running summary; "
+                                 "truncate: dropped")
+    SUMMARY_MODEL: str = Field("", description="the model that writes summaries; empty: the "
+                                               "user's model")
+    SUMMARY_TOKENS: int = Field(0, ge=0, description="cap on a summary's tokens; 0: a quarter "
+                                                     "of the prompt budget")
+    MAX_INPUT_CHARS: int = Field(4000, ge=1, description="longer messages are refused")
+    LLM_CONCURRENCY: int = Field(4, ge=1, le=1000, description="model calls running at once")
+    LLM_TIMEOUT: float = Field(120.0, gt=0, description="seconds a reply may take to start")
+    LLM_STALL_TIMEOUT: float = Field(60.0, gt=0, description="seconds a started reply may go "
+                                                             "without a new token")
+    LLM_RETRIES: int = Field(2, ge=0, le=10, description="retries, with backoff, of a model "
+                                                         "call that failed before any text")
+    STREAM_EDIT_INTERVAL: float = Field(1.0, ge=0, description="seconds between edits of a "
+                                                               "streaming reply")
+    SHUTDOWN_GRACE: float = Field(5.0, ge=0, description="seconds in-flight replies may finish "
+                                                         "at shutdown")
+    DB_POOL_SIZE: int = Field(10, ge=1, description="PostgreSQL connection pool size")
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", description="DEBUG, INFO, WARNING or ERROR")
+    LOG_FORMAT: Literal["text", "json"] = Field("text", description="json: one JSON object a "
+                                                                    "line")
+
+    @field_validator("ALLOWED_USERS", "ADMIN_USERS", "ALLOWED_PLACES")
+    @classmethod
+    def _ids(cls, value: str, info: object) -> str:
+        return _check_platform_ids(getattr(info, "field_name", ""), value)
+
+    @field_validator("DISCORD_SHARD_IDS")
+    @classmethod
+    def _shards(cls, value: str) -> str:
+        for part in _csv(value):
+            if not part.isdigit():
+                raise ValueError("allowed: comma-separated shard numbers like 0,1")
+        return value
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _db(cls, value: str) -> str:
+        if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
+            raise ValueError("allowed: sqlite:///path/to/file.db or postgresql://user@host/db")
+        return value
+
+    @field_validator("LOG_LEVEL", "LOG_FORMAT", "MEMORY_SCOPE", "MEMORY_STRATEGY",
+                     "LLM_PROVIDER", mode="before")
+    @classmethod
+    def _fold_case(cls, value: object) -> object:
+        return value.strip() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _budget(self) -> Settings:
+        if self.REPLY_TOKENS >= self.CONTEXT_TOKENS:
+            raise ValueError(
+                f"REPLY_TOKENS={self.REPLY_TOKENS} must be less than "
+                f"CONTEXT_TOKENS={self.CONTEXT_TOKENS}")
+        if self.DISCORD_SHARD_IDS and self.DISCORD_SHARD_COUNT is None:
+            raise ValueError("DISCORD_SHARD_IDS needs DISCORD_SHARD_COUNT")
+        return self
+
+    # Parsed forms of the comma-separated settings.
+    @property
+    def models(self) -> tuple[str, ...]:
+        return _csv(self.LLM_MODELS)
+
+    @property
+    def allowed_users(self) -> frozenset[str]:
+        return frozenset(_csv(self.ALLOWED_USERS))
+
+    @property
+    def admin_users(self) -> frozenset[str]:
+        return frozenset(_csv(self.ADMIN_USERS))
+
+    @property
+    def allowed_places(self) -> frozenset[str]:
+        return frozenset(_csv(self.ALLOWED_PLACES))
+
+    @property
+    def shard_ids(self) -> list[int] | None:
+        ids = [int(p) for p in _csv(self.DISCORD_SHARD_IDS)]
+        return ids or None
+
+    @property
+    def prompt_budget(self) -> int:
+        """Tokens the whole prompt may take."""
+        return self.CONTEXT_TOKENS - self.REPLY_TOKENS
+
+    @property
+    def summary_cap(self) -> int:
+        return self.SUMMARY_TOKENS or max(64, self.prompt_budget // 4)
+
+    def secrets(self) -> list[str]:
+        """The secret values, so that output can be checked for them."""
+        out = []
+        for name in SECRET_FIELDS:
+            value = getattr(self, name)
+            if value is not None and value.get_secret_value():
+                out.append(value.get_secret_value())
+        return out
+
+
+def load_settings(env_file: str | Path | None = ".env", **overrides: object) -> Settings:
+    """Read the settings, or raise SettingsError with one line for the operator."""
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        raise SettingsError(_one_line(exc)) from None
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors(include_url=False)[0]
+    loc = err.get("loc") or ()
+    name = str(loc[0]) if loc else ""
+    msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+    value = err.get("input")
+    if not name:  # a rule across settings: the message names them itself
+        return f"bad setting: {msg}"
+    shown = "<hidden>" if name in SECRET_FIELDS else repr(value)
+    return f"bad setting {name}={shown}: {msg}"
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(name, default, meaning) for every setting, for --help and .env.example."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if default is None:
+            shown = ""
+        elif isinstance(default, str) and "\n" in default:
+            shown = repr(default)
+        else:
+            shown = str(default)
+        rows.append((name, shown, field.description or ""))
+    return rows

@@ -1,0 +1,64 @@
+"""Per-model figures from the audit log: `python -m bot stats` and `/stats`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    k = max(0, math.ceil(q * len(values)) - 1)
+    return values[k]
+
+
+def compute_stats(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Exchanges, error rate, latency p50/p95, time to first token, tokens in/out."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["provider"], r["model"]), []).append(r)
+    out = []
+    for (provider, model), rs in sorted(groups.items()):
+        ok = [r for r in rs if r["status"] == "ok"]
+        latency = [r["response_time"] for r in ok if r["response_time"] is not None]
+        ttft = [r["first_token_time"] for r in ok if r["first_token_time"] is not None]
+        errors = sum(1 for r in rs if r["status"] == "error")
+        out.append({
+            "provider": provider,
+            "model": model,
+            "exchanges": len(rs),
+            "errors": errors,
+            "error_rate": errors / len(rs) if rs else 0.0,
+            "latency_p50": _percentile(latency, 0.5),
+            "latency_p95": _percentile(latency, 0.95),
+            "ttft_p50": _percentile(ttft, 0.5),
+            "ttft_p95": _percentile(ttft, 0.95),
+            "tokens_in": sum(r["prompt_tokens"] or 0 for r in rs),
+            "tokens_out": sum(r["completion_tokens"] or 0 for r in rs),
+        })
+    return out
+
+
+def _s(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}s"
+
+
+def format_stats(stats: list[dict[str, Any]]) -> str:
+    """A plain table (monospace), one model a line."""
+    if not stats:
+        return "No exchanges yet."
+    header = ("model", "exchanges", "errors", "p50", "p95", "ttft p50", "tokens in", "tokens out")
+    rows = [header] + [
+        (
+            f"{s['provider']}/{s['model']}", str(s["exchanges"]),
+            f"{s['error_rate'] * 100:.1f}%", _s(s["latency_p50"]), _s(s["latency_p95"]),
+            _s(s["ttft_p50"]), str(s["tokens_in"]), str(s["tokens_out"]),
+        )
+        for s in stats
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)

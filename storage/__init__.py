@@ -1,0 +1,36 @@
+"""Where memory and the audit log live: SQLite by default, PostgreSQL to scale out."""
+
+from __future__ import annotations
+
+from storage.base import (
+    AuditRecord,
+    ConversationRef,
+    StorageError,
+    Store,
+    StoredMessage,
+    Summary,
+)
+
+
+def open_store(url: str, *, pool_size: int = 10) -> Store:
+    """A store for DATABASE_URL; call `await store.open()` before use."""
+    if url.startswith("sqlite:///"):
+        from storage.sqlite_store import SQLiteStore
+
+        return SQLiteStore(url.removeprefix("sqlite:///"))
+    if url.startswith(("postgresql://", "postgres://")):
+        from storage.postgres_store import PostgresStore
+
+        return PostgresStore(url, pool_size=pool_size)
+    raise StorageError(f"unsupported DATABASE_URL scheme: {url.split(':', 1)[0]}")
+
+
+__all__ = [
+    "AuditRecord",
+    "ConversationRef",
+    "StorageError",
+    "Store",
+    "StoredMessage",
+    "Summary",
+    "open_store",
+]

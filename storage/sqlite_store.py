@@ -1,0 +1,359 @@
+"""SQLite backend on aiosqlite: one connection, WAL, writes serialised."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from storage.base import (
+    TABLES,
+    AuditRecord,
+    ConversationRef,
+    StorageError,
+    Store,
+    StoredMessage,
+    Summary,
+    utcnow,
+)
+from storage.sqlite_migrations import MIGRATIONS
+
+AUDIT_COLUMNS = (
+    "timestamp", "platform", "user_id", "chat_id", "conversation", "provider", "model",
+    "user_input", "model_response", "status", "error", "response_time", "first_token_time",
+    "prompt_tokens", "completion_tokens", "history_messages", "kind", "summary_used",
+)
+_AUDIT_INSERT = (
+    f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(AUDIT_COLUMNS))})"
+)
+
+
+def _audit_values(a: AuditRecord) -> tuple[Any, ...]:
+    return (
+        a.timestamp, a.platform, a.user_id, a.chat_id, a.conversation, a.provider, a.model,
+        a.user_input, a.model_response, a.status, a.error, a.response_time,
+        a.first_token_time, a.prompt_tokens, a.completion_tokens, a.history_messages,
+        a.kind, int(a.summary_used),
+    )
+
+
+def _prepare_file(path: str) -> None:
+    """Create the folder and an owner-only database file (runs in a thread)."""
+    p = Path(path)
+    if path != ":memory:":
+        p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+
+
+class SQLiteStore(Store):
+    """Memory and audit log in one SQLite file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        # One connection: a transaction must not interleave with another
+        # coroutine's statements, so every use takes this lock.
+        self._lock = asyncio.Lock()
+        self._conv_ids: dict[str, int] = {}
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StorageError("the store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        try:
+            await asyncio.to_thread(_prepare_file, self.path)
+            self._db = await aiosqlite.connect(self.path, isolation_level=None)
+            self._db.row_factory = aiosqlite.Row
+            await self._db.execute("PRAGMA busy_timeout = 5000")
+            await self._db.execute("PRAGMA journal_mode = WAL")
+            await self._db.execute("PRAGMA synchronous = NORMAL")
+            await self._db.execute("PRAGMA foreign_keys = ON")
+            await self._migrate()
+        except (OSError, sqlite3.Error) as exc:
+            await self.close()
+            raise StorageError(f"cannot use database {self.path!r}: {exc}") from None
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            with contextlib.suppress(Exception):
+                await db.close()
+
+    async def _migrate(self) -> None:
+        db = self.db
+        await db.execute(
+            "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
+        )
+        for name, sql in MIGRATIONS:
+            # BEGIN IMMEDIATE takes the write lock first, so two processes
+            # starting at once apply each step exactly once.
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                async with db.execute("SELECT 1 FROM _migrations WHERE name = ?", (name,)) as c:
+                    done = await c.fetchone()
+                if not done:
+                    for statement in _statements(sql):
+                        await db.execute(statement)
+                    await db.execute(
+                        "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
+                        (name, utcnow()),
+                    )
+                await db.execute("COMMIT")
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+
+    async def applied_migrations(self) -> list[str]:
+        async with self._lock, self.db.execute(
+            "SELECT name FROM _migrations ORDER BY name"
+        ) as cur:
+            return [r[0] for r in await cur.fetchall()]
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.db
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self.db.execute("ROLLBACK")
+                raise
+            await self.db.execute("COMMIT")
+
+    async def _fetchall(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        async with self._lock, self.db.execute(sql, args) as cur:
+            return list(await cur.fetchall())
+
+    # -- conversations and messages
+    async def conversation_id(self, ref: ConversationRef) -> int:
+        cached = self._conv_ids.get(ref.key)
+        if cached is not None:
+            return cached
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT OR IGNORE INTO conversations (key, platform, user_id, place, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (ref.key, ref.platform, ref.user_id, ref.place, utcnow()),
+            )
+            async with db.execute("SELECT id FROM conversations WHERE key = ?", (ref.key,)) as c:
+                row = await c.fetchone()
+        assert row is not None
+        if len(self._conv_ids) > 100_000:  # a cache, not a registry of every user
+            self._conv_ids.clear()
+        self._conv_ids[ref.key] = int(row[0])
+        return int(row[0])
+
+    async def recent_messages(
+        self, conversation_id: int, limit: int, after_id: int = 0
+    ) -> list[StoredMessage]:
+        rows = await self._fetchall(
+            "SELECT id, role, content FROM messages WHERE conversation_id = ? AND id > ?"
+            " ORDER BY id DESC LIMIT ?",
+            (conversation_id, after_id, limit),
+        )
+        return [StoredMessage(r[0], r[1], r[2]) for r in reversed(rows)]
+
+    async def messages_range(
+        self, conversation_id: int, after_id: int, upto_id: int
+    ) -> list[StoredMessage]:
+        rows = await self._fetchall(
+            "SELECT id, role, content FROM messages WHERE conversation_id = ?"
+            " AND id > ? AND id <= ? ORDER BY id",
+            (conversation_id, after_id, upto_id),
+        )
+        return [StoredMessage(r[0], r[1], r[2]) for r in rows]
+
+    async def count_messages(self, conversation_id: int) -> int:
+        rows = await self._fetchall(
+            "SELECT count(*) FROM messages WHERE conversation_id = ?", (conversation_id,)
+        )
+        return int(rows[0][0])
+
+    async def save_exchange(
+        self, conversation_id: int, user_text: str, reply_text: str, audit: AuditRecord
+    ) -> int:
+        now = audit.timestamp
+        async with self._transaction() as db:
+            await db.executemany(
+                "INSERT INTO messages (conversation_id, role, content, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                [(conversation_id, "user", user_text, now),
+                 (conversation_id, "assistant", reply_text, now)],
+            )
+            cur = await db.execute(_AUDIT_INSERT, _audit_values(audit))
+            return int(cur.lastrowid or 0)
+
+    async def save_audit(self, audit: AuditRecord) -> int:
+        async with self._transaction() as db:
+            cur = await db.execute(_AUDIT_INSERT, _audit_values(audit))
+            return int(cur.lastrowid or 0)
+
+    async def reset_conversation(self, conversation_id: int) -> int:
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "DELETE FROM messages WHERE conversation_id = ?", (conversation_id,)
+            )
+            await db.execute("DELETE FROM summaries WHERE conversation_id = ?", (conversation_id,))
+            return int(cur.rowcount or 0)
+
+    # -- summaries
+    async def summary(self, conversation_id: int) -> Summary | None:
+        rows = await self._fetchall(
+            "SELECT text, upto_id, updated_at FROM summaries WHERE conversation_id = ?",
+            (conversation_id,),
+        )
+        return Summary(rows[0][0], int(rows[0][1]), rows[0][2]) if rows else None
+
+    async def save_summary(self, conversation_id: int, text: str, upto_id: int) -> bool:
+        # Conditional on the covered message still existing: a /reset while
+        # the summary was being written must win.
+        async with self._transaction() as db:
+            cur = await db.execute(
+                "INSERT INTO summaries (conversation_id, text, upto_id, updated_at)"
+                " SELECT ?, ?, ?, ? WHERE EXISTS"
+                " (SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?)"
+                " ON CONFLICT (conversation_id) DO UPDATE SET text = excluded.text,"
+                " upto_id = excluded.upto_id, updated_at = excluded.updated_at",
+                (conversation_id, text, upto_id, utcnow(), upto_id, conversation_id),
+            )
+            return (cur.rowcount or 0) > 0
+
+    # -- per-user settings
+    async def user_model(self, platform: str, user_id: str) -> str | None:
+        rows = await self._fetchall(
+            "SELECT model FROM user_settings WHERE platform = ? AND user_id = ?",
+            (platform, user_id),
+        )
+        return rows[0][0] if rows else None
+
+    async def set_user_model(self, platform: str, user_id: str, model: str) -> None:
+        async with self._transaction() as db:
+            await db.execute(
+                "INSERT INTO user_settings (platform, user_id, model, updated_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (platform, user_id)"
+                " DO UPDATE SET model = excluded.model, updated_at = excluded.updated_at",
+                (platform, user_id, model, utcnow()),
+            )
+
+    # -- operators
+    async def audit_log(self, limit: int, user: str | None = None) -> list[dict[str, Any]]:
+        cols = ", ".join(AUDIT_COLUMNS)
+        if user:
+            platform, _, user_id = user.partition(":")
+            rows = await self._fetchall(
+                f"SELECT id, {cols} FROM audit WHERE platform = ? AND user_id = ?"
+                " ORDER BY id DESC LIMIT ?",
+                (platform, user_id, limit),
+            )
+        else:
+            rows = await self._fetchall(
+                f"SELECT id, {cols} FROM audit ORDER BY id DESC LIMIT ?", (limit,)
+            )
+        return [_audit_dict(r) for r in reversed(rows)]
+
+    async def audit_rows_for_stats(self) -> list[dict[str, Any]]:
+        rows = await self._fetchall(
+            "SELECT provider, model, status, response_time, first_token_time, prompt_tokens,"
+            " completion_tokens FROM audit WHERE kind = 'chat' AND status != 'rejected'"
+        )
+        return [dict(r) for r in rows]
+
+    async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        async with self._transaction() as db:
+            where = "conversation_id IN (SELECT id FROM conversations WHERE platform = ?" \
+                    " AND user_id = ?)"
+            for table in ("messages", "summaries"):
+                cur = await db.execute(f"DELETE FROM {table} WHERE {where}", (platform, user_id))
+                counts[table] = int(cur.rowcount or 0)
+            for table in ("conversations", "user_settings", "audit"):
+                cur = await db.execute(
+                    f"DELETE FROM {table} WHERE platform = ? AND user_id = ?", (platform, user_id)
+                )
+                counts[table] = int(cur.rowcount or 0)
+        self._conv_ids.clear()
+        return counts
+
+    @contextlib.asynccontextmanager
+    async def conversation_lock(self, key: str, wait: float) -> AsyncIterator[None]:
+        # One process owns a SQLite file; the service's own per-conversation
+        # ordering is the lock.
+        yield
+
+    # -- copy-db
+    async def table_counts(self) -> dict[str, int]:
+        out = {}
+        for table in TABLES:
+            rows = await self._fetchall(f"SELECT count(*) FROM {table}")
+            out[table] = int(rows[0][0])
+        return out
+
+    async def export_rows(
+        self, table: str, batch: int = 1000
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        if table not in TABLES:
+            raise StorageError(f"unknown table {table}")
+        order = "rowid"
+        last = 0
+        while True:
+            rows = await self._fetchall(
+                f"SELECT rowid AS _rowid, * FROM {table} WHERE rowid > ? ORDER BY {order}"
+                " LIMIT ?",
+                (last, batch),
+            )
+            if not rows:
+                return
+            last = rows[-1]["_rowid"]
+            out = []
+            for r in rows:
+                d = dict(r)
+                d.pop("_rowid")
+                out.append(d)
+            yield out
+
+    async def import_rows(self, table: str, rows: list[dict[str, Any]]) -> None:
+        if table not in TABLES:
+            raise StorageError(f"unknown table {table}")
+        if not rows:
+            return
+        cols = list(rows[0])
+        sql = (f"INSERT INTO {table} ({', '.join(cols)}) "
+               f"VALUES ({', '.join('?' * len(cols))})")
+        async with self._transaction() as db:
+            await db.executemany(sql, [tuple(_to_sqlite(r[c]) for c in cols) for r in rows])
+
+    async def finish_import(self) -> None:
+        """SQLite's INTEGER PRIMARY KEY continues after the largest id by itself."""
+
+
+def _to_sqlite(value: Any) -> Any:
+    return int(value) if isinstance(value, bool) else value
+
+
+def _audit_dict(row: sqlite3.Row) -> dict[str, Any]:
+    d = dict(row)
+    d["summary_used"] = bool(d.get("summary_used"))
+    return d
+
+
+def _statements(sql: str) -> list[str]:
+    """Split a migration into statements (they hold no semicolons in strings)."""
+    out = []
+    for part in sql.split(";"):
+        lines = [ln for ln in part.splitlines() if not ln.strip().startswith("--")]
+        stmt = "\n".join(lines).strip()
+        if stmt:
+            out.append(stmt)
+    return out

@@ -1,0 +1,970 @@
+"""A fake model server speaking both the Ollama HTTP API and the OpenAI chat completions API.
+
+The real ``ollama.AsyncClient(host=srv.url)`` and
+``openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key=...)`` work against it unmodified.
+
+Use it in-process from pytest-asyncio::
+
+    async with ModelServer() as srv:
+        client = ollama.AsyncClient(host=srv.url)
+        ...
+
+or as a subprocess (prints ``READY <url>`` once listening, stops on SIGTERM/SIGINT)::
+
+    python -m tests.fakes.model_server --port 0 [--reply-delay 0.5] [--fault http500]
+
+A subprocess can be reconfigured at runtime with ``POST /_fake/config`` (a JSON object of
+attribute names, see ``_CONFIG_KEYS``) and inspected with ``GET /_fake/requests``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import inspect
+import json
+import re
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+__all__ = [
+    "DEFAULT_MODELS",
+    "FAULTS",
+    "ModelServer",
+    "Recorded",
+    "closed_port_url",
+    "count_tokens",
+    "echo_reply",
+    "main",
+    "prompt_tokens",
+    "tokenize",
+]
+
+DEFAULT_MODELS = ["llama3.2", "qwen2.5"]
+FAULTS = frozenset(
+    {"http500", "cut", "stall", "hang", "malformed", "rate_limit", "auth", "not_found"}
+)
+OLLAMA_VERSION = "0.12.6"
+
+# --------------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------------
+
+# GPT-4 (cl100k) style pre-tokenizer written for the stdlib `re` (no \p{L}):
+# letters are [^\W\d_], "punctuation" is anything that is neither space, letter nor digit.
+_PRETOKEN = re.compile(
+    r"(?P<contraction>(?i:'s|'t|'re|'ve|'m|'ll|'d))"
+    r"|(?P<word> ?[^\W\d_]+)"
+    r"|(?P<number>\d{1,3})"
+    r"|(?P<punct> ?(?:[^\s\w]|_)+[\r\n]*)"
+    r"|(?P<space>\s*[\r\n]+|\s+(?!\S)|\s+)"
+)
+
+# CJK ideographs, kana and hangul syllables: one token per character.
+_CJK_RANGES = (
+    (0x3040, 0x30FF),  # hiragana + katakana
+    (0x31F0, 0x31FF),  # katakana phonetic extensions
+    (0x3400, 0x4DBF),  # CJK extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xAC00, 0xD7AF),  # hangul syllables
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0x20000, 0x2FA1F),  # CJK extensions B..F + compatibility supplement
+)
+
+
+def _is_cjk(ch: str) -> bool:
+    cp = ord(ch)
+    return any(lo <= cp <= hi for lo, hi in _CJK_RANGES)
+
+
+def _letter_class(ch: str) -> str:
+    if ch.isascii():
+        return "ascii"
+    return "cjk" if _is_cjk(ch) else "other"
+
+
+def _split_word(body: str) -> list[str]:
+    """Split a run of letters into unit tokens, by script."""
+    out: list[str] = []
+    i = 0
+    while i < len(body):
+        cls = _letter_class(body[i])
+        j = i + 1
+        if cls != "cjk":
+            while j < len(body) and _letter_class(body[j]) == cls:
+                j += 1
+        run = body[i:j]
+        if cls == "ascii":
+            # 1 token up to 6 letters, then 1 per further 4 letters.
+            out.append(run[:6])
+            out.extend(run[k : k + 4] for k in range(6, len(run), 4))
+        elif cls == "other":
+            # Accented / Cyrillic / Greek ... letters: 1 token per 2 chars.
+            out.extend(run[k : k + 2] for k in range(0, len(run), 2))
+        else:
+            out.append(run)
+        i = j
+    return out
+
+
+def _split_punct(body: str) -> list[str]:
+    """1 token per char for the first two chars, then 1 token for the rest of the run."""
+    core = body.rstrip("\r\n")
+    newlines = body[len(core) :]
+    parts = list(core[:2]) + ([core[2:]] if len(core) > 2 else [])
+    parts[-1] += newlines
+    return parts
+
+
+def tokenize(text: str) -> list[str]:
+    """Split ``text`` into the pieces this server counts (and streams) as tokens.
+
+    ``"".join(tokenize(t)) == t`` always holds, and ``count_tokens(t) == len(tokenize(t))``.
+    """
+    tokens: list[str] = []
+    for m in _PRETOKEN.finditer(text):
+        piece = m.group()
+        kind = m.lastgroup
+        if kind in ("word", "punct"):
+            # A single leading space rides along with the word / punctuation for free.
+            lead, body = ("", piece) if piece[0] != " " else (" ", piece[1:])
+            parts = _split_word(body) if kind == "word" else _split_punct(body)
+            parts[0] = lead + parts[0]
+            tokens.extend(parts)
+        else:
+            # Contractions, 1-3 digit groups and standalone whitespace runs: 1 token each.
+            tokens.append(piece)
+    return tokens
+
+
+def count_tokens(text: str) -> int:
+    """Count tokens the way this fake "model" does.
+
+    This approximates a byte-level BPE tokenizer such as Llama-3's or OpenAI's cl100k_base
+    (deliberately *not* a ``len(text) / 4`` formula): text is pre-tokenized with a GPT-4-like
+    regex (contractions, `` ?letters``, numbers in groups of up to 3 digits,
+    `` ?punctuation runs``, whitespace runs) and each piece is priced:
+
+    * an ASCII word: 1 token up to 6 letters, plus 1 per further 4 letters;
+    * each CJK ideograph / kana / hangul syllable: 1 token;
+    * other non-ASCII letters: 1 token per 2 characters;
+    * a punctuation run: 1 token per character for the first two, then 1 for the rest;
+    * a single space in front of a word costs nothing, any other whitespace run costs 1.
+
+    Net effect, close to Llama-3 / cl100k: ordinary English prose comes out at about
+    0.75 words per token (~1.3 tokens per word), CJK text at about 1 token per character.
+    """
+    return len(tokenize(text))
+
+
+def _text_of(content: Any) -> str:
+    """Message content as text (OpenAI allows a list of typed parts)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            str(p.get("text", "")) for p in content if isinstance(p, dict) and "text" in p
+        )
+    return str(content)
+
+
+def prompt_tokens(messages: Iterable[dict[str, Any]]) -> int:
+    """Prompt size: each message costs its content + 4 (role markers), plus 3 for the template."""
+    return sum(count_tokens(_text_of(m.get("content"))) + 4 for m in messages) + 3
+
+
+# --------------------------------------------------------------------------------------------
+# Recording
+# --------------------------------------------------------------------------------------------
+
+
+class _Headers(dict[str, str]):
+    """A plain dict of request headers whose lookups ignore case ("Authorization" works)."""
+
+    def __init__(self, items: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__((k.lower(), v) for k, v in items)
+
+    def __getitem__(self, key: str) -> str:
+        return super().__getitem__(key.lower())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and super().__contains__(key.lower())
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key.lower(), default)
+
+
+@dataclass
+class Recorded:
+    """One chat request as the server received it."""
+
+    api: str  # "ollama" or "openai"
+    path: str
+    model: str
+    messages: list[dict[str, Any]]
+    options: dict[str, Any]  # Ollama "options"; {} for OpenAI
+    body: dict[str, Any]
+    headers: dict[str, str]
+    prompt_tokens: int
+
+    @property
+    def last_user_message(self) -> str:
+        for m in reversed(self.messages):
+            if m.get("role") == "user":
+                return _text_of(m.get("content"))
+        return ""
+
+
+Reply = str | Callable[[Recorded], str] | Callable[[Recorded], Awaitable[str]]
+
+_NAME_EN = re.compile(r"\bmy name is\s+([^\W\d_]+)", re.IGNORECASE)
+_NAME_ZH = re.compile(r"我叫([\u3400-\u4dbf\u4e00-\u9fff]+)")
+
+
+def echo_reply(rec: Recorded) -> str:
+    """Default reply: echo the last user message, plus any name mentioned earlier.
+
+    The name lets a test check, through the user-visible reply, that memory (history or a
+    system-prompt summary) actually reached the model.
+    """
+    last_user = -1
+    for i, m in enumerate(rec.messages):
+        if m.get("role") == "user":
+            last_user = i
+    reply = f"You said: {rec.last_user_message}"
+    earlier = rec.messages[:last_user] if last_user >= 0 else rec.messages
+    name: str | None = None
+    for m in earlier:
+        text = _text_of(m.get("content"))
+        hits = [(h.start(), h.group(1)) for pat in (_NAME_EN, _NAME_ZH) for h in pat.finditer(text)]
+        if hits:
+            name = max(hits)[1]  # the most recent mention wins
+    if name:
+        reply += f" Your name is {name}."
+    return reply
+
+
+# --------------------------------------------------------------------------------------------
+# Wire formats
+# --------------------------------------------------------------------------------------------
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _strip_latest(name: str) -> str:
+    return name.removesuffix(":latest")
+
+
+class _ServerClosing(Exception):
+    """Raised inside a handler when close() releases it."""
+
+
+class _Dialect:
+    """What differs between the two APIs: defaults, framing and error bodies."""
+
+    api = ""
+    stream_content_type = ""
+    stream_default = False
+
+    def __init__(self, srv: ModelServer, model: str, body: dict[str, Any], key: str = "") -> None:
+        self.srv = srv
+        self.model = model
+        self.body = body
+        self.key = key  # the Bearer token the client sent (quoted in 401 messages)
+
+    def limit(self) -> int | None:
+        raise NotImplementedError
+
+    def error(self, kind: str, headers: dict[str, str] | None = None) -> web.Response:
+        raise NotImplementedError
+
+    def prologue(self) -> list[bytes]:
+        return []
+
+    def chunk(self, text: str) -> bytes:
+        raise NotImplementedError
+
+    def epilogue(self, finish: str, prompt: int, completion: int, elapsed_ns: int) -> bytes:
+        raise NotImplementedError
+
+    def whole(self, text: str, finish: str, prompt: int, completion: int, elapsed_ns: int) -> Any:
+        raise NotImplementedError
+
+    def malformed(self) -> bytes:
+        raise NotImplementedError
+
+
+class _OllamaDialect(_Dialect):
+    api = "ollama"
+    stream_content_type = "application/x-ndjson"
+    stream_default = True  # Ollama streams unless told "stream": false
+
+    def limit(self) -> int | None:
+        options = self.body.get("options") or {}
+        n = options.get("num_predict")
+        # -1 (infinite) and -2 (fill context) mean "no limit" here.
+        return n if isinstance(n, int) and n >= 0 else None
+
+    def error(self, kind: str, headers: dict[str, str] | None = None) -> web.Response:
+        status, message = {
+            "http500": (500, "llama runner process has terminated: exit status 2"),
+            "rate_limit": (429, "too many requests, please retry later"),
+            "auth": (401, "unauthorized"),
+            "not_found": (
+                404,
+                f'model "{self.model}" not found, try pulling it first',
+            ),
+        }.get(kind, (400, kind))
+        if kind == "rate_limit":
+            headers = {**(headers or {}), "Retry-After": self.srv._retry_after_header()}
+        return web.json_response({"error": message}, status=status, headers=headers)
+
+    def _base(self) -> dict[str, Any]:
+        created = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return {"model": self.model, "created_at": created}
+
+    def chunk(self, text: str) -> bytes:
+        msg = {"role": "assistant", "content": text}
+        return _dumps({**self._base(), "message": msg, "done": False}) + b"\n"
+
+    def _final(self, text: str, finish: str, prompt: int, completion: int, elapsed_ns: int) -> Any:
+        load_ns, prompt_ns, eval_ns = 1_000_000, prompt * 100_000, completion * 10_000_000
+        return {
+            **self._base(),
+            "message": {"role": "assistant", "content": text},
+            "done": True,
+            "done_reason": finish,
+            "total_duration": max(elapsed_ns, load_ns + prompt_ns + eval_ns),
+            "load_duration": load_ns,
+            "prompt_eval_count": prompt,
+            "prompt_eval_duration": prompt_ns,
+            "eval_count": completion,
+            "eval_duration": eval_ns,
+        }
+
+    def epilogue(self, finish: str, prompt: int, completion: int, elapsed_ns: int) -> bytes:
+        return _dumps(self._final("", finish, prompt, completion, elapsed_ns)) + b"\n"
+
+    def whole(self, text: str, finish: str, prompt: int, completion: int, elapsed_ns: int) -> Any:
+        return self._final(text, finish, prompt, completion, elapsed_ns)
+
+    def malformed(self) -> bytes:
+        return b'{"model":"' + self.model.encode() + b'","message":{"role":"assistant","cont\n'
+
+
+class _OpenAIDialect(_Dialect):
+    api = "openai"
+    stream_content_type = "text/event-stream; charset=utf-8"
+    stream_default = False
+
+    def __init__(self, srv: ModelServer, model: str, body: dict[str, Any], key: str = "") -> None:
+        super().__init__(srv, model, body, key)
+        self.id = "chatcmpl-" + uuid.uuid4().hex[:29]
+        self.created = int(time.time())
+        self.fingerprint = "fp_" + hashlib.sha256(model.encode()).hexdigest()[:10]
+        stream_options = body.get("stream_options") or {}
+        self.include_usage = bool(stream_options.get("include_usage"))
+
+    def limit(self) -> int | None:
+        n = self.body.get("max_completion_tokens")
+        if n is None:
+            n = self.body.get("max_tokens")
+        return n if isinstance(n, int) and n >= 0 else None
+
+    def error(self, kind: str, headers: dict[str, str] | None = None) -> web.Response:
+        headers = {**(headers or {}), "x-request-id": "req_" + uuid.uuid4().hex}
+        status, message, etype, code = {
+            "http500": (
+                500,
+                "The server had an error while processing your request. Sorry about that!",
+                "server_error",
+                None,
+            ),
+            "rate_limit": (
+                429,
+                f"Rate limit reached for {self.model} on requests per min (RPM): "
+                f"Limit 3, Used 3, Requested 1. Please try again in "
+                f"{self.srv._retry_after_header()}s.",
+                "requests",
+                "rate_limit_exceeded",
+            ),
+            "auth": (401, _bad_key_message(self.key), "invalid_request_error", "invalid_api_key"),
+            "not_found": (
+                404,
+                f"The model `{self.model}` does not exist or you do not have access to it.",
+                "invalid_request_error",
+                "model_not_found",
+            ),
+        }.get(kind, (400, kind, "invalid_request_error", None))
+        if kind == "rate_limit":
+            headers["retry-after"] = self.srv._retry_after_header()
+        err = {"message": message, "type": etype, "param": None, "code": code}
+        return web.json_response({"error": err}, status=status, headers=headers)
+
+    def _event(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
+        obj: dict[str, Any] = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": choices,
+        }
+        if self.include_usage:
+            obj["usage"] = usage  # the real API sends "usage": null until the last chunk
+        return b"data: " + _dumps(obj) + b"\n\n"
+
+    @staticmethod
+    def _choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+    @staticmethod
+    def _usage(prompt: int, completion: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+        }
+
+    def prologue(self) -> list[bytes]:
+        # The real API opens with a role-only delta carrying empty content.
+        return [self._event([self._choice({"role": "assistant", "content": ""})])]
+
+    def chunk(self, text: str) -> bytes:
+        return self._event([self._choice({"content": text})])
+
+    def epilogue(self, finish: str, prompt: int, completion: int, elapsed_ns: int) -> bytes:
+        out = self._event([self._choice({}, finish)])
+        if self.include_usage:
+            out += self._event([], self._usage(prompt, completion))
+        return out + b"data: [DONE]\n\n"
+
+    def whole(self, text: str, finish: str, prompt: int, completion: int, elapsed_ns: int) -> Any:
+        message = {"role": "assistant", "content": text, "refusal": None, "annotations": []}
+        return {
+            "id": self.id,
+            "object": "chat.completion",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fingerprint,
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+            ],
+            "usage": self._usage(prompt, completion),
+        }
+
+    def malformed(self) -> bytes:
+        return b'data: {"id":"' + self.id.encode() + b'","object":"chat.completion.chunk",{\n\n'
+
+
+# --------------------------------------------------------------------------------------------
+# Server
+# --------------------------------------------------------------------------------------------
+
+# Attributes a subprocess client may set through POST /_fake/config.
+_CONFIG_KEYS = (
+    "models",
+    "reply",
+    "fault",
+    "faults",
+    "first_token_delay",
+    "chunk_delay",
+    "tokens_per_chunk",
+    "api_key",
+    "retry_after",
+)
+
+
+class ModelServer:
+    """Fake Ollama + OpenAI server; see the module docstring.
+
+    Knobs (all plain attributes, change them at any time):
+    ``models``, ``reply``, ``fault`` / ``faults``, ``first_token_delay``, ``chunk_delay``,
+    ``tokens_per_chunk``, ``gate``, ``api_key`` (OpenAI routes only), ``retry_after``.
+    """
+
+    def __init__(
+        self, *, models: list[str] | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.models: list[str] = list(DEFAULT_MODELS if models is None else models)
+        self.host = host
+        self.port = port
+        self.url = ""
+        self.requests: list[Recorded] = []
+        self.reply: Reply | None = None
+        self._fault: str | None = None
+        self.faults: list[str] = []
+        self.first_token_delay: float = 0
+        self.chunk_delay: float = 0
+        self.tokens_per_chunk: int = 1
+        self.gate: asyncio.Event | None = None
+        self.api_key: str | None = None
+        self.retry_after: float = 1.0  # seconds, sent as Retry-After on "rate_limit"
+        self._runner: web.AppRunner | None = None
+        # Since 3.10 these bind to the running loop on first use, not at construction.
+        self._closing = asyncio.Event()
+        self._changed = asyncio.Condition()
+
+    # -- public API ---------------------------------------------------------------------------
+
+    @property
+    def fault(self) -> str | None:
+        return self._fault
+
+    @fault.setter
+    def fault(self, value: str | None) -> None:
+        self._fault = _check_fault(value)
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            return
+        self._closing = asyncio.Event()
+        self._changed = asyncio.Condition()
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.add_routes(
+            [
+                web.get("/", self._root),
+                web.get("/api/version", self._ollama_version),
+                web.get("/api/tags", self._ollama_tags),
+                web.get("/api/ps", self._ollama_ps),
+                web.post("/api/show", self._ollama_show),
+                web.post("/api/chat", self._ollama_chat),
+                web.get("/v1/models", self._openai_models),
+                web.get("/v1/models/{model}", self._openai_model),
+                web.post("/v1/chat/completions", self._openai_chat),
+                web.post("/_fake/config", self._fake_config),
+                web.get("/_fake/requests", self._fake_requests),
+            ]
+        )
+        # handler_cancellation: a client that hangs up cancels its handler (no stuck "stall"),
+        # shutdown_timeout: a bound on close() even if something unforeseen is still running.
+        runner = web.AppRunner(
+            app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port)
+        await site.start()
+        self._runner = runner
+        self.port = runner.addresses[0][1]
+        self.url = f"http://{self.host}:{self.port}"
+
+    async def close(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        self._closing.set()  # releases every handler parked in hang/stall/gate/delay
+        await runner.cleanup()
+
+    async def __aenter__(self) -> ModelServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def wait_for_requests(self, n: int, timeout: float = 5) -> None:  # noqa: ASYNC109
+        """Wait until at least ``n`` chat requests were received; TimeoutError after ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout), self._changed:
+                await self._changed.wait_for(lambda: len(self.requests) >= n)
+        except TimeoutError:
+            raise TimeoutError(
+                f"expected {n} chat request(s) within {timeout}s, got {len(self.requests)}"
+            ) from None
+
+    def count_tokens(self, text: str) -> int:
+        return count_tokens(text)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _has_model(self, name: str) -> bool:
+        wanted = _strip_latest(name)
+        return any(_strip_latest(m) == wanted for m in self.models)
+
+    def _take_fault(self) -> str | None:
+        if self.faults:
+            return _check_fault(self.faults.pop(0))
+        return self._fault
+
+    def _retry_after_header(self) -> str:
+        ra = self.retry_after
+        return str(int(ra)) if float(ra).is_integer() else str(ra)
+
+    async def _record(self, rec: Recorded) -> None:
+        self.requests.append(rec)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, unless the server closes first (then raise _ServerClosing)."""
+        if seconds <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+        if self._closing.is_set():
+            raise _ServerClosing
+
+    async def _wait_event(self, event: asyncio.Event) -> None:
+        """Wait for ``event``, unless the server closes first (then raise _ServerClosing)."""
+        if not event.is_set():
+            waiters = {
+                asyncio.ensure_future(event.wait()),
+                asyncio.ensure_future(self._closing.wait()),
+            }
+            try:
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waiters:
+                    w.cancel()
+        if self._closing.is_set():
+            raise _ServerClosing
+
+    async def _hold_forever(self) -> None:
+        """Hang until close() (or until the client hangs up, which cancels the handler)."""
+        await self._closing.wait()
+        raise _ServerClosing
+
+    async def _before_first_token(self) -> None:
+        await self._sleep(self.first_token_delay)
+        gate = self.gate
+        if gate is not None:
+            await self._wait_event(gate)
+
+    async def _make_reply(self, rec: Recorded) -> str:
+        reply = self.reply
+        if reply is None:
+            return echo_reply(rec)
+        if isinstance(reply, str):
+            return reply
+        result = reply(rec)
+        if inspect.isawaitable(result):
+            result = await result
+        return str(result)
+
+    # -- generic chat flow --------------------------------------------------------------------
+
+    async def _chat(self, request: web.Request, dialect_cls: type[_Dialect]) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except (ValueError, UnicodeDecodeError):
+            body = None
+        if not isinstance(body, dict):
+            return dialect_cls(self, "", {}).error("invalid JSON body")
+        model = str(body.get("model") or "")
+        messages = body.get("messages") or []
+        options = (body.get("options") or {}) if dialect_cls.api == "ollama" else {}
+        rec = Recorded(
+            api=dialect_cls.api,
+            path=request.path,
+            model=model,
+            messages=messages,
+            options=options,
+            body=body,
+            headers=_Headers(request.headers.items()),
+            prompt_tokens=prompt_tokens(messages),
+        )
+        await self._record(rec)
+        dialect = dialect_cls(self, model, body, _bearer(request))
+        fault = self._take_fault()
+
+        # Like the real services, a bad key is rejected before anything else (OpenAI only).
+        if dialect.api == "openai" and self.api_key is not None and dialect.key != self.api_key:
+            return dialect.error("auth")
+        if fault in ("http500", "rate_limit", "auth", "not_found"):
+            return dialect.error(fault)
+        if not model:
+            return dialect.error("model is required")
+        if not self._has_model(model):
+            return dialect.error("not_found")
+
+        text = await self._make_reply(rec)
+        tokens = tokenize(text)
+        finish = "stop"
+        limit = dialect.limit()
+        if limit is not None and len(tokens) > limit:
+            tokens, finish = tokens[:limit], "length"
+        per = max(1, int(self.tokens_per_chunk))
+        chunks = ["".join(tokens[i : i + per]) for i in range(0, len(tokens), per)]
+        stream = bool(body.get("stream", dialect.stream_default))
+        started = time.monotonic_ns()
+
+        resp: web.StreamResponse | None = None
+        try:
+            if stream:
+                resp = web.StreamResponse(headers={"Content-Type": dialect.stream_content_type})
+                await resp.prepare(request)
+                if fault == "hang":
+                    await self._hold_forever()
+                await self._before_first_token()
+                for line in dialect.prologue():
+                    await resp.write(line)
+                if not chunks and fault in ("cut", "stall", "malformed"):
+                    chunks = [""]  # a fault needs at least one content chunk to follow
+                cut_after = max(1, len(chunks) // 2)
+                for i, piece in enumerate(chunks, start=1):
+                    if i > 1:
+                        await self._sleep(self.chunk_delay)
+                    await resp.write(dialect.chunk(piece))
+                    if i == 1 and fault == "stall":
+                        await self._hold_forever()
+                    if i == 1 and fault == "malformed":
+                        await resp.write(dialect.malformed())
+                    if i == cut_after and fault == "cut":
+                        _abort(request)
+                        return resp
+                elapsed = time.monotonic_ns() - started
+                await resp.write(dialect.epilogue(finish, rec.prompt_tokens, len(tokens), elapsed))
+                await resp.write_eof()
+                return resp
+
+            # Non-streaming: the whole answer arrives at once, after the "generation" time.
+            if fault == "hang":
+                resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+                await resp.prepare(request)
+                await self._hold_forever()
+            await self._before_first_token()
+            await self._sleep(self.chunk_delay * max(len(chunks) - 1, 0))
+            elapsed = time.monotonic_ns() - started
+            whole = dialect.whole("".join(tokens), finish, rec.prompt_tokens, len(tokens), elapsed)
+            payload = _dumps(whole)
+            if fault in ("cut", "stall"):
+                resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+                await resp.prepare(request)
+                await resp.write(payload[: len(payload) // 2])
+                if fault == "stall":
+                    await self._hold_forever()
+                _abort(request)
+                return resp
+            if fault == "malformed":
+                payload = payload[: len(payload) // 2]
+            return web.Response(body=payload, content_type="application/json")
+        except _ServerClosing:
+            _abort(request)
+            return resp if resp is not None else web.Response(status=503)
+        except ConnectionResetError:
+            # The client went away mid-stream; nothing left to say to it.
+            return resp if resp is not None else web.Response(status=499)
+
+    # -- Ollama routes ------------------------------------------------------------------------
+
+    async def _root(self, request: web.Request) -> web.Response:
+        return web.Response(text="Ollama is running")
+
+    async def _ollama_version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": OLLAMA_VERSION})
+
+    async def _ollama_tags(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": [_ollama_model_entry(m) for m in self.models]})
+
+    async def _ollama_ps(self, request: web.Request) -> web.Response:
+        return web.json_response({"models": []})
+
+    async def _ollama_show(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = {}
+        name = str(body.get("model") or body.get("name") or "") if isinstance(body, dict) else ""
+        if not self._has_model(name):
+            return web.json_response({"error": f"model '{name}' not found"}, status=404)
+        entry = _ollama_model_entry(name)
+        family = entry["details"]["family"]
+        return web.json_response(
+            {
+                "modelfile": f"FROM {entry['name']}\n",
+                "parameters": 'stop "<|eot_id|>"',
+                "template": "{{ .Prompt }}",
+                "details": entry["details"],
+                "model_info": {
+                    "general.architecture": family,
+                    f"{family}.context_length": 131072,
+                },
+                "capabilities": ["completion"],
+                "modified_at": entry["modified_at"],
+            }
+        )
+
+    async def _ollama_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._chat(request, _OllamaDialect)
+
+    # -- OpenAI routes ------------------------------------------------------------------------
+
+    def _openai_auth_error(self, request: web.Request) -> web.Response | None:
+        key = _bearer(request)
+        if self.api_key is None or key == self.api_key:
+            return None
+        return _OpenAIDialect(self, "", {}, key).error("auth")
+
+    @staticmethod
+    def _openai_model_entry(name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 1_735_689_600, "owned_by": "library"}
+
+    async def _openai_models(self, request: web.Request) -> web.Response:
+        if (err := self._openai_auth_error(request)) is not None:
+            return err
+        data = [self._openai_model_entry(m) for m in self.models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _openai_model(self, request: web.Request) -> web.Response:
+        if (err := self._openai_auth_error(request)) is not None:
+            return err
+        name = request.match_info["model"]
+        if not self._has_model(name):
+            return _OpenAIDialect(self, name, {}).error("not_found")
+        return web.json_response(self._openai_model_entry(name))
+
+    async def _openai_chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._chat(request, _OpenAIDialect)
+
+    # -- control routes for subprocess use ----------------------------------------------------
+
+    async def _fake_config(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not set(body) <= {*_CONFIG_KEYS, "clear_requests"}:
+            return web.json_response({"error": f"expected keys among {_CONFIG_KEYS}"}, status=400)
+        try:
+            for key in _CONFIG_KEYS:
+                if key in body:
+                    setattr(self, key, body[key])
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        if body.get("clear_requests"):
+            self.requests.clear()
+        return web.json_response({k: getattr(self, k) for k in _CONFIG_KEYS if k != "reply"})
+
+    async def _fake_requests(self, request: web.Request) -> web.Response:
+        return web.json_response([asdict(r) for r in self.requests])
+
+
+def _check_fault(value: str | None) -> str | None:
+    if value is not None and value not in FAULTS:
+        hint = " (use closed_port_url() for refused connections)" if value == "refuse" else ""
+        raise ValueError(f"unknown fault {value!r}, expected one of {sorted(FAULTS)}{hint}")
+    return value
+
+
+def _bearer(request: web.Request) -> str:
+    auth = request.headers.get("Authorization", "")
+    return auth[7:] if auth[:7].lower() == "bearer " else ""
+
+
+def _bad_key_message(key: str) -> str:
+    shown = key[:3] + "*" * max(len(key) - 7, 0) + key[-4:] if len(key) > 7 else key
+    return (
+        f"Incorrect API key provided: {shown}. "
+        "You can find your API key at https://platform.openai.com/account/api-keys."
+    )
+
+
+def _abort(request: web.Request) -> None:
+    """Drop the connection so the client sees a broken (incomplete) response."""
+    if request.transport is not None:
+        request.transport.close()
+
+
+def _ollama_model_entry(name: str) -> dict[str, Any]:
+    full = name if ":" in name else f"{name}:latest"
+    digest = hashlib.sha256(full.encode()).hexdigest()
+    letters = re.match(r"[a-z]+", full.lower())
+    family = letters.group() if letters else "llama"  # "qwen2.5:7b" -> "qwen"
+    return {
+        "name": full,
+        "model": full,
+        "modified_at": "2025-01-15T10:20:30.123456Z",
+        "size": 1_000_000_000 + int(digest[:8], 16) % 4_000_000_000,
+        "digest": digest,
+        "details": {
+            "parent_model": "",
+            "format": "gguf",
+            "family": family,
+            "families": [family],
+            "parameter_size": "3.2B",
+            "quantization_level": "Q4_K_M",
+        },
+    }
+
+
+async def closed_port_url() -> str:
+    """An http URL on 127.0.0.1 where nothing listens (connections are refused)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # The port was just released; nothing else on this host is likely to grab it right away.
+    return f"http://127.0.0.1:{port}"
+
+
+# --------------------------------------------------------------------------------------------
+# Standalone process
+# --------------------------------------------------------------------------------------------
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m tests.fakes.model_server",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated")
+    p.add_argument("--reply", default=None, help="fixed reply text (default: echo)")
+    p.add_argument(
+        "--reply-delay",
+        "--first-token-delay",
+        dest="first_token_delay",
+        type=float,
+        default=0.0,
+        help="seconds before the first content chunk",
+    )
+    p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between chunks")
+    p.add_argument("--tokens-per-chunk", type=int, default=1)
+    p.add_argument("--fault", choices=sorted(FAULTS), default=None)
+    p.add_argument("--api-key", default=None, help="require this Bearer key on /v1 routes")
+    return p.parse_args(argv)
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    srv = ModelServer(models=models, host=args.host, port=args.port)
+    srv.reply = args.reply
+    srv.fault = args.fault
+    srv.first_token_delay = args.first_token_delay
+    srv.chunk_delay = args.chunk_delay
+    srv.tokens_per_chunk = args.tokens_per_chunk
+    srv.api_key = args.api_key
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):  # not available on Windows
+            loop.add_signal_handler(sig, stop.set)
+    await srv.start()
+    try:
+        print(f"READY {srv.url}", flush=True)
+        await stop.wait()
+    finally:
+        await srv.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    asyncio.run(_serve(_parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
