@@ -45,7 +45,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=True,
-        validate_default=True,
+        validate_default=True, env_ignore_empty=True,
     )
 
     LLM_PROVIDER: Literal["ollama", "openai"] = Field(

@@ -1,0 +1,122 @@
+"""SQLite storage: migrations, pragmas, the history index, atomic exchanges."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from storage.base import AuditRecord, ConversationRef
+from storage.sqlite_migrations import MIGRATIONS
+from storage.sqlite_store import SQLiteStore, _statements
+
+REF = ConversationRef(key="telegram:1@dm", platform="telegram", user_id="1", place="dm")
+
+
+def audit(**kw: object) -> AuditRecord:
+    values: dict[str, object] = dict(platform="telegram", user_id="1", chat_id="c",
+                                     conversation=REF.key, user_input="hi", model="m",
+                                     provider="ollama")
+    values.update(kw)
+    return AuditRecord(**values)  # type: ignore[arg-type]
+
+
+async def test_old_database_is_upgraded_not_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at TEXT)")
+    name, sql = MIGRATIONS[0]
+    for stmt in _statements(sql):
+        db.execute(stmt)
+    db.execute("INSERT INTO _migrations VALUES (?, 'then')", (name,))
+    db.execute("INSERT INTO conversations VALUES (1, 'telegram:1@dm', 'telegram', '1', 'dm', 't')")
+    db.execute("INSERT INTO messages VALUES (1, 1, 'user', 'my name is Ana', 't')")
+    db.execute("INSERT INTO audit (timestamp, platform, user_id, chat_id, conversation, provider,"
+               " model, user_input, model_response, status, error) VALUES"
+               " ('t', 'telegram', '1', 'c', 'telegram:1@dm', 'ollama', 'm', 'hi', 'yo', 'ok', '')")
+    db.commit()
+    db.close()
+
+    store = SQLiteStore(str(path))
+    await store.open()
+    try:
+        assert await store.applied_migrations() == [n for n, _ in MIGRATIONS]
+        assert [m.content for m in await store.recent_messages(1, 10)] == ["my name is Ana"]
+        (row,) = await store.audit_log(10)
+        assert row["kind"] == "chat" and row["summary_used"] is False
+    finally:
+        await store.close()
+    # Opening again applies nothing twice.
+    store = SQLiteStore(str(path))
+    await store.open()
+    assert len(await store.applied_migrations()) == len(MIGRATIONS)
+    await store.close()
+
+
+async def test_pragmas_and_history_index(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "a.db"))
+    await store.open()
+    try:
+        db = store.db
+        assert (await (await db.execute("PRAGMA journal_mode")).fetchone())[0] == "wal"
+        assert (await (await db.execute("PRAGMA foreign_keys")).fetchone())[0] == 1
+        assert (await (await db.execute("PRAGMA busy_timeout")).fetchone())[0] >= 1000
+        plan = await (await db.execute(
+            "EXPLAIN QUERY PLAN SELECT id, role, content FROM messages WHERE conversation_id = ?"
+            " AND id > ? ORDER BY id DESC LIMIT ?", (1, 0, 50))).fetchall()
+        text = " ".join(str(tuple(r)) for r in plan)
+        assert "messages_conversation_id" in text
+        assert "TEMP B-TREE" not in text  # the index serves the order too
+    finally:
+        await store.close()
+
+
+async def test_exchange_is_stored_whole_or_not_at_all(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "a.db"))
+    await store.open()
+    try:
+        conv = await store.conversation_id(REF)
+        with pytest.raises(sqlite3.IntegrityError):
+            # The audit insert fails after both messages were inserted.
+            await store.save_exchange(conv, "hi", "hello", audit(platform=None))
+        assert await store.count_messages(conv) == 0
+        assert await store.audit_log(10) == []
+        await store.save_exchange(conv, "hi", "hello", audit())
+        assert [m.role for m in await store.recent_messages(conv, 10)] == ["user", "assistant"]
+    finally:
+        await store.close()
+
+
+async def test_recent_messages_newest_first_window(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "a.db"))
+    await store.open()
+    try:
+        conv = await store.conversation_id(REF)
+        for i in range(5):
+            await store.save_exchange(conv, f"q{i}", f"a{i}", audit())
+        got = await store.recent_messages(conv, 3)
+        assert [m.content for m in got] == ["a3", "q4", "a4"]
+        after = await store.recent_messages(conv, 100, after_id=got[0].id)
+        assert [m.content for m in after] == ["q4", "a4"]
+        span = await store.messages_range(conv, 0, got[0].id)
+        assert len(span) == 8
+    finally:
+        await store.close()
+
+
+async def test_summary_is_not_written_after_reset(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "a.db"))
+    await store.open()
+    try:
+        conv = await store.conversation_id(REF)
+        await store.save_exchange(conv, "q", "a", audit())
+        last = (await store.recent_messages(conv, 1))[0].id
+        assert await store.save_summary(conv, "User is Ana.", last)
+        assert (await store.summary(conv)).text == "User is Ana."  # type: ignore[union-attr]
+        assert await store.reset_conversation(conv) == 2
+        assert await store.summary(conv) is None
+        assert not await store.save_summary(conv, "stale", last)
+        assert await store.summary(conv) is None
+    finally:
+        await store.close()
