@@ -85,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(ops.migrate(settings))
             case "copy-db":
                 return asyncio.run(ops.copy_db(args.src, args.dst))
+    except SettingsError as exc:  # e.g. a token the platform refused
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except StorageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

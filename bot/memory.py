@@ -20,6 +20,7 @@ from bot.llm_call import CallLimits, stream_reply
 from bot.prompt import build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
 from bot.settings import Settings
+from bot.text_fit import longest_prefix
 from bot.tokens import MESSAGE_OVERHEAD, count_tokens
 from storage.base import AuditRecord, ConversationRef, Store, StoredMessage
 
@@ -60,14 +61,7 @@ def truncate_tokens(text: str, cap: int, counter: Callable[[str], int] = count_t
         lines.pop()
     if lines:
         return "\n".join(lines)
-    lo, hi = 0, len(text)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if counter(text[:mid]) <= cap:
-            lo = mid
-        else:
-            hi = mid - 1
-    return text[:lo]
+    return text[: longest_prefix(text, cap, counter)]
 
 
 class Summarizer:

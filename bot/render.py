@@ -19,6 +19,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from bot.text_fit import longest_prefix
+
 log = logging.getLogger(__name__)
 
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
@@ -64,20 +66,6 @@ def _open_fence(lines: list[str], fence: str | None) -> str | None:
     return fence
 
 
-def _fit(text: str, budget: int, measure: Callable[[str], int]) -> int:
-    """The largest i with measure(text[:i]) <= budget (measure is monotonic)."""
-    if measure is len:
-        return min(len(text), budget)
-    lo, hi = 0, len(text)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if measure(text[:mid]) <= budget:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
 def _cut_point(text: str, end: int) -> int:
     """Where to cut text[:end]: a paragraph, else a line, else a space break."""
     window = text[:end]
@@ -108,7 +96,7 @@ def split_markdown(text: str, limit: int, measure: Callable[[str], int] = len) -
             chunks.append(whole)
             break
         budget = limit - measure(prefix) - measure("\n```")
-        end = _fit(rest, budget, measure)
+        end = longest_prefix(rest, budget, measure)
         cut = _cut_point(rest, end) if end < len(rest) else end
         if cut <= 0:
             cut = max(1, end)

@@ -182,3 +182,18 @@ async def test_env_example_copied_to_env_runs_the_console(tmp_path: Path,
                                    cwd=tmp_path)
     assert code == 0, err
     assert out == "You said: hi\n"
+
+
+async def test_json_logs_hold_one_line_per_exchange(tmp_path: Path,
+                                                    model_server: ModelServer) -> None:
+    env = bot_env(tmp_path, model_server, LOG_FORMAT="json")
+    code, _out, err = await run_bot(["console"], env, "hello\n你好\n")
+    assert code == 0, err
+    lines = [json.loads(line) for line in err.splitlines()]  # every line is JSON
+    exchanges = [r for r in lines if r["logger"] == "bot.exchange"]
+    assert [r["user_input"] for r in exchanges] == ["hello", "你好"]
+    for r in exchanges:
+        assert r["model_response"] == f"You said: {r['user_input']}"
+        assert r["session"] == r["conversation"]
+        assert r["timestamp"] and r["response_time"] > 0
+        assert r["prompt_tokens"] > 0 and r["completion_tokens"] > 0
