@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,13 +27,13 @@ from bot.providers.base import Provider, ProviderError, Usage
 from bot.sanitize import clean_text, is_blank
 from bot.settings import Settings
 from bot.stats import compute_stats, format_stats
-from bot.tokens import Calibration
+from bot.tokens import Calibration, count_tokens
 from storage.base import AuditRecord, ConversationRef, Store
 
 log = logging.getLogger(__name__)
 exchange_log = logging.getLogger("bot.exchange")
 
-HISTORY_LOAD_LIMIT = 400  # messages loaded per prompt; the window holds fewer
+HISTORY_LOAD_LIMIT = 400  # at most this many messages are loaded for one prompt
 SHUTDOWN_NOTE = "\n\n_(reply cut off: the bot is restarting)_"
 
 
@@ -45,6 +46,8 @@ class ChatService:
         self.provider = provider
         self.catalog = ModelCatalog(settings, provider, store)
         self.calibration = Calibration()
+        # History is re-counted every turn; a bounded memo makes that cheap.
+        self.count_tokens = functools.lru_cache(maxsize=50_000)(count_tokens)
         self._order = ConversationOrder()
         self._slots = asyncio.Semaphore(settings.LLM_CONCURRENCY)
         self._calls: set[asyncio.Task[None]] = set()  # model calls in flight
@@ -216,10 +219,10 @@ class ChatService:
             if self.settings.MEMORY_STRATEGY == "summarize" else None
         model = await self.catalog.current(msg.platform, msg.user_id)
         history = await self.store.recent_messages(
-            conv, HISTORY_LOAD_LIMIT, after_id=summary.upto_id if summary else 0)
+            conv, self._load_limit(), after_id=summary.upto_id if summary else 0)
         prompt = build_prompt(self.settings.SYSTEM_PROMPT, history, "", self._budget(model),
                               summary=summary.text if summary else None,
-                              factor=self.calibration.factor(model))
+                              factor=self.calibration.factor(model), counter=self.count_tokens)
         lines = [f"Stored messages in this conversation: {stored}",
                  f"Messages that fit the context window now: {prompt.history_used}"]
         if summary:
@@ -232,6 +235,11 @@ class ChatService:
 
     def _budget(self, model: str) -> int:
         return self.settings.prompt_budget
+
+    def _load_limit(self) -> int:
+        # A stored message costs at least 5 tokens in a prompt: never load
+        # more than could possibly fit.
+        return min(HISTORY_LOAD_LIMIT, self.settings.prompt_budget // 5 + 1)
 
     # -- a chat turn
     async def _chat(self, msg: Incoming, text: str) -> AsyncIterator[str]:
@@ -263,7 +271,7 @@ class ChatService:
             summary = await self.store.summary(conv) if s.MEMORY_STRATEGY == "summarize" \
                 else None
             history = await self.store.recent_messages(
-                conv, HISTORY_LOAD_LIMIT, after_id=summary.upto_id if summary else 0)
+                conv, self._load_limit(), after_id=summary.upto_id if summary else 0)
         except Exception as exc:
             log.exception("storage failed before the model call")
             audit.status, audit.error = "error", f"storage: {type(exc).__name__}: {exc}"
@@ -273,7 +281,8 @@ class ChatService:
         factor = self.calibration.factor(model)
         try:
             prompt = build_prompt(s.SYSTEM_PROMPT, history, text, self._budget(model),
-                                  summary=summary.text if summary else None, factor=factor)
+                                  summary=summary.text if summary else None, factor=factor,
+                                  counter=self.count_tokens)
         except TooLong as exc:
             audit.status = "rejected"
             audit.error = f"prompt {exc.tokens} tokens > budget"
@@ -352,7 +361,7 @@ class ChatService:
         """Summarise once the history no longer fits (the summariser picks what)."""
         if self.settings.MEMORY_STRATEGY != "summarize" or self._closing:
             return
-        full = prompt.dropped > 0 or loaded >= HISTORY_LOAD_LIMIT
+        full = prompt.dropped > 0 or loaded >= self._load_limit()
         if full or prompt.tokens > self.settings.prompt_budget * 3 // 4:
             self.memory.schedule(conv, ref, msg.chat_id, model)
 
