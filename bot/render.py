@@ -23,6 +23,7 @@ from bot.text_fit import longest_prefix
 
 log = logging.getLogger(__name__)
 
+TYPING_DELAY = 0.2  # seconds before the typing indicator shows
 _FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
 
 
@@ -189,6 +190,10 @@ class StreamRenderer:
                     log.warning("intermediate edit failed", exc_info=True)
                 last_flush = self._clock()
             await reader  # re-raise what the stream raised, if anything
+            # The final edit keeps the interval too (platforms count edits).
+            wait = last_flush + self._interval - self._clock()
+            if wait > 0 and self._shown:
+                await asyncio.sleep(wait)
             await self._flush()
         finally:
             typing.cancel()
@@ -199,6 +204,10 @@ class StreamRenderer:
         return [s.text for s in self._shown]
 
     async def _keep_typing(self, changed: asyncio.Event, done: asyncio.Event) -> None:
+        # A refusal or an ignored message ends the stream at once: don't
+        # show "typing" for a reply that will never come.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(changed.wait(), TYPING_DELAY)
         while not self._text and not done.is_set():
             try:
                 await self._sink.typing()

@@ -1,0 +1,238 @@
+"""The Discord adapter: discord.py 2.x in, the core's reply stream out.
+
+It answers every DM, and in servers the messages that mention the bot or reply to
+it; slash commands run as the core's chat commands. Replies stream through the
+shared renderer (throttled edits, 2000-character messages). It holds no memory
+logic: everything about a conversation happens in `service.handle`.
+
+Lifecycle (`run`): log in, sync slash commands, connect every shard this process
+runs (always `AutoShardedClient`: one code path for one shard or many, and it can
+close its gateway connections while REST stays usable); when `stop` is set, close
+the gateway, let replies in flight finish (SHUTDOWN_GRACE, after which the core
+cuts them short, plus a margin), then close the client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+
+import discord
+import yarl
+from discord import app_commands
+from discord.gateway import DiscordWebSocket
+from discord.http import HTTPClient, Route
+
+from adapters.discord_commands import SlashCommands
+from adapters.discord_inbound import incoming_from_message, is_addressed, text_for_model
+from adapters.discord_inflight import InFlight
+from adapters.discord_sink import MESSAGE_LIMIT, ChannelSink
+from bot.messages import Incoming
+from bot.render import StreamRenderer
+from bot.service import ChatService
+from bot.settings import Settings
+
+log = logging.getLogger(__name__)
+
+IDENTIFY_WINDOW = 5.0  # Discord: one IDENTIFY per 5 s in each max_concurrency bucket
+DRAIN_MARGIN = 5.0  # after SHUTDOWN_GRACE the core stops replies; this lets them end
+CONNECTION_CLOSE_WAIT = 5.0
+
+
+def gateway_intents() -> discord.Intents:
+    """Only what answering needs."""
+    intents = discord.Intents.none()
+    intents.guild_messages = True
+    intents.dm_messages = True
+    intents.message_content = True  # privileged: enable it in the developer portal
+    # Not privileged; discord.py needs the guild cache to resolve channels, threads,
+    # roles and nicknames (mentions become display names) and to tell servers from DMs.
+    intents.guilds = True
+    return intents
+
+
+class DiscordEndpoints:
+    """Points discord.py at another REST base (a proxy, or the test emulator).
+
+    discord.py reads its REST base (`Route.BASE`) and its default gateway
+    (`DiscordWebSocket.DEFAULT_GATEWAY`) from class attributes with no per-client
+    option, so they are set here for the life of `run`, and put back afterwards.
+    The gateway URL is asked of that API (`GET /gateway`), as Discord intends.
+    """
+
+    def __init__(self, api_base: str) -> None:
+        self._base = api_base.rstrip("/")
+        self._saved: tuple[str, yarl.URL] | None = None
+
+    def __enter__(self) -> DiscordEndpoints:
+        if self._base:
+            self._saved = (Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY)
+            Route.BASE = self._base
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._saved is not None:
+            Route.BASE, DiscordWebSocket.DEFAULT_GATEWAY = self._saved
+            self._saved = None
+
+    async def discover_gateway(self, http: HTTPClient) -> None:
+        if self._base:
+            data = await http.request(Route("GET", "/gateway"))
+            DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(data["url"])
+
+
+class _GatewayClient(discord.AutoShardedClient):
+    """AutoShardedClient with the adapter's hooks and Discord's real IDENTIFY pacing."""
+
+    def __init__(self, adapter: DiscordAdapter, **options: object) -> None:
+        super().__init__(**options)  # type: ignore[arg-type]
+        self._adapter = adapter
+        self._identified: dict[int, float] = {}  # bucket → when it last identified
+        self._max_concurrency: int | None = None
+
+    async def setup_hook(self) -> None:
+        await self._adapter.sync_commands()
+
+    async def on_message(self, message: discord.Message) -> None:
+        await self._adapter.on_message(message)
+
+    async def on_ready(self) -> None:
+        log.info("discord: ready as %s in %d servers (shards %s of %s)", self.user,
+                 len(self.guilds), sorted(self.shards), self.shard_count)
+
+    async def before_identify_hook(self, shard_id: int | None, *, initial: bool = False) -> None:
+        # discord.py waits 5 s before every IDENTIFY but the first; Discord's rule is one
+        # per 5 s in each bucket `shard_id % max_concurrency` (see discord.py #8430).
+        loop = asyncio.get_running_loop()
+        if self._identified and self._max_concurrency is None:
+            try:
+                limits = await self.fetch_session_start_limits()
+                self._max_concurrency = max(1, limits.max_concurrency)
+            except discord.DiscordException:
+                self._max_concurrency = 1
+        bucket = (shard_id or 0) % (self._max_concurrency or 1)
+        last = self._identified.get(bucket)
+        if last is not None:
+            await asyncio.sleep(max(0.0, last + IDENTIFY_WINDOW - loop.time()))
+        self._identified[bucket] = loop.time()
+
+
+class DiscordAdapter:
+    """Started by `python -m bot` when DISCORD_TOKEN is set."""
+
+    name = "discord"
+
+    def __init__(self, settings: Settings) -> None:
+        if settings.DISCORD_TOKEN is None:
+            raise ValueError("the Discord adapter needs DISCORD_TOKEN")
+        self._settings = settings
+        self._in_flight = InFlight()
+        self._accepting = False
+        self._client: _GatewayClient | None = None
+        self._service: ChatService | None = None
+        self._tree: app_commands.CommandTree[_GatewayClient] | None = None
+
+    @property
+    def client(self) -> discord.AutoShardedClient | None:
+        """The running client (for diagnostics and tests)."""
+        return self._client
+
+    def _make_client(self) -> _GatewayClient:
+        s = self._settings
+        # The bot has no voice: discord.py's one-time "voice will NOT be supported"
+        # warnings (its own process-wide flags) would only puzzle operators.
+        discord.VoiceClient.warn_nacl = discord.VoiceClient.warn_dave = False
+        return _GatewayClient(
+            self,
+            intents=gateway_intents(),
+            # Set on the client so that no send or edit can forget it: the model's text
+            # never pings @everyone, @here, roles or users.
+            allowed_mentions=discord.AllowedMentions.none(),
+            shard_count=s.DISCORD_SHARD_COUNT,
+            shard_ids=s.shard_ids,
+            chunk_guilds_at_startup=False,
+        )
+
+    async def run(self, service: ChatService, stop: asyncio.Event) -> None:
+        token = self._settings.DISCORD_TOKEN
+        assert token is not None
+        self._service = service
+        with DiscordEndpoints(self._settings.DISCORD_API_BASE) as endpoints:
+            client = self._client = self._make_client()
+            self._tree = app_commands.CommandTree(client)
+            SlashCommands(service, self._in_flight).install(self._tree)
+            connection: asyncio.Task[None] | None = None
+            try:
+                await client.login(token.get_secret_value())
+                await endpoints.discover_gateway(client.http)
+                self._accepting = True
+                connection = asyncio.create_task(client.connect(), name="discord-gateway")
+                stopping = asyncio.create_task(stop.wait())
+                await asyncio.wait({connection, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                stopping.cancel()
+            finally:
+                await self._shut_down(client, connection)
+            if connection is not None and connection.done() and not connection.cancelled():
+                connection.result()  # the gateway failed for good (bad token, intents…)
+
+    async def _shut_down(self, client: _GatewayClient,
+                         connection: asyncio.Task[None] | None) -> None:
+        """Close the gateway, let replies finish over REST, then close the client."""
+        self._accepting = False
+        for shard in list(client.shards.values()):
+            with contextlib.suppress(Exception):
+                await shard.disconnect()
+        await self._in_flight.drain(self._settings.SHUTDOWN_GRACE + DRAIN_MARGIN)
+        await client.close()
+        if connection is not None and not connection.done():
+            # close() tells connect() to return; bound the wait all the same.
+            done, _ = await asyncio.wait({connection}, timeout=CONNECTION_CLOSE_WAIT)
+            if not done:
+                connection.cancel()
+        log.info("discord: disconnected")
+
+    async def sync_commands(self) -> None:
+        """Sync slash commands globally, and at once to DISCORD_DEV_GUILD if set."""
+        tree = self._tree
+        assert tree is not None
+        try:
+            synced = await tree.sync()
+            log.info("discord: %d slash commands synced globally", len(synced))
+            dev_guild = self._settings.DISCORD_DEV_GUILD
+            if dev_guild:
+                guild = discord.Object(id=dev_guild)
+                tree.copy_global_to(guild=guild)
+                await tree.sync(guild=guild)
+                log.info("discord: slash commands synced to development server %s", dev_guild)
+        except discord.HTTPException as exc:
+            log.warning("discord: could not sync slash commands: %s", exc)
+
+    async def on_message(self, message: discord.Message) -> None:
+        client, service = self._client, self._service
+        me = client.user if client is not None else None
+        if not self._accepting or me is None or service is None:
+            return
+        if not is_addressed(message, me.id):
+            return
+        text = text_for_model(message, me.id)
+        if not text:  # an attachment alone, or just the mention: nothing to answer
+            return
+        with self._in_flight.track():
+            await self._reply(service, message, incoming_from_message(message, text))
+
+    async def _reply(self, service: ChatService, message: discord.Message,
+                     incoming: Incoming) -> None:
+        # In a server the answer replies to the user's message; in a DM that is noise.
+        reply_to = message if incoming.place_id is not None else None
+        sink = ChannelSink(message.channel, reply_to)
+        renderer = StreamRenderer(sink, limit=MESSAGE_LIMIT,
+                                  edit_interval=self._settings.STREAM_EDIT_INTERVAL)
+        try:
+            await renderer.run(service.handle(incoming))
+        except Exception:
+            log.exception("discord: answering message %s in channel %s failed",
+                          message.id, message.channel.id)
+            await sink.apologise()

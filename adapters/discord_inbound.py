@@ -1,0 +1,90 @@
+"""Which Discord messages the bot answers, and the text the model sees from them.
+
+Pure functions over discord.py objects: no network, no core.
+"""
+
+from __future__ import annotations
+
+import re
+
+import discord
+
+from bot.messages import Incoming
+
+PLATFORM = "discord"
+# User, role and channel mentions as Discord writes them in message content.
+_MENTION = re.compile(r"<(@[!&]?|#)(\d{15,20})>")
+# Only ordinary messages and replies carry something to answer (not joins, pins, …).
+_CHAT_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+
+
+def is_addressed(message: discord.Message, me_id: int) -> bool:
+    """Every DM; in a server channel or thread, a mention of the bot or a reply to it."""
+    if message.author.id == me_id or message.author.bot or message.webhook_id is not None:
+        return False
+    if message.type not in _CHAT_TYPES:
+        return False
+    if place_of(message) is None:
+        return True
+    if any(user.id == me_id for user in message.mentions):
+        return True
+    ref = message.reference
+    replied = ref.resolved if ref is not None else None
+    return isinstance(replied, discord.Message) and replied.author.id == me_id
+
+
+def place_of(message: discord.Message) -> str | None:
+    """The server id, or None in a DM."""
+    if message.guild is not None:
+        return str(message.guild.id)
+    if isinstance(message.channel, discord.DMChannel | discord.GroupChannel):
+        return None
+    guild_id = getattr(message.channel, "guild_id", None)  # a channel not in the cache
+    return str(guild_id) if guild_id is not None else None
+
+
+def text_for_model(message: discord.Message, me_id: int) -> str:
+    """The content without the bot's mention; other mentions as the names people see."""
+    guild = message.guild
+    users = {user.id: user.display_name for user in message.mentions}
+
+    def name_of(match: re.Match[str]) -> str:
+        kind, ident = match[1], int(match[2])
+        if kind in ("@", "@!"):
+            member = guild.get_member(ident) if guild is not None else None
+            name = member.display_name if member is not None else users.get(ident)
+            return f"@{name}" if name else match[0]
+        if kind == "@&":
+            role = guild.get_role(ident) if guild is not None else None
+            return f"@{role.name}" if role is not None else match[0]
+        channel = guild.get_channel_or_thread(ident) if guild is not None else None
+        return f"#{channel.name}" if channel is not None else match[0]
+
+    # The bot's own mention goes with the spaces around it; other spacing (code!) stays.
+    text = re.sub(rf"[ \t]*<@!?{me_id}>[ \t]*", " ", message.content)
+    return _MENTION.sub(name_of, text).strip()
+
+
+def incoming_from_message(message: discord.Message, text: str) -> Incoming:
+    return Incoming(
+        platform=PLATFORM,
+        user_id=str(message.author.id),
+        display_name=message.author.display_name,
+        chat_id=str(message.channel.id),
+        place_id=place_of(message),
+        text=text,
+        raw=message,
+    )
+
+
+def incoming_from_interaction(interaction: discord.Interaction, text: str) -> Incoming:
+    """A slash command as the chat command the core implements (`/model NAME`)."""
+    return Incoming(
+        platform=PLATFORM,
+        user_id=str(interaction.user.id),
+        display_name=interaction.user.display_name,
+        chat_id=str(interaction.channel_id),
+        place_id=str(interaction.guild_id) if interaction.guild_id is not None else None,
+        text=text,
+        raw=interaction,
+    )

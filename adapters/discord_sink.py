@@ -1,0 +1,57 @@
+"""The renderer's MessageSink for a Discord channel, thread or DM.
+
+Pings are suppressed by the client's allowed mentions (set once in the adapter), so
+nothing here can forget them; `mention_author=False` keeps the reply itself silent too.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+
+log = logging.getLogger(__name__)
+
+MESSAGE_LIMIT = 2000  # characters in one Discord message
+APOLOGY = "Sorry, something went wrong while answering. Please try again."
+
+
+def _plain(text: str) -> str:
+    """Markdown escaped so it shows literally, unless escaping pushes it over the limit."""
+    escaped = discord.utils.escape_markdown(text)
+    return escaped if len(escaped) <= MESSAGE_LIMIT else text
+
+
+class ChannelSink:
+    """Sends and edits the messages of one reply; the first one answers `reply_to`."""
+
+    def __init__(self, channel: discord.abc.Messageable,
+                 reply_to: discord.Message | None = None) -> None:
+        self._channel = channel
+        self._reply_to = reply_to
+        self._sent_any = False
+
+    async def send(self, text: str, *, formatted: bool) -> discord.Message:
+        # Discord's Markdown is the model's Markdown, so formatted text goes as it is.
+        content = text if formatted else _plain(text)
+        if self._reply_to is not None and not self._sent_any:
+            reference = self._reply_to.to_reference(fail_if_not_exists=False)
+            message = await self._channel.send(content, reference=reference,
+                                               mention_author=False)
+        else:
+            message = await self._channel.send(content)
+        self._sent_any = True
+        return message
+
+    async def edit(self, handle: discord.Message, text: str, *, formatted: bool) -> None:
+        await handle.edit(content=text if formatted else _plain(text))
+
+    async def typing(self) -> None:
+        await self._channel.typing()  # one indicator; Discord shows it for ~10 s
+
+    async def apologise(self) -> None:
+        """The one short message a user gets when answering failed."""
+        try:
+            await self.send(APOLOGY, formatted=True)
+        except Exception:  # the channel may be gone or closed to the bot: log, go on
+            log.warning("could not tell the user that answering failed", exc_info=True)
