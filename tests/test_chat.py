@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import stat
-from pathlib import Path
 
 import pytest
 
 from bot.app import open_service
 from bot.tokens import count_messages, count_tokens
+from tests.backends import db_url_both_backends  # noqa: F401  (SQLite and PostgreSQL)
 from tests.conftest import SettingsFactory, ask, incoming
 from tests.fakes.model_server import ModelServer, closed_port_url, prompt_tokens
 
@@ -315,11 +313,3 @@ async def test_abandoned_reply_is_recorded_cancelled(model_server: ModelServer,
     await stream.aclose()
     rows = await svc.store.audit_log(5)
     assert first and rows[-1]["status"] == "cancelled"
-
-
-async def test_database_file_is_private_and_folder_created(
-    service: object, db_url: str
-) -> None:
-    path = Path(db_url.removeprefix("sqlite:///"))
-    assert path.parent.is_dir()
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

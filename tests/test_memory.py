@@ -8,6 +8,7 @@ import re
 from bot.app import open_service
 from bot.memory import SUMMARY_INSTRUCTIONS
 from bot.tokens import count_messages, count_tokens
+from tests.backends import db_url_both_backends  # noqa: F401  (SQLite and PostgreSQL)
 from tests.conftest import SettingsFactory, ask, incoming
 from tests.fakes.model_server import ModelServer, Recorded, echo_reply, prompt_tokens
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,12 @@ async def test_summary_is_not_written_after_reset(tmp_path: Path) -> None:
         assert await store.summary(conv) is None
     finally:
         await store.close()
+
+
+async def test_database_file_is_private_and_folder_created(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "folder" / "bot.db"
+    store = SQLiteStore(str(path))
+    await store.open()
+    await store.close()
+    assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -1,0 +1,49 @@
+"""Run a test module against both storage backends.
+
+Import `db_url_both_backends` into a module (`# noqa: F401`): its fixture is
+named `db_url`, so it overrides conftest's SQLite-only one there. The
+PostgreSQL side gets a fresh schema per test (creating a whole database
+costs half a second; a schema, milliseconds), dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.pg import ServerUnreachable, admin_url
+
+
+async def _admin() -> asyncpg.Connection:
+    try:
+        return await asyncpg.connect(admin_url(), timeout=5)
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise ServerUnreachable(f"PostgreSQL test server cannot be used: {exc}") from exc
+
+
+@pytest.fixture(params=["sqlite", "postgres"], name="db_url")
+async def db_url_both_backends(request: pytest.FixtureRequest,
+                               tmp_path: Path) -> AsyncIterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'data' / 'bot.db'}"
+        return
+    schema = f"bot_test_{os.getpid()}_{secrets.token_hex(4)}"
+    conn = await _admin()
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    finally:
+        await conn.close()
+    try:
+        # asyncpg passes unknown URL parameters on as server settings.
+        yield f"{admin_url()}?search_path={schema}"
+    finally:
+        conn = await _admin()
+        try:
+            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        finally:
+            await conn.close()
