@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from bot.llm_call import CallLimits, stream_reply
 from bot.prompt import build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
+from bot.sanitize import storable
 from bot.settings import Settings
 from bot.text_fit import longest_prefix
 from bot.tokens import MESSAGE_OVERHEAD, count_tokens
@@ -179,7 +180,7 @@ class Summarizer:
         if count_tokens(text) > cap:
             text = await self._call(SHORTEN_INSTRUCTIONS.format(cap=cap, language=lang), text,
                                     ref, chat_id, model, cap)
-        return truncate_tokens(text.strip(), cap)
+        return truncate_tokens(storable(text).strip(), cap)
 
     async def _call(self, system: str, user: str, ref: ConversationRef, chat_id: str,
                     model: str, cap: int) -> str:

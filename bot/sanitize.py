@@ -23,3 +23,11 @@ def clean_text(text: str) -> str:
 def is_blank(text: str) -> bool:
     """True when nothing visible is left (whitespace, zero-width, direction marks)."""
     return all(unicodedata.category(ch) in _INVISIBLE or ch.isspace() for ch in text)
+
+
+def storable(text: str) -> str:
+    """What any database can hold: no NUL (PostgreSQL refuses it), no lone surrogate.
+
+    For text the model wrote: unlike user input, its formatting is kept.
+    """
+    return _SURROGATE.sub("\ufffd", text.replace("\x00", ""))

@@ -24,11 +24,11 @@ from bot.models import ModelCatalog
 from bot.ordering import ConversationOrder
 from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
-from bot.sanitize import clean_text, is_blank
+from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
 from bot.stats import compute_stats, format_stats
 from bot.tokens import Calibration, count_tokens
-from storage.base import AuditRecord, ConversationRef, Store
+from storage.base import AuditRecord, ConversationRef, StorageError, Store
 
 log = logging.getLogger(__name__)
 exchange_log = logging.getLogger("bot.exchange")
@@ -258,6 +258,14 @@ class ChatService:
                         self._chat_locked(msg, text, ref, audit, received)) as deltas:
                     async for delta in deltas:
                         yield delta
+        except StorageError as exc:
+            # Only taking the conversation's lock raises here (another process
+            # is still answering this conversation); the turn itself handles
+            # its own storage errors.
+            log.warning("conversation %s busy: %s", ref.key, exc)
+            audit.status, audit.error = "error", f"busy: {exc}"
+            await self._audit(audit)
+            yield "I'm still answering your previous message. Please try again in a moment."
         finally:
             self._turn_ended()
 
@@ -325,12 +333,13 @@ class ChatService:
         except (GeneratorExit, asyncio.CancelledError):
             # The adapter stopped listening (shutdown, or the chat went away).
             audit.status, audit.error = "cancelled", "reply abandoned"
-            audit.model_response = "".join(parts)
+            audit.model_response = storable("".join(parts))
             audit.response_time = time.monotonic() - received
             with contextlib.suppress(BaseException):
                 await asyncio.shield(self._audit(audit))
             raise
-        audit.model_response = "".join(parts)
+        audit.model_response = storable("".join(parts))
+        audit.error = storable(audit.error)
         audit.response_time = time.monotonic() - received
         if usage is not None:
             audit.prompt_tokens, audit.completion_tokens = usage.prompt_tokens, \

@@ -153,6 +153,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"REPLY_TOKENS={self.REPLY_TOKENS} must be less than "
                 f"CONTEXT_TOKENS={self.CONTEXT_TOKENS}")
+        if self.DATABASE_URL.startswith("postgres") and \
+                self.DB_POOL_SIZE < self.LLM_CONCURRENCY + 2:
+            # Each turn in flight holds a connection for its conversation lock.
+            raise ValueError(
+                f"DB_POOL_SIZE={self.DB_POOL_SIZE} must be at least LLM_CONCURRENCY + 2 "
+                f"({self.LLM_CONCURRENCY + 2}) with PostgreSQL")
         if self.DISCORD_SHARD_IDS and self.DISCORD_SHARD_COUNT is None:
             raise ValueError("DISCORD_SHARD_IDS needs DISCORD_SHARD_COUNT")
         return self

@@ -96,4 +96,10 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX rate_events_user ON rate_events(user_key, at);
         """,
     ),
+    (
+        # SQLite rebuilds its tables so ids are never reused; BIGSERIAL never
+        # reuses them. Kept so both lists carry the same names.
+        "004_never_reuse_ids",
+        "SELECT 1",
+    ),
 ]

@@ -71,4 +71,45 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE audit ADD COLUMN summary_used INTEGER NOT NULL DEFAULT 0;
         """,
     ),
+    (
+        # PostgreSQL's table for a rate limit shared by several processes;
+        # one SQLite process keeps its window in memory. Kept so both lists
+        # carry the same names.
+        "003_rate_events",
+        "SELECT 1",
+    ),
+    (
+        # Ids must never be reused: a summary or cache that names an id from
+        # before a /reset or forget must not find someone else's rows.
+        # Runs with foreign keys off (see SQLiteStore._migrate), as SQLite's
+        # documented table rebuild requires.
+        "004_never_reuse_ids",
+        """
+        CREATE TABLE conversations_v4 (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            key TEXT NOT NULL UNIQUE,
+            platform TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            place TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        INSERT INTO conversations_v4 SELECT id, key, platform, user_id, place, created_at
+            FROM conversations;
+        CREATE TABLE messages_v4 (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            conversation_id INTEGER NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+            content TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        );
+        INSERT INTO messages_v4 SELECT id, conversation_id, role, content, created_at
+            FROM messages;
+        DROP TABLE messages;
+        DROP TABLE conversations;
+        ALTER TABLE conversations_v4 RENAME TO conversations;
+        ALTER TABLE messages_v4 RENAME TO messages;
+        CREATE INDEX conversations_user ON conversations(platform, user_id);
+        CREATE INDEX messages_conversation_id ON messages(conversation_id, id);
+        """,
+    ),
 ]

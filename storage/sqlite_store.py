@@ -62,7 +62,6 @@ class SQLiteStore(Store):
         # One connection: a transaction must not interleave with another
         # coroutine's statements, so every use takes this lock.
         self._lock = asyncio.Lock()
-        self._conv_ids: dict[str, int] = {}
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -78,7 +77,6 @@ class SQLiteStore(Store):
             await self._db.execute("PRAGMA busy_timeout = 5000")
             await self._db.execute("PRAGMA journal_mode = WAL")
             await self._db.execute("PRAGMA synchronous = NORMAL")
-            await self._db.execute("PRAGMA foreign_keys = ON")
             await self._migrate()
         except (OSError, sqlite3.Error) as exc:
             await self.close()
@@ -95,6 +93,9 @@ class SQLiteStore(Store):
         await db.execute(
             "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
         )
+        # A table rebuild needs foreign keys off (it can't change inside a
+        # transaction); they are checked, then turned back on, afterwards.
+        await db.execute("PRAGMA foreign_keys = OFF")
         for name, sql in MIGRATIONS:
             # BEGIN IMMEDIATE takes the write lock first, so two processes
             # starting at once apply each step exactly once.
@@ -109,10 +110,15 @@ class SQLiteStore(Store):
                         "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
                         (name, utcnow()),
                     )
+                async with db.execute("PRAGMA foreign_key_check") as c:
+                    broken = await c.fetchall()
+                if broken:
+                    raise StorageError(f"migration {name} broke {len(broken)} references")
                 await db.execute("COMMIT")
             except BaseException:
                 await db.execute("ROLLBACK")
                 raise
+        await db.execute("PRAGMA foreign_keys = ON")
 
     async def applied_migrations(self) -> list[str]:
         async with self._lock, self.db.execute(
@@ -138,9 +144,10 @@ class SQLiteStore(Store):
 
     # -- conversations and messages
     async def conversation_id(self, ref: ConversationRef) -> int:
-        cached = self._conv_ids.get(ref.key)
-        if cached is not None:
-            return cached
+        # Not cached: `forget` in another process may delete the conversation.
+        rows = await self._fetchall("SELECT id FROM conversations WHERE key = ?", (ref.key,))
+        if rows:
+            return int(rows[0][0])
         async with self._transaction() as db:
             await db.execute(
                 "INSERT OR IGNORE INTO conversations (key, platform, user_id, place, created_at)"
@@ -150,9 +157,6 @@ class SQLiteStore(Store):
             async with db.execute("SELECT id FROM conversations WHERE key = ?", (ref.key,)) as c:
                 row = await c.fetchone()
         assert row is not None
-        if len(self._conv_ids) > 100_000:  # a cache, not a registry of every user
-            self._conv_ids.clear()
-        self._conv_ids[ref.key] = int(row[0])
         return int(row[0])
 
     async def recent_messages(
@@ -283,7 +287,6 @@ class SQLiteStore(Store):
                     f"DELETE FROM {table} WHERE platform = ? AND user_id = ?", (platform, user_id)
                 )
                 counts[table] = int(cur.rowcount or 0)
-        self._conv_ids.clear()
         return counts
 
     @contextlib.asynccontextmanager

@@ -313,3 +313,13 @@ async def test_abandoned_reply_is_recorded_cancelled(model_server: ModelServer,
     await stream.aclose()
     rows = await svc.store.audit_log(5)
     assert first and rows[-1]["status"] == "cancelled"
+
+
+async def test_model_output_with_nul_is_stored(model_server: ModelServer,
+                                               service: object) -> None:
+    svc = service
+    model_server.reply = "nul\x00 in the reply"
+    await ask(svc, "hi")
+    conv = await svc.store.conversation_id(svc.conversation_ref(incoming("x")))
+    stored = await svc.store.recent_messages(conv, 10)
+    assert [m.content for m in stored] == ["hi", "nul in the reply"]

@@ -131,3 +131,23 @@ async def test_database_file_is_private_and_folder_created(tmp_path: Path) -> No
     await store.close()
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+async def test_ids_are_never_reused_after_reset_or_forget(tmp_path: Path) -> None:
+    store = SQLiteStore(str(tmp_path / "a.db"))
+    await store.open()
+    try:
+        conv = await store.conversation_id(REF)
+        await store.save_exchange(conv, "q", "a", audit())
+        old_last = (await store.recent_messages(conv, 1))[0].id
+        await store.reset_conversation(conv)
+        await store.save_exchange(conv, "q2", "a2", audit())
+        assert (await store.recent_messages(conv, 2))[0].id > old_last
+        # A summary of the conversation before /reset names a gone id: refused.
+        assert not await store.save_summary(conv, "stale", old_last)
+        await store.forget_user("telegram", "1")
+        other = ConversationRef(key="telegram:2@dm", platform="telegram", user_id="2",
+                                place="dm")
+        assert await store.conversation_id(other) != conv
+    finally:
+        await store.close()
