@@ -1,0 +1,91 @@
+"""The renderer's MessageSink for one Telegram chat.
+
+Formatted text goes out as HTML (adapters.telegram_format); when Telegram
+refuses it the sink raises FormattingRejected and the renderer sends the same
+text plain. "Message is not modified" is not an error: the edit had nothing
+to change. Flood control (RetryAfter) is handled below this, by the
+application's AIORateLimiter, which waits and retries; the pace of sends and
+edits in one chat is the shared ChatPacer's.
+"""
+
+from __future__ import annotations
+
+from telegram import Bot, InlineKeyboardMarkup, LinkPreviewOptions, ReplyParameters
+from telegram.constants import ChatAction, ParseMode
+from telegram.error import BadRequest
+
+from adapters.telegram_format import markdown_to_html
+from adapters.telegram_pacing import ChatPacer
+from bot.render import FormattingRejected
+
+# Descriptions of a 400 that mean "this formatting won't do", not "this message won't do".
+_FORMATTING_ERRORS = ("can't parse entities", "message text is empty", "message is too long")
+_NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
+
+
+def is_not_modified(exc: BadRequest) -> bool:
+    return "message is not modified" in exc.message.lower()
+
+
+def rejects_formatting(exc: BadRequest) -> bool:
+    """A 400 the same text sent plain would not get (the renderer then retries plain)."""
+    return any(e in exc.message.lower() for e in _FORMATTING_ERRORS)
+
+
+class TelegramSink:
+    """Sends and edits the messages of one reply in one chat (or forum topic)."""
+
+    def __init__(self, bot: Bot, chat_id: int, *, pacer: ChatPacer | None = None,
+                 thread_id: int | None = None, reply_to: int | None = None,
+                 reply_markup: InlineKeyboardMarkup | None = None) -> None:
+        self._bot = bot
+        self._chat_id = chat_id
+        self._pacer = pacer or ChatPacer(0)
+        self._thread_id = thread_id
+        self._reply_to = reply_to  # quoted by the first message only
+        self._markup = reply_markup  # kept on the first message, through its edits
+        self._first: int | None = None
+
+    async def send(self, text: str, *, formatted: bool) -> int:
+        body, mode = self._body(text, formatted)
+        reply = None
+        if self._reply_to is not None and self._first is None:
+            reply = ReplyParameters(self._reply_to, allow_sending_without_reply=True)
+        try:
+            async with self._pacer.turn(self._chat_id):
+                sent = await self._bot.send_message(
+                    self._chat_id, body, parse_mode=mode, message_thread_id=self._thread_id,
+                    reply_parameters=reply, link_preview_options=_NO_PREVIEW,
+                    reply_markup=self._markup if self._first is None else None)
+        except BadRequest as exc:
+            if formatted and rejects_formatting(exc):
+                raise FormattingRejected(exc.message) from exc
+            raise
+        if self._first is None:
+            self._first = sent.message_id
+        return sent.message_id
+
+    async def edit(self, handle: int, text: str, *, formatted: bool) -> None:
+        body, mode = self._body(text, formatted)
+        try:
+            async with self._pacer.turn(self._chat_id):
+                await self._bot.edit_message_text(
+                    body, chat_id=self._chat_id, message_id=handle, parse_mode=mode,
+                    link_preview_options=_NO_PREVIEW,
+                    reply_markup=self._markup if handle == self._first else None)
+        except BadRequest as exc:
+            if is_not_modified(exc):
+                return
+            if formatted and rejects_formatting(exc):
+                raise FormattingRejected(exc.message) from exc
+            raise
+
+    async def typing(self) -> None:
+        await self._bot.send_chat_action(self._chat_id, ChatAction.TYPING,
+                                         message_thread_id=self._thread_id)
+
+    @staticmethod
+    def _body(text: str, formatted: bool) -> tuple[str, str | None]:
+        if formatted:
+            return markdown_to_html(text), ParseMode.HTML
+        return text, None
