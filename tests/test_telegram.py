@@ -666,3 +666,33 @@ async def test_sigterm_stops_python_m_bot_cleanly(
         await store.close()
     assert statuses == ["ok", "cancelled"]
     assert len(tg.bot_messages(ALICE)) == 2  # the user was told, not left hanging
+
+
+# ----------------------------------------------------------------------------- /memory
+
+
+async def test_memory_shows_the_summary_and_reset_clears_it(
+        tg: TelegramApiEmulator, tg_settings: SettingsFactory, model_server: ModelServer) -> None:
+    from tests.test_memory import reply_or_summary
+
+    model_server.reply = reply_or_summary
+    settings = tg_settings(CONTEXT_TOKENS=300, REPLY_TOKENS=60)
+    async with telegram_bot(tg, settings) as running:
+        tg.user_says(ALICE, "my name is Alice")
+        await tg.wait_for(lambda: len(tg.bot_texts(ALICE)) == 1)
+        for i in range(12):
+            tg.user_says(ALICE, f"filler message number {i} " * 3)
+            await tg.wait_for(lambda n=i + 2: len(tg.bot_texts(ALICE)) == n)
+            await asyncio.wait_for(running.service.memory.wait_idle(), 5)
+        tg.user_says(ALICE, "/memory")
+        await tg.wait_for(lambda: len(tg.bot_texts(ALICE)) == 14)
+        report = tg.bot_texts(ALICE)[-1]
+        tg.user_says(ALICE, "/reset")
+        await tg.wait_for(lambda: len(tg.bot_texts(ALICE)) == 15)
+        tg.user_says(ALICE, "/memory")
+        await tg.wait_for(lambda: len(tg.bot_texts(ALICE)) == 16)
+        after = tg.bot_texts(ALICE)[-1]
+    assert "Stored messages in this conversation: 26" in report
+    assert "my name is Alice" in report  # the summary, as the user sees it
+    assert "forgot" in tg.bot_texts(ALICE)[-2]
+    assert "Stored messages in this conversation: 0" in after and "Alice" not in after
