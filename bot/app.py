@@ -71,6 +71,9 @@ def log_access(settings: Settings) -> None:
 async def run_bot(settings: Settings, *, console: bool = False) -> int:
     """Run until a signal (or the console's end of input); return the exit code."""
     adapters = choose_adapters(settings, console=console)
+    if adapters[0].name == "console" and settings.LOG_FORMAT == "text":
+        # In a terminal chat the exchange line repeats what was just shown.
+        logging.getLogger("bot.exchange").setLevel(logging.WARNING)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
