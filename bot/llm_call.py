@@ -9,10 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
 
 from bot.providers.base import Provider, ProviderError, Usage
 
@@ -33,6 +39,16 @@ class CallLimits:
 
 class _End:
     pass
+
+
+def _first_wait(backoff: float) -> Callable[[RetryCallState], Awaitable[None]]:
+    """The first attempt ran outside tenacity: wait before tenacity's first one too."""
+
+    async def wait_once(state: RetryCallState) -> None:
+        if state.attempt_number == 1:
+            await asyncio.sleep(backoff)
+
+    return wait_once
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -56,28 +72,40 @@ async def stream_reply(
     """
     queue: asyncio.Queue[object] = asyncio.Queue()
 
+    async def first_of(stream: AsyncIterator[str | Usage]) -> AsyncIterator[str | Usage]:
+        try:
+            first = await anext(stream)
+        except StopAsyncIteration:
+            raise ProviderError(
+                "The model returned an empty reply. Please try again.",
+                detail="stream ended before any text", retryable=True,
+            ) from None
+        except BaseException:
+            await stream.aclose()  # type: ignore[attr-defined]
+            raise
+        return _chain(first, stream)
+
+    def attempt() -> AsyncIterator[str | Usage]:
+        return provider.stream(model, messages, num_ctx=num_ctx, max_tokens=max_tokens)
+
     async def open_stream() -> AsyncIterator[str | Usage]:
+        try:
+            return await first_of(attempt())
+        except ProviderError as exc:
+            if not (exc.retryable and limits.retries):
+                raise
         # Retried only until the first text: a stream that showed text is
-        # never started again (the user would see it twice).
-        async for attempt in AsyncRetrying(
-            stop=stop_after_attempt(limits.retries + 1),
+        # never started again (the user would see it twice). The retrying
+        # machinery is built only once something failed.
+        async for retry in AsyncRetrying(
+            stop=stop_after_attempt(limits.retries),
             wait=wait_exponential(multiplier=limits.backoff, max=8),
             retry=retry_if_exception(_retryable),
             reraise=True,
+            before=_first_wait(limits.backoff),
         ):
-            with attempt:
-                stream = provider.stream(model, messages, num_ctx=num_ctx, max_tokens=max_tokens)
-                try:
-                    first = await anext(stream)
-                except StopAsyncIteration:
-                    raise ProviderError(
-                        "The model returned an empty reply. Please try again.",
-                        detail="stream ended before any text", retryable=True,
-                    ) from None
-                except BaseException:
-                    await stream.aclose()
-                    raise
-                return _chain(first, stream)
+            with retry:
+                return await first_of(attempt())
         raise AssertionError("unreachable")
 
     async def feed() -> None:
@@ -107,21 +135,24 @@ async def stream_reply(
     got_text = False
     try:
         while True:
-            wait = limits.stall if got_text else limits.first_token
-            try:
-                async with asyncio.timeout(wait):
-                    item = await queue.get()
-            except TimeoutError:
-                if got_text:
+            if not queue.empty():
+                item = queue.get_nowait()  # no timer for what already arrived
+            else:
+                wait = limits.stall if got_text else limits.first_token
+                try:
+                    async with asyncio.timeout(wait):
+                        item = await queue.get()
+                except TimeoutError:
+                    if got_text:
+                        raise ProviderError(
+                            "The model stopped responding in the middle of the reply.",
+                            detail=f"no new token for {wait:g} s",
+                        ) from None
                     raise ProviderError(
-                        "The model stopped responding in the middle of the reply.",
-                        detail=f"no new token for {wait:g} s",
+                        f"The model didn't start replying within {wait:g} seconds. "
+                        "Please try again later.",
+                        detail=f"no first token within {wait:g} s",
                     ) from None
-                raise ProviderError(
-                    f"The model didn't start replying within {wait:g} seconds. "
-                    "Please try again later.",
-                    detail=f"no first token within {wait:g} s",
-                ) from None
             if isinstance(item, _End):
                 return
             if isinstance(item, BaseException):

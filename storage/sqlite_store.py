@@ -7,6 +7,7 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,15 @@ def _audit_values(a: AuditRecord) -> tuple[Any, ...]:
     )
 
 
+@dataclass(slots=True)
+class _PendingExchange:
+    conversation_id: int
+    user_text: str
+    reply_text: str
+    audit: AuditRecord
+    done: asyncio.Future[int]
+
+
 def _prepare_file(path: str) -> None:
     """Create the folder and an owner-only database file (runs in a thread)."""
     p = Path(path)
@@ -56,9 +66,14 @@ def _prepare_file(path: str) -> None:
 class SQLiteStore(Store):
     """Memory and audit log in one SQLite file."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
         self.path = path
+        # Seconds a statement waits for another connection's write lock.
+        self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
+        self._conv_ids: dict[str, int] = {}
+        self._pending: list[_PendingExchange] = []
+        self._writer: asyncio.Task[None] | None = None
         # One connection: a transaction must not interleave with another
         # coroutine's statements, so every use takes this lock.
         self._lock = asyncio.Lock()
@@ -74,15 +89,22 @@ class SQLiteStore(Store):
             await asyncio.to_thread(_prepare_file, self.path)
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
             self._db.row_factory = aiosqlite.Row
-            await self._db.execute("PRAGMA busy_timeout = 5000")
+            await self._db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             await self._db.execute("PRAGMA journal_mode = WAL")
             await self._db.execute("PRAGMA synchronous = NORMAL")
+            # One user's rows spread over many pages in a big file: a larger
+            # cache and memory-mapped reads keep history loads flat as it grows.
+            await self._db.execute("PRAGMA cache_size = -32768")
+            await self._db.execute("PRAGMA mmap_size = 268435456")
             await self._migrate()
         except (OSError, sqlite3.Error) as exc:
             await self.close()
             raise StorageError(f"cannot use database {self.path!r}: {exc}") from None
 
     async def close(self) -> None:
+        if self._writer is not None and not self._writer.done():
+            with contextlib.suppress(Exception):
+                await self._writer  # exchanges already acknowledged are written
         if self._db is not None:
             db, self._db = self._db, None
             with contextlib.suppress(Exception):
@@ -139,15 +161,21 @@ class SQLiteStore(Store):
             await self.db.execute("COMMIT")
 
     async def _fetchall(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        async with self._lock, self.db.execute(sql, args) as cur:
-            return list(await cur.fetchall())
+        # One trip to aiosqlite's thread instead of execute + fetchall + close.
+        async with self._lock:
+            return list(await self.db.execute_fetchall(sql, args))
 
     # -- conversations and messages
     async def conversation_id(self, ref: ConversationRef) -> int:
-        # Not cached: `forget` in another process may delete the conversation.
+        # Cached: ids are never reused (migration 004), so a stale entry left
+        # by `forget` in another process can only fail the foreign key on the
+        # next save, which empties the cache (see save_exchange).
+        cached = self._conv_ids.get(ref.key)
+        if cached is not None:
+            return cached
         rows = await self._fetchall("SELECT id FROM conversations WHERE key = ?", (ref.key,))
         if rows:
-            return int(rows[0][0])
+            return self._remember(ref.key, int(rows[0][0]))
         async with self._transaction() as db:
             await db.execute(
                 "INSERT OR IGNORE INTO conversations (key, platform, user_id, place, created_at)"
@@ -157,7 +185,13 @@ class SQLiteStore(Store):
             async with db.execute("SELECT id FROM conversations WHERE key = ?", (ref.key,)) as c:
                 row = await c.fetchone()
         assert row is not None
-        return int(row[0])
+        return self._remember(ref.key, int(row[0]))
+
+    def _remember(self, key: str, conversation_id: int) -> int:
+        if len(self._conv_ids) >= 50_000:  # a cache, not a registry of every user
+            self._conv_ids.clear()
+        self._conv_ids[key] = conversation_id
+        return conversation_id
 
     async def recent_messages(
         self, conversation_id: int, limit: int, after_id: int = 0
@@ -188,16 +222,53 @@ class SQLiteStore(Store):
     async def save_exchange(
         self, conversation_id: int, user_text: str, reply_text: str, audit: AuditRecord
     ) -> int:
-        now = audit.timestamp
+        # Group commit: exchanges that finish while a commit is under way are
+        # written together in the next one. Each caller still returns only
+        # once its own exchange is committed, whole.
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pending.append(_PendingExchange(conversation_id, user_text, reply_text, audit,
+                                              done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
+        return await asyncio.shield(done)  # a cancelled caller must not undo the others
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                ids = await self._insert_exchanges(batch)
+            except Exception:
+                # One bad exchange must not fail the others: write them alone.
+                for item in batch:
+                    try:
+                        (audit_id,) = await self._insert_exchanges([item])
+                    except Exception as exc:
+                        if isinstance(exc, sqlite3.IntegrityError):
+                            self._conv_ids.clear()  # the conversation may be forgotten
+                        if not item.done.done():
+                            item.done.set_exception(exc)
+                    else:
+                        if not item.done.done():
+                            item.done.set_result(audit_id)
+                continue
+            for item, audit_id in zip(batch, ids, strict=True):
+                if not item.done.done():
+                    item.done.set_result(audit_id)
+
+    async def _insert_exchanges(self, batch: list[_PendingExchange]) -> list[int]:
         async with self._transaction() as db:
             await db.executemany(
                 "INSERT INTO messages (conversation_id, role, content, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                [(conversation_id, "user", user_text, now),
-                 (conversation_id, "assistant", reply_text, now)],
+                " VALUES (?, ?, ?, ?), (?, ?, ?, ?)",
+                [(e.conversation_id, "user", e.user_text, e.audit.timestamp,
+                  e.conversation_id, "assistant", e.reply_text, e.audit.timestamp)
+                 for e in batch],
             )
-            cur = await db.execute(_AUDIT_INSERT, _audit_values(audit))
-            return int(cur.lastrowid or 0)
+            await db.executemany(_AUDIT_INSERT, [_audit_values(e.audit) for e in batch])
+            # Rows inserted in one write transaction take consecutive rowids.
+            rows = await db.execute_fetchall("SELECT last_insert_rowid()")
+        last = int(next(iter(rows))[0])
+        return list(range(last - len(batch) + 1, last + 1))
 
     async def save_audit(self, audit: AuditRecord) -> int:
         async with self._transaction() as db:
@@ -287,6 +358,7 @@ class SQLiteStore(Store):
                     f"DELETE FROM {table} WHERE platform = ? AND user_id = ?", (platform, user_id)
                 )
                 counts[table] = int(cur.rowcount or 0)
+        self._conv_ids.clear()
         return counts
 
     @contextlib.asynccontextmanager
