@@ -59,7 +59,10 @@ class ModelCatalog:
         return None
 
     async def current(self, platform: str, user_id: str) -> str:
-        chosen = await self._store.user_model(platform, user_id)
+        return self.choose(await self._store.user_model(platform, user_id))
+
+    def choose(self, chosen: str | None) -> str:
+        """The user's pick while LLM_MODELS still offers it, else the default."""
         if chosen and (not self._settings.models or chosen in self._settings.models):
             return chosen
         return self.default

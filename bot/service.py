@@ -274,12 +274,11 @@ class ChatService:
         s = self.settings
         try:
             conv = await self.store.conversation_id(ref)
-            model = await self.catalog.current(msg.platform, msg.user_id)
-            audit.model = model
-            summary = await self.store.summary(conv) if s.MEMORY_STRATEGY == "summarize" \
-                else None
-            history = await self.store.recent_messages(
-                conv, self._load_limit(), after_id=summary.upto_id if summary else 0)
+            context = await self.store.turn_context(
+                conv, msg.platform, msg.user_id, self._load_limit(),
+                with_summary=s.MEMORY_STRATEGY == "summarize")
+            model = audit.model = self.catalog.choose(context.model_choice)
+            summary, history = context.summary, context.history
         except Exception as exc:
             log.exception("storage failed before the model call")
             audit.status, audit.error = "error", f"storage: {type(exc).__name__}: {exc}"

@@ -9,6 +9,7 @@ from storage.base import (
     Store,
     StoredMessage,
     Summary,
+    TurnContext,
 )
 
 
@@ -32,5 +33,6 @@ __all__ = [
     "Store",
     "StoredMessage",
     "Summary",
+    "TurnContext",
     "open_store",
 ]

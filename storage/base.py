@@ -47,6 +47,15 @@ class Summary:
     updated_at: str
 
 
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """What one turn reads before the model call."""
+
+    model_choice: str | None  # the user's /model pick, if any
+    summary: Summary | None
+    history: list[StoredMessage]  # newest messages after the summary, oldest first
+
+
 @dataclass(slots=True)
 class AuditRecord:
     """One row of the audit log: an exchange, a refusal, or a summary call."""
@@ -129,6 +138,19 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def save_summary(self, conversation_id: int, text: str, upto_id: int) -> bool:
         """Write the summary whole, only if message `upto_id` still exists."""
+
+    async def turn_context(
+        self, conversation_id: int, platform: str, user_id: str, limit: int,
+        with_summary: bool,
+    ) -> TurnContext:
+        """The user's model pick, the summary, and the history after it.
+
+        A backend may answer it in one round trip; this default asks three times.
+        """
+        summary = await self.summary(conversation_id) if with_summary else None
+        history = await self.recent_messages(
+            conversation_id, limit, after_id=summary.upto_id if summary else 0)
+        return TurnContext(await self.user_model(platform, user_id), summary, history)
 
     # -- per-user settings
     @abc.abstractmethod

@@ -21,6 +21,7 @@ from storage.base import (
     Store,
     StoredMessage,
     Summary,
+    TurnContext,
     utcnow,
 )
 from storage.sqlite_migrations import MIGRATIONS
@@ -30,10 +31,26 @@ AUDIT_COLUMNS = (
     "user_input", "model_response", "status", "error", "response_time", "first_token_time",
     "prompt_tokens", "completion_tokens", "history_messages", "kind", "summary_used",
 )
-_AUDIT_INSERT = (
-    f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}) "
-    f"VALUES ({', '.join('?' * len(AUDIT_COLUMNS))})"
+_AUDIT_ROW = f"({', '.join('?' * len(AUDIT_COLUMNS))})"
+_AUDIT_INSERT_HEAD = f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}) VALUES "
+_AUDIT_INSERT = _AUDIT_INSERT_HEAD + _AUDIT_ROW
+MAX_BATCH = 200  # exchanges per commit: 200 × 18 parameters, far below SQLite's 32,766
+
+# The user's model pick, the summary, and the newest messages after it: one query.
+_TURN_CONTEXT = """
+WITH s AS (
+    SELECT text, upto_id, updated_at FROM summaries
+    WHERE conversation_id = :c AND :with_summary
 )
+SELECT * FROM (
+    SELECT 0, id, role, content, NULL FROM messages
+    WHERE conversation_id = :c AND id > coalesce((SELECT upto_id FROM s), 0)
+    ORDER BY id DESC LIMIT :limit
+)
+UNION ALL SELECT 1, upto_id, NULL, text, updated_at FROM s
+UNION ALL SELECT 2, 0, NULL, model, NULL FROM user_settings
+    WHERE platform = :p AND user_id = :u
+"""
 
 
 def _audit_values(a: AuditRecord) -> tuple[Any, ...]:
@@ -160,7 +177,8 @@ class SQLiteStore(Store):
                 raise
             await self.db.execute("COMMIT")
 
-    async def _fetchall(self, sql: str, args: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    async def _fetchall(self, sql: str, args: tuple[Any, ...] | dict[str, Any] = ()
+                        ) -> list[sqlite3.Row]:
         # One trip to aiosqlite's thread instead of execute + fetchall + close.
         async with self._lock:
             return list(await self.db.execute_fetchall(sql, args))
@@ -203,6 +221,28 @@ class SQLiteStore(Store):
         )
         return [StoredMessage(r[0], r[1], r[2]) for r in reversed(rows)]
 
+    async def turn_context(
+        self, conversation_id: int, platform: str, user_id: str, limit: int,
+        with_summary: bool,
+    ) -> TurnContext:
+        # One trip to the database thread instead of three: each trip costs
+        # a thread wake-up, which is most of a turn's storage time when idle.
+        rows = await self._fetchall(_TURN_CONTEXT, {
+            "c": conversation_id, "p": platform, "u": user_id, "limit": limit,
+            "with_summary": int(with_summary)})
+        choice: str | None = None
+        summary: Summary | None = None
+        history: list[StoredMessage] = []
+        for kind, ident, role, content, updated in rows:
+            if kind == 0:
+                history.append(StoredMessage(ident, role, content))
+            elif kind == 1:
+                summary = Summary(content, int(ident), updated)
+            else:
+                choice = content
+        history.reverse()
+        return TurnContext(choice, summary, history)
+
     async def messages_range(
         self, conversation_id: int, after_id: int, upto_id: int
     ) -> list[StoredMessage]:
@@ -234,7 +274,8 @@ class SQLiteStore(Store):
 
     async def _write_pending(self) -> None:
         while self._pending:
-            batch, self._pending = self._pending, []
+            # Bounded by SQLite's limit on bound parameters per statement.
+            batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             try:
                 ids = await self._insert_exchanges(batch)
             except Exception:
@@ -256,18 +297,22 @@ class SQLiteStore(Store):
                     item.done.set_result(audit_id)
 
     async def _insert_exchanges(self, batch: list[_PendingExchange]) -> list[int]:
+        # Four trips whatever the batch size: BEGIN, one multi-row insert per
+        # table, COMMIT.
+        messages: list[Any] = []
+        audits: list[Any] = []
+        for e in batch:
+            messages += (e.conversation_id, "user", e.user_text, e.audit.timestamp,
+                         e.conversation_id, "assistant", e.reply_text, e.audit.timestamp)
+            audits += _audit_values(e.audit)
         async with self._transaction() as db:
-            await db.executemany(
-                "INSERT INTO messages (conversation_id, role, content, created_at)"
-                " VALUES (?, ?, ?, ?), (?, ?, ?, ?)",
-                [(e.conversation_id, "user", e.user_text, e.audit.timestamp,
-                  e.conversation_id, "assistant", e.reply_text, e.audit.timestamp)
-                 for e in batch],
-            )
-            await db.executemany(_AUDIT_INSERT, [_audit_values(e.audit) for e in batch])
-            # Rows inserted in one write transaction take consecutive rowids.
-            rows = await db.execute_fetchall("SELECT last_insert_rowid()")
-        last = int(next(iter(rows))[0])
+            await db.execute(
+                "INSERT INTO messages (conversation_id, role, content, created_at) VALUES "
+                + ", ".join(["(?, ?, ?, ?)"] * (2 * len(batch))), messages)
+            cur = await db.execute(
+                _AUDIT_INSERT_HEAD + ", ".join([_AUDIT_ROW] * len(batch)), audits)
+            # Rows inserted by one statement take consecutive rowids.
+            last = int(cur.lastrowid or 0)
         return list(range(last - len(batch) + 1, last + 1))
 
     async def save_audit(self, audit: AuditRecord) -> int:

@@ -151,3 +151,32 @@ async def test_ids_are_never_reused_after_reset_or_forget(tmp_path: Path) -> Non
         assert await store.conversation_id(other) != conv
     finally:
         await store.close()
+
+
+async def test_turn_context_is_one_query_served_by_the_index(tmp_path: Path) -> None:
+    from storage.base import Store
+    from storage.sqlite_store import _TURN_CONTEXT
+
+    store = SQLiteStore(str(tmp_path / "a.db"))
+    await store.open()
+    try:
+        conv = await store.conversation_id(REF)
+        for i in range(6):
+            await store.save_exchange(conv, f"q{i}", f"a{i}", audit())
+        msgs = await store.recent_messages(conv, 100)
+        await store.save_summary(conv, "User is Ana.", msgs[3].id)
+        await store.set_user_model("telegram", "1", "qwen2.5")
+        for with_summary in (True, False):
+            one = await store.turn_context(conv, "telegram", "1", 5, with_summary)
+            three = await Store.turn_context(store, conv, "telegram", "1", 5, with_summary)
+            assert one == three
+        ctx = await store.turn_context(conv, "telegram", "1", 5, True)
+        assert ctx.model_choice == "qwen2.5" and ctx.summary is not None
+        assert [m.content for m in ctx.history] == ["a3", "q4", "a4", "q5", "a5"]
+        plan = await store.db.execute_fetchall(
+            "EXPLAIN QUERY PLAN " + _TURN_CONTEXT,
+            {"c": conv, "p": "telegram", "u": "1", "limit": 5, "with_summary": 1})
+        text = " ".join(str(tuple(r)) for r in plan)
+        assert "messages_conversation_id" in text and "TEMP B-TREE" not in text
+    finally:
+        await store.close()
