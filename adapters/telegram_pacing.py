@@ -27,11 +27,26 @@ class _Chat:
     free_at: float = float("-inf")
 
 
+TYPING_SHOWS_FOR = 4.0  # Telegram shows "typing" for about 5 s after one chat action
+
+
 class ChatPacer:
     def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._interval = interval
         self._clock = clock
         self._chats: dict[int, _Chat] = {}
+        self._typing_until: dict[int, float] = {}
+
+    def claim_typing(self, chat_id: int) -> bool:
+        """True if this chat needs a typing action now; one covers every reply
+        waiting in the chat, so a burst of queued messages sends one, not one each."""
+        now = self._clock()
+        if self._typing_until.get(chat_id, float("-inf")) > now:
+            return False
+        if len(self._typing_until) >= _PRUNE_AT:
+            self._typing_until = {c: t for c, t in self._typing_until.items() if t > now}
+        self._typing_until[chat_id] = now + TYPING_SHOWS_FOR
+        return True
 
     @contextlib.asynccontextmanager
     async def turn(self, chat_id: int) -> AsyncIterator[None]:

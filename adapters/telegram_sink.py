@@ -81,6 +81,8 @@ class TelegramSink:
             raise
 
     async def typing(self) -> None:
+        if not self._pacer.claim_typing(self._chat_id):
+            return
         await self._bot.send_chat_action(self._chat_id, ChatAction.TYPING,
                                          message_thread_id=self._thread_id)
 

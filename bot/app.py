@@ -79,9 +79,9 @@ async def run_bot(settings: Settings, *, console: bool = False) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    if not console and adapters[0].name != "console":
-        log_access(settings)
     async with open_service(settings) as service:
+        if not console and adapters[0].name != "console":
+            log_access(settings)  # once the store opened: a bad database says only that
         tasks = {asyncio.create_task(a.run(service, stop), name=a.name): a for a in adapters}
         stopper = asyncio.create_task(stop.wait())
         await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)

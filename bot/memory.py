@@ -14,7 +14,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from bot.llm_call import CallLimits, stream_reply
 from bot.prompt import build_prompt
@@ -74,11 +74,13 @@ class Summarizer:
         store: Store,
         provider: Provider,
         running_calls: set[asyncio.Task[None]],
+        audit: Callable[[AuditRecord], Awaitable[None]],
     ) -> None:
         self._settings = settings
         self._store = store
         self._provider = provider
         self._running_calls = running_calls
+        self._audit = audit  # the service's one audit path (it redacts secrets)
         self._tasks: dict[int, asyncio.Task[None]] = {}
         # Summaries never take a reply's model slot.
         self._slots = asyncio.Semaphore(max(1, settings.LLM_CONCURRENCY // 2))
@@ -213,10 +215,9 @@ class Summarizer:
             audit.status = "error"
             audit.error = getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}"
             audit.response_time = time.monotonic() - started
-            with contextlib.suppress(Exception):
-                await self._store.save_audit(audit)
+            await self._audit(audit)
             raise
         audit.model_response = "".join(parts)
         audit.response_time = time.monotonic() - started
-        await self._store.save_audit(audit)
+        await self._audit(audit)
         return audit.model_response

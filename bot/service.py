@@ -56,7 +56,8 @@ class ChatService:
         self._idle.set()
         self._closing = False
         self._rate_notified: dict[str, float] = {}  # user → until when told
-        self.memory = Summarizer(settings, store, provider, self._calls)
+        self._secrets = [v for v in settings.secrets() if len(v) >= 4]
+        self.memory = Summarizer(settings, store, provider, self._calls, self._audit)
 
     # -- what adapters call
     def conversation_ref(self, msg: Incoming) -> ConversationRef:
@@ -165,6 +166,10 @@ class ChatService:
         ))
 
     async def _audit(self, record: AuditRecord) -> None:
+        # A model server's error may quote the key it was sent (some proxies
+        # do); `python -m bot logs` prints this field, so no secret goes in.
+        for secret in self._secrets:
+            record.error = record.error.replace(secret, "<redacted>")
         try:
             await self.store.save_audit(record)
         except Exception:

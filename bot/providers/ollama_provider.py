@@ -30,14 +30,19 @@ class OllamaProvider:
                 stream=True,
                 options={"num_ctx": num_ctx, "num_predict": max_tokens},
             )
+            done: Usage | None = None
             async for part in parts:
                 started = True
                 text = part.message.content if part.message else ""
                 if text:
                     yield text
                 if part.done:
-                    yield Usage(part.prompt_eval_count, part.eval_count)
-                    return
+                    done = Usage(part.prompt_eval_count, part.eval_count)
+                    # Read on to the end of the body (it ends here) so that
+                    # the HTTP connection goes back to the pool for reuse.
+            if done is not None:
+                yield done
+                return
         except ollama.ResponseError as exc:
             raise _response_error(model, exc) from None
         except (httpx.TransportError, ConnectionError, OSError) as exc:
