@@ -44,6 +44,7 @@ from storage.base import (
     Store,
     StoredMessage,
     Summary,
+    TurnContext,
     utcnow,
 )
 from storage.postgres_migrations import MIGRATION_LOCK, MIGRATIONS, MIGRATIONS_TABLE
@@ -99,6 +100,19 @@ _AUDIT_INSERT = (
 )
 _AUDIT_SELECT = f"SELECT id, {', '.join(_q(c) for c in AUDIT_COLUMNS)} FROM audit"
 # Served by messages_conversation_id (conversation_id, id), scanned backwards.
+# The user's model pick, the summary, and the newest messages after it: one query.
+_TURN_CONTEXT = """
+WITH s AS (
+    SELECT text, upto_id, updated_at FROM summaries
+    WHERE conversation_id = $1 AND $2::boolean
+)
+(SELECT 0, id, role, content, NULL::text FROM messages
+ WHERE conversation_id = $1 AND id > coalesce((SELECT upto_id FROM s), 0)
+ ORDER BY id DESC LIMIT $3)
+UNION ALL SELECT 1, upto_id, NULL, text, updated_at FROM s
+UNION ALL SELECT 2, 0, NULL, model, NULL FROM user_settings WHERE platform = $4 AND user_id = $5
+"""
+
 RECENT_MESSAGES = (
     "SELECT id, role, content FROM messages WHERE conversation_id = $1 AND id > $2"
     " ORDER BY id DESC LIMIT $3"
@@ -297,6 +311,27 @@ class PostgresStore(Store):
                     return int(found)
                 # Another process inserted it meanwhile: the next SELECT sees it.
         raise StorageError(f"conversation {ref.key!r} keeps disappearing; is it being forgotten?")
+
+    async def turn_context(
+        self, conversation_id: int, platform: str, user_id: str, limit: int,
+        with_summary: bool,
+    ) -> TurnContext:
+        # One round trip instead of three (each would also take a connection
+        # from the pool and reset it on the way back).
+        rows = await self.pool.fetch(_TURN_CONTEXT, conversation_id, with_summary,
+                                     _limit(limit), platform, user_id)
+        choice: str | None = None
+        summary: Summary | None = None
+        history: list[StoredMessage] = []
+        for kind, ident, role, content, updated in rows:
+            if kind == 0:
+                history.append(StoredMessage(int(ident), role, content))
+            elif kind == 1:
+                summary = Summary(content, int(ident), updated)
+            else:
+                choice = content
+        history.reverse()
+        return TurnContext(choice, summary, history)
 
     async def recent_messages(
         self, conversation_id: int, limit: int, after_id: int = 0

@@ -760,3 +760,22 @@ async def test_same_behaviour_as_sqlite(store: PostgresStore, tmp_path: Path) ->
     finally:
         await lite.close()
     assert await transcript(store) == want
+
+
+async def test_turn_context_in_one_query_matches_separate_reads(store: PostgresStore) -> None:
+    from storage.base import Store
+
+    conv = await store.conversation_id(REF)
+    for i in range(6):
+        await store.save_exchange(conv, f"q{i}", f"a{i}", audit())
+    msgs = await store.recent_messages(conv, 100)
+    await store.save_summary(conv, "User is Ana.", msgs[3].id)
+    await store.set_user_model(REF.platform, REF.user_id, "qwen2.5")
+    for with_summary in (True, False):
+        for limit in (5, 100):
+            one = await store.turn_context(conv, REF.platform, REF.user_id, limit, with_summary)
+            three = await Store.turn_context(store, conv, REF.platform, REF.user_id, limit,
+                                             with_summary)
+            assert one == three
+    ctx = await store.turn_context(conv, "nobody", "0", 5, True)
+    assert ctx.model_choice is None and ctx.summary is not None
