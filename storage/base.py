@@ -14,6 +14,14 @@ from typing import Any
 TABLES = ("conversations", "messages", "summaries", "user_settings", "audit")
 
 
+# The audit table's columns after `id`, in the order both backends store them.
+AUDIT_COLUMNS = (
+    "timestamp", "platform", "user_id", "chat_id", "conversation", "provider", "model",
+    "user_input", "model_response", "status", "error", "response_time", "first_token_time",
+    "prompt_tokens", "completion_tokens", "history_messages", "kind", "summary_used",
+)
+
+
 class StorageError(Exception):
     """The database cannot be used; the message is one line for the operator."""
 
@@ -81,6 +89,10 @@ class AuditRecord:
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def values(self) -> tuple[Any, ...]:
+        """The record as a row, in AUDIT_COLUMNS order."""
+        return tuple(getattr(self, column) for column in AUDIT_COLUMNS)
 
 
 class Store(abc.ABC):

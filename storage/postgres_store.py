@@ -37,6 +37,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 import asyncpg
 
 from storage.base import (
+    AUDIT_COLUMNS,
     TABLES,
     AuditRecord,
     ConversationRef,
@@ -56,11 +57,6 @@ UNLOCK_TIMEOUT = 5.0
 RATE_HORIZON = 3600.0  # rate events older than this (and the window) are garbage
 RATE_PRUNE_EVERY = 500  # hits between sweeps of every user's old rate events
 
-AUDIT_COLUMNS = (
-    "timestamp", "platform", "user_id", "chat_id", "conversation", "provider", "model",
-    "user_input", "model_response", "status", "error", "response_time", "first_token_time",
-    "prompt_tokens", "completion_tokens", "history_messages", "kind", "summary_used",
-)
 
 # Every copied table's columns in table order, with the Python type they hold.
 # copy-db column names become SQL identifiers, so they are checked against this.
@@ -119,14 +115,6 @@ RECENT_MESSAGES = (
 )
 _LOCK_KEY = "hashtextextended($1, 0)"  # 64-bit advisory lock key of a text
 
-
-def _audit_values(a: AuditRecord) -> tuple[Any, ...]:
-    return (
-        a.timestamp, a.platform, a.user_id, a.chat_id, a.conversation, a.provider, a.model,
-        a.user_input, a.model_response, a.status, a.error, a.response_time,
-        a.first_token_time, a.prompt_tokens, a.completion_tokens, a.history_messages,
-        a.kind, bool(a.summary_used),
-    )
 
 
 def _rowcount(status: str) -> int:
@@ -365,10 +353,10 @@ class PostgresStore(Store):
                 [(conversation_id, "user", user_text, now),
                  (conversation_id, "assistant", reply_text, now)],
             )
-            return int(await conn.fetchval(_AUDIT_INSERT, *_audit_values(audit)))
+            return int(await conn.fetchval(_AUDIT_INSERT, *audit.values()))
 
     async def save_audit(self, audit: AuditRecord) -> int:
-        return int(await self.pool.fetchval(_AUDIT_INSERT, *_audit_values(audit)))
+        return int(await self.pool.fetchval(_AUDIT_INSERT, *audit.values()))
 
     async def reset_conversation(self, conversation_id: int) -> int:
         async with self.pool.acquire() as conn, conn.transaction():

@@ -14,6 +14,7 @@ from typing import Any
 import aiosqlite
 
 from storage.base import (
+    AUDIT_COLUMNS,
     TABLES,
     AuditRecord,
     ConversationRef,
@@ -26,11 +27,6 @@ from storage.base import (
 )
 from storage.sqlite_migrations import MIGRATIONS
 
-AUDIT_COLUMNS = (
-    "timestamp", "platform", "user_id", "chat_id", "conversation", "provider", "model",
-    "user_input", "model_response", "status", "error", "response_time", "first_token_time",
-    "prompt_tokens", "completion_tokens", "history_messages", "kind", "summary_used",
-)
 _AUDIT_ROW = f"({', '.join('?' * len(AUDIT_COLUMNS))})"
 _AUDIT_INSERT_HEAD = f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}) VALUES "
 _AUDIT_INSERT = _AUDIT_INSERT_HEAD + _AUDIT_ROW
@@ -52,14 +48,6 @@ UNION ALL SELECT 2, 0, NULL, model, NULL FROM user_settings
     WHERE platform = :p AND user_id = :u
 """
 
-
-def _audit_values(a: AuditRecord) -> tuple[Any, ...]:
-    return (
-        a.timestamp, a.platform, a.user_id, a.chat_id, a.conversation, a.provider, a.model,
-        a.user_input, a.model_response, a.status, a.error, a.response_time,
-        a.first_token_time, a.prompt_tokens, a.completion_tokens, a.history_messages,
-        a.kind, int(a.summary_used),
-    )
 
 
 @dataclass(slots=True)
@@ -304,7 +292,7 @@ class SQLiteStore(Store):
         for e in batch:
             messages += (e.conversation_id, "user", e.user_text, e.audit.timestamp,
                          e.conversation_id, "assistant", e.reply_text, e.audit.timestamp)
-            audits += _audit_values(e.audit)
+            audits += e.audit.values()
         async with self._transaction() as db:
             await db.execute(
                 "INSERT INTO messages (conversation_id, role, content, created_at) VALUES "
@@ -317,7 +305,7 @@ class SQLiteStore(Store):
 
     async def save_audit(self, audit: AuditRecord) -> int:
         async with self._transaction() as db:
-            cur = await db.execute(_AUDIT_INSERT, _audit_values(audit))
+            cur = await db.execute(_AUDIT_INSERT, audit.values())
             return int(cur.lastrowid or 0)
 
     async def reset_conversation(self, conversation_id: int) -> int:

@@ -21,6 +21,7 @@ import pytest
 import storage.postgres_store as pgs
 from bot.operator_commands import copy_db
 from storage import open_store
+from storage.base import AUDIT_COLUMNS as SQLITE_AUDIT_COLUMNS
 from storage.base import (
     TABLES,
     AuditRecord,
@@ -32,7 +33,6 @@ from storage.base import (
 from storage.postgres_migrations import MIGRATIONS, MIGRATIONS_TABLE
 from storage.postgres_store import COLUMNS, PRIMARY_KEYS, RECENT_MESSAGES, PostgresStore
 from storage.sqlite_migrations import MIGRATIONS as SQLITE_MIGRATIONS
-from storage.sqlite_store import AUDIT_COLUMNS as SQLITE_AUDIT_COLUMNS
 from storage.sqlite_store import SQLiteStore
 from tests.pg import ServerUnreachable, drop_database, fresh_database
 from tests.pg import pg_url as pg_url  # the fixture
