@@ -28,6 +28,10 @@ def is_addressed(message: discord.Message, me_id: int) -> bool:
         return True
     if any(user.id == me_id for user in message.mentions):
         return True
+    # Typing @BotName in a server often picks the bot's own managed role.
+    own_role = message.guild.self_role if message.guild is not None else None
+    if own_role is not None and own_role in message.role_mentions:
+        return True
     ref = message.reference
     replied = ref.resolved if ref is not None else None
     return isinstance(replied, discord.Message) and replied.author.id == me_id
@@ -60,8 +64,11 @@ def text_for_model(message: discord.Message, me_id: int) -> str:
         channel = guild.get_channel_or_thread(ident) if guild is not None else None
         return f"#{channel.name}" if channel is not None else match[0]
 
-    # The bot's own mention goes with the spaces around it; other spacing (code!) stays.
-    text = re.sub(rf"[ \t]*<@!?{me_id}>[ \t]*", " ", message.content)
+    # The bot's own mention (or its managed role's) goes with the spaces around
+    # it; other spacing (code!) stays.
+    own_role = guild.self_role if guild is not None else None
+    own = rf"<@!?{me_id}>" + (rf"|<@&{own_role.id}>" if own_role is not None else "")
+    text = re.sub(rf"[ \t]*(?:{own})[ \t]*", " ", message.content)
     return _MENTION.sub(name_of, text).strip()
 
 

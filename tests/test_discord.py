@@ -32,6 +32,7 @@ from bot.service import ChatService
 from tests.conftest import SettingsFactory
 from tests.fakes.discord_api import (
     BOT_ID,
+    BOT_ROLE_ID,
     CALLBACK_DEFERRED,
     FLAG_EPHEMERAL,
     GUILD_ID,
@@ -286,6 +287,24 @@ async def test_model_sees_names_not_mentions(discord_api: DiscordEmulator, run_b
     expected = "hey greet @Bobby and @Mods in #general"
     await said(discord_api, TEXT_CHANNEL_ID, f"You said: {expected}")
     assert model_server.requests[-1].last_user_message == expected
+
+
+async def test_mentioning_the_bots_own_role_addresses_it(
+        discord_api: DiscordEmulator, run_bot: StartBot, model_server: ModelServer) -> None:
+    """Typing @BotName in a server often inserts the bot's managed role, not its user."""
+    await run_bot()
+    await discord_api.user_says(ALICE, f"<@&{BOT_ROLE_ID}> what time is it?",
+                                channel_id=TEXT_CHANNEL_ID)
+    await said(discord_api, TEXT_CHANNEL_ID, "You said: what time is it?")
+    await discord_api.user_says(ALICE, f"<@&{ROLE_ID}> not for the bot",
+                                channel_id=TEXT_CHANNEL_ID)
+    await discord_api.user_says(ALICE, f"<@{BOT_ID}> and this one is",
+                                channel_id=TEXT_CHANNEL_ID)
+    await said(discord_api, TEXT_CHANNEL_ID, "You said: and this one is")
+    assert [m.content for m in discord_api.bot_messages(TEXT_CHANNEL_ID)] == [
+        "You said: what time is it?", "You said: and this one is"]
+    assert [r.last_user_message for r in model_server.requests] == [
+        "what time is it?", "and this one is"]
 
 
 async def test_replies_never_ping(discord_api: DiscordEmulator, run_bot: StartBot,

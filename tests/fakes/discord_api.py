@@ -85,6 +85,7 @@ GUILD_ID = 1_222_222_222_222_222_222
 TEXT_CHANNEL_ID = 1_333_333_333_333_333_333
 THREAD_ID = 1_444_444_444_444_444_444
 ROLE_ID = 1_555_555_555_555_555_555
+BOT_ROLE_ID = 1_555_555_555_555_555_556  # the role Discord makes for the bot in a server
 
 _USER_MENTION = re.compile(r"<@!?(\d+)>")
 _ROLE_MENTION = re.compile(r"<@&(\d+)>")
@@ -178,6 +179,7 @@ class Guild:
     channels: dict[int, Channel] = field(default_factory=dict)
     roles: dict[int, str] = field(default_factory=dict)
     nicks: dict[int, str | None] = field(default_factory=dict)  # members: user id → nickname
+    bot_roles: dict[int, int] = field(default_factory=dict)  # managed role id → its bot's id
 
     def member_payload(self, user: User, *, with_user: bool) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -418,6 +420,8 @@ class DiscordEmulator:
     def _add_default_world(self) -> None:
         guild = self.add_guild("Test Server", guild_id=GUILD_ID, channel_id=TEXT_CHANNEL_ID)
         guild.roles[ROLE_ID] = "Mods"
+        guild.roles[BOT_ROLE_ID] = "Memory Bot"
+        guild.bot_roles[BOT_ROLE_ID] = BOT_ID
         thread = Channel(THREAD_ID, CHANNEL_PUBLIC_THREAD, "a thread", GUILD_ID, TEXT_CHANNEL_ID)
         guild.channels[THREAD_ID] = self.channels[THREAD_ID] = thread
 
@@ -775,8 +779,11 @@ class DiscordEmulator:
             "presences": [], "stage_instances": [], "guild_scheduled_events": [],
             "soundboard_sounds": [],
             "roles": [{"id": str(rid), "name": name, "permissions": "68608", "position": 0,
-                       "color": 0, "hoist": False, "managed": False, "mentionable": True,
-                       "flags": 0} for rid, name in guild.roles.items()],
+                       "color": 0, "hoist": False, "managed": rid in guild.bot_roles,
+                       "mentionable": True, "flags": 0,
+                       **({"tags": {"bot_id": str(guild.bot_roles[rid])}}
+                          if rid in guild.bot_roles else {})}
+                      for rid, name in guild.roles.items()],
             "channels": [c.payload(self.users) for c in channels],
             "threads": [c.payload(self.users) for c in threads],
             "members": [guild.member_payload(self.users[uid], with_user=True)
