@@ -1,7 +1,7 @@
 """Throughput on PostgreSQL at 100 concurrent conversations, in one process and in two.
 
-The database is created fresh (`bench_<pid>_<hex>`) on the local server and
-dropped afterwards; only a database this module created is ever dropped.
+The database is created fresh on the local server by the tests' own helper
+(tests/pg.py, `PG_TEST_ADMIN_URL` to point elsewhere) and dropped afterwards.
 Each process is a fresh interpreter (`python -m benchmarks.pgbench --worker`)
 that opens its own store, warms up, reports READY and waits for GO on stdin,
 so that both processes of the two-process run start together. The combined
@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import secrets
 import subprocess
 import sys
 import time
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -35,43 +33,13 @@ from benchmarks.core import (
 )
 from benchmarks.dbseed import PLATFORM, chat_texts, conversation_key, user_id
 from benchmarks.standin import InstantProvider
+from tests.pg import admin_url, drop_database, fresh_database
 
-ADMIN_URL = os.environ.get("BENCH_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 TOTAL_POOL = 40  # connections across all processes; the server allows 100 in all
 CONCURRENCY = 100
 USERS_PER_CONVERSATION = 2  # each worker alternates between two returning users
 HISTORY = 100
 _STAMP = "2025-01-01T00:00:00.000Z"
-
-
-def _with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, "/" + name, parts.query, parts.fragment))
-
-
-async def _admin() -> asyncpg.Connection:
-    return await asyncpg.connect(ADMIN_URL, timeout=5)
-
-
-async def create_database() -> str:
-    name = f"bench_{os.getpid()}_{secrets.token_hex(4)}"
-    conn = await _admin()
-    try:
-        await conn.execute(f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' TEMPLATE template0")
-    finally:
-        await conn.close()
-    return _with_database(ADMIN_URL, name)
-
-
-async def drop_database(url: str) -> None:
-    name = urlsplit(url).path.lstrip("/")
-    if not name.startswith("bench_") or not name.replace("_", "").isalnum():
-        raise ValueError(f"refusing to drop {name!r}: not a benchmark database")
-    conn = await _admin()
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
 
 
 async def seed(url: str, users: list[str]) -> None:
@@ -204,9 +172,9 @@ def measure(exchanges: int) -> tuple[float, float] | str:
     except ImportError as exc:
         return f"storage/postgres_store.py is not importable: {exc}"
     try:
-        url = asyncio.run(create_database())
+        url = asyncio.run(fresh_database())
     except Exception as exc:
-        return f"cannot create a database on {urlsplit(ADMIN_URL).netloc}: " \
+        return f"cannot create a database on {urlsplit(admin_url()).netloc}: " \
                f"{type(exc).__name__}: {exc}"
     try:
         users = CONCURRENCY * USERS_PER_CONVERSATION

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 
 from bot.commands import KNOWN, help_text, parse_command
 from bot.llm_call import CallCancelled, CallLimits, stream_reply
+from bot.logging_setup import RedactSecrets
 from bot.memory import Summarizer
 from bot.messages import Incoming, ModelChoices
 from bot.models import ModelCatalog
@@ -56,7 +57,7 @@ class ChatService:
         self._idle.set()
         self._closing = False
         self._rate_notified: dict[str, float] = {}  # user → until when told
-        self._secrets = [v for v in settings.secrets() if len(v) >= 4]
+        self._redact = RedactSecrets(settings.secrets()).redact
         self.memory = Summarizer(settings, store, provider, self._calls, self._audit)
 
     # -- what adapters call
@@ -174,8 +175,7 @@ class ChatService:
     async def _audit(self, record: AuditRecord) -> None:
         # A model server's error may quote the key it was sent (some proxies
         # do); `python -m bot logs` prints this field, so no secret goes in.
-        for secret in self._secrets:
-            record.error = record.error.replace(secret, "<redacted>")
+        record.error = self._redact(record.error)
         try:
             await self.store.save_audit(record)
         except Exception:
@@ -231,7 +231,7 @@ class ChatService:
         model = await self.catalog.current(msg.platform, msg.user_id)
         history = await self.store.recent_messages(
             conv, self._load_limit(), after_id=summary.upto_id if summary else 0)
-        prompt = build_prompt(self.settings.SYSTEM_PROMPT, history, "", self._budget(model),
+        prompt = build_prompt(self.settings.SYSTEM_PROMPT, history, "", self.settings.prompt_budget,
                               summary=summary.text if summary else None,
                               factor=self.calibration.factor(model), counter=self.count_tokens)
         lines = [f"Stored messages in this conversation: {stored}",
@@ -243,9 +243,6 @@ class ChatService:
         else:
             lines += ["Older messages beyond the window are dropped (MEMORY_STRATEGY=truncate)."]
         return "\n".join(lines)
-
-    def _budget(self, model: str) -> int:
-        return self.settings.prompt_budget
 
     def _load_limit(self) -> int:
         # A stored message costs at least 5 tokens in a prompt: never load
@@ -298,7 +295,7 @@ class ChatService:
             return
         factor = self.calibration.factor(model)
         try:
-            prompt = build_prompt(s.SYSTEM_PROMPT, history, text, self._budget(model),
+            prompt = build_prompt(s.SYSTEM_PROMPT, history, text, self.settings.prompt_budget,
                                   summary=summary.text if summary else None, factor=factor,
                                   counter=self.count_tokens)
         except TooLong as exc:

@@ -13,17 +13,9 @@ import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
-from tests.pg import ServerUnreachable, admin_url
-
-
-async def _admin() -> asyncpg.Connection:
-    try:
-        return await asyncpg.connect(admin_url(), timeout=5)
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
-        raise ServerUnreachable(f"PostgreSQL test server cannot be used: {exc}") from exc
+from tests.pg import admin_connection, admin_url
 
 
 @pytest.fixture(params=["sqlite", "postgres"], name="db_url")
@@ -33,7 +25,7 @@ async def db_url_both_backends(request: pytest.FixtureRequest,
         yield f"sqlite:///{tmp_path / 'data' / 'bot.db'}"
         return
     schema = f"bot_test_{os.getpid()}_{secrets.token_hex(4)}"
-    conn = await _admin()
+    conn = await admin_connection()
     try:
         await conn.execute(f'CREATE SCHEMA "{schema}"')
     finally:
@@ -42,7 +34,7 @@ async def db_url_both_backends(request: pytest.FixtureRequest,
         # asyncpg passes unknown URL parameters on as server settings.
         yield f"{admin_url()}?search_path={schema}"
     finally:
-        conn = await _admin()
+        conn = await admin_connection()
         try:
             await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
         finally:

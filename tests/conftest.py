@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,13 @@ def make_settings(
 async def service(make_settings: SettingsFactory) -> AsyncIterator[ChatService]:
     async with open_service(make_settings()) as svc:
         yield svc
+
+
+def free_port() -> int:
+    """A port nothing listens on right now, for a server a test starts."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def incoming(text: str, *, user: str = "1", place: str | None = None,

@@ -42,7 +42,7 @@ def _database_of(url: str) -> str:
     return name
 
 
-async def _admin() -> asyncpg.Connection:
+async def admin_connection() -> asyncpg.Connection:
     url = admin_url()
     try:
         return await asyncpg.connect(url, timeout=5)
@@ -57,7 +57,7 @@ async def _admin() -> asyncpg.Connection:
 async def fresh_database() -> str:
     """Create an empty, uniquely named database; return its URL."""
     name = f"bot_test_{os.getpid()}_{secrets.token_hex(4)}"
-    conn = await _admin()
+    conn = await admin_connection()
     try:
         await conn.execute(f'CREATE DATABASE "{name}" ENCODING \'UTF8\' TEMPLATE template0')
     finally:
@@ -68,7 +68,7 @@ async def fresh_database() -> str:
 async def drop_database(url: str) -> None:
     """Drop a database made by `fresh_database`, ending any session still in it."""
     name = _database_of(url)
-    conn = await _admin()
+    conn = await admin_connection()
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:

@@ -474,6 +474,19 @@ async def _page_count(store: SQLiteStore) -> int:
     return int(row[0])
 
 
+def assert_only_first_and_third_kept(model_server: ModelServer, db_url: str) -> None:
+    """The failed second exchange left nothing: not in the next prompt, not on disk."""
+    assert model_server.requests[-1].messages[1:] == [
+        {"role": "user", "content": "first"}, {"role": "assistant", "content": "You said: first"},
+        {"role": "user", "content": "third"}]
+    db = read_db(db_url)
+    assert db["integrity"] == [("ok",)]
+    assert [(m[1], m[2]) for m in db["messages"]] == [
+        ("user", "first"), ("assistant", "You said: first"),
+        ("user", "third"), ("assistant", "You said: third")]
+    assert [(a[4], a[2]) for a in db["audit"]] == [("first", "ok"), ("third", "ok")]
+
+
 async def test_full_disk_during_an_exchange_loses_no_earlier_data(
     model_server: ModelServer, make_settings: SettingsFactory, db_url: str
 ) -> None:
@@ -493,15 +506,7 @@ async def test_full_disk_during_an_exchange_loses_no_earlier_data(
     assert reply.endswith(NOT_SAVED)
     assert after == "You said: third"
     # ...but was not half-stored: the next prompt carried only the earlier exchange.
-    assert model_server.requests[-1].messages[1:] == [
-        {"role": "user", "content": "first"}, {"role": "assistant", "content": "You said: first"},
-        {"role": "user", "content": "third"}]
-    db = read_db(db_url)
-    assert db["integrity"] == [("ok",)]
-    assert [(m[1], m[2]) for m in db["messages"]] == [
-        ("user", "first"), ("assistant", "You said: first"),
-        ("user", "third"), ("assistant", "You said: third")]
-    assert [(a[4], a[2]) for a in db["audit"]] == [("first", "ok"), ("third", "ok")]
+    assert_only_first_and_third_kept(model_server, db_url)
 
 
 async def test_locked_database_during_an_exchange_loses_no_earlier_data(
@@ -533,15 +538,7 @@ async def test_locked_database_during_an_exchange_loses_no_earlier_data(
     assert after == "You said: third"
     # "hello" never reached the model: its conversation could not be opened.
     assert user_texts(model_server) == ["first", "second", "third"]
-    assert model_server.requests[-1].messages[1:] == [
-        {"role": "user", "content": "first"}, {"role": "assistant", "content": "You said: first"},
-        {"role": "user", "content": "third"}]
-    db = read_db(db_url)
-    assert db["integrity"] == [("ok",)]
-    assert [(m[1], m[2]) for m in db["messages"]] == [
-        ("user", "first"), ("assistant", "You said: first"),
-        ("user", "third"), ("assistant", "You said: third")]
-    assert [(a[4], a[2]) for a in db["audit"]] == [("first", "ok"), ("third", "ok")]
+    assert_only_first_and_third_kept(model_server, db_url)
 
 
 async def test_a_write_failing_midway_leaves_no_half_exchange(

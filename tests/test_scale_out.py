@@ -11,7 +11,6 @@ import asyncio
 import itertools
 import os
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from tests.conftest import free_port
 from tests.fakes.model_server import ModelServer
 from tests.fakes.telegram_api import TelegramApiEmulator
 from tests.pg import pg_url  # noqa: F401  (a fresh database per test)
@@ -29,11 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SECRET = "scale-out-secret"
 USERS, MESSAGES = 20, 10
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture

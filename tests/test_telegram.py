@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from bot.render import utf16_len
 from bot.service import ChatService
 from bot.settings import Settings, SettingsError
 from storage import open_store
+from tests.conftest import free_port
 from tests.fakes.model_server import ModelServer, closed_port_url
 from tests.fakes.telegram_api import TelegramApiEmulator, VisibleMessage
 
@@ -534,11 +534,6 @@ async def test_an_unreachable_bot_api_is_one_clear_error(tg_settings: SettingsFa
 
 # ----------------------------------------------------------------------------- webhook
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_webhook_needs_a_secret(tg_settings: SettingsFactory) -> None:
