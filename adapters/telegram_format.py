@@ -12,16 +12,23 @@ code fence) renders too; an open fence is closed at the end.
 Handled: fenced code blocks (with language), `inline code`, **bold**,
 *italic* / _italic_, ***both***, ~~strike~~, ||spoiler||, [links](https://…),
 <https://autolinks>, # headings (bold), > quotes, list bullets, and
-backslash escapes.
+backslash escapes. Fences are CommonMark's, decided by the same code as the
+splitter's (bot.render.fence_opener), so both agree on what is a code block.
+
+Every step is linear in the text (brackets are matched in one pass, backtick
+runs are looked up, emphasis openers are kept per character, a link's label is
+rendered without links inside): a reply of brackets or nested links converts
+in time proportional to its length, without recursion.
 """
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass, field
 
-_FENCE_OPEN = re.compile(r"^ {0,3}(`{3,}|~{3,})[ \t]*([^`\s]*)[^`]*$")
-_HEADING = re.compile(r"^ {0,3}#{1,6}[ \t]+(.*?)(?:[ \t]+#+)?[ \t]*$")
+from bot.render import fence_opener
+
 _QUOTE = re.compile(r"^ {0,3}>[ \t]?(.*)$")
 _BULLET = re.compile(r"^([ \t]*)[-*+][ \t]+(?=\S)")
 _LANGUAGE = re.compile(r"[A-Za-z0-9_+#.-]{1,32}")
@@ -56,26 +63,26 @@ def markdown_to_html(markdown: str) -> str:
     i = 0
     while i < len(lines):
         line = lines[i]
-        fence = _FENCE_OPEN.match(line)
+        fence = fence_opener(line)
         if fence:
             flush()
-            marker = fence.group(1)
             body: list[str] = []
             i += 1
-            while i < len(lines) and not _closes(lines[i], marker):
+            while i < len(lines) and not fence.closes(lines[i]):
                 body.append(lines[i])
                 i += 1
             i += 1  # the closing fence, or past the end when still open
-            blocks.append(_code_block(body, fence.group(2)))
+            blocks.append(_code_block(body, fence.info.split(maxsplit=1)[0]
+                                      if fence.info else ""))
             continue
-        heading = _HEADING.match(line)
+        heading = _heading(line)
         quote = _QUOTE.match(line)
         if not line.strip():
             flush()
             blocks.append("")
-        elif heading:
+        elif heading is not None:
             flush()
-            blocks.append(f"<b>{render_inline(heading.group(1))}</b>")
+            blocks.append(f"<b>{render_inline(heading)}</b>")
         elif quote:
             flush()
             quoted = [quote.group(1)]
@@ -90,10 +97,22 @@ def markdown_to_html(markdown: str) -> str:
     return "\n".join(blocks)
 
 
-def _closes(line: str, marker: str) -> bool:
-    stripped = line.strip()
-    return (len(line) - len(line.lstrip(" ")) <= 3 and stripped.startswith(marker[0] * len(marker))
-            and set(stripped) == {marker[0]})
+def _heading(line: str) -> str | None:
+    """The text of an ATX heading line (`# Title #`), or None (no regex: linear)."""
+    stripped = line.lstrip(" ")
+    if len(line) - len(stripped) > 3:
+        return None
+    hashes = len(stripped) - len(stripped.lstrip("#"))
+    rest = stripped[hashes:]
+    if not 1 <= hashes <= 6 or not rest or rest[0] not in " \t":
+        return None
+    content = rest.strip(" \t")
+    unclosed = content.rstrip("#")
+    if not unclosed:
+        return ""
+    if unclosed != content and unclosed[-1] in " \t":
+        return unclosed.rstrip(" \t")  # the optional closing sequence
+    return content
 
 
 def _code_block(body: list[str], info: str) -> str:
@@ -128,16 +147,56 @@ class _Delim:
 _Token = str | _Delim  # a str is finished HTML
 
 
-def render_inline(text: str) -> str:
-    """Inline Markdown of one paragraph → HTML."""
-    tokens = _tokenize(text)
+def render_inline(text: str, *, links: bool = True) -> str:
+    """Inline Markdown of one paragraph → HTML (a link's label: `links=False`)."""
+    tokens = _tokenize(text, links)
     _pair(tokens)
     return "".join(t if isinstance(t, str) else t.html() for t in tokens)
 
 
-def _tokenize(text: str) -> list[_Token]:
+class _Backticks:
+    """Every maximal run of backticks in a text, by length, for O(log n) look-ups."""
+
+    def __init__(self, text: str) -> None:
+        self._starts: dict[int, list[int]] = {}
+        i = text.find("`")
+        while i >= 0:
+            run = _run_length(text, i)
+            self._starts.setdefault(run, []).append(i)
+            i = text.find("`", i + run)
+
+    def find(self, start: int, run: int) -> int:
+        """Start of the next run of exactly `run` backticks at or after start, or -1."""
+        starts = self._starts.get(run, [])
+        k = bisect.bisect_left(starts, start)
+        return starts[k] if k < len(starts) else -1
+
+
+def _bracket_matches(text: str) -> dict[int, int]:
+    """Each `[` → its matching `]` (escapes skipped, none across a blank line), one pass."""
+    matches: dict[int, int] = {}
+    stack: list[int] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == "\\":
+            i += 2
+            continue
+        if ch == "[":
+            stack.append(i)
+        elif ch == "]" and stack:
+            matches[stack.pop()] = i
+        elif ch == "\n" and text.startswith("\n", i + 1):
+            stack.clear()
+        i += 1
+    return matches
+
+
+def _tokenize(text: str, links: bool = True) -> list[_Token]:
     tokens: list[_Token] = []
     plain: list[str] = []
+    backticks = _Backticks(text) if "`" in text else None
+    brackets = _bracket_matches(text) if links and "[" in text else {}
 
     def push(html: str | _Delim) -> None:
         if plain:
@@ -153,7 +212,8 @@ def _tokenize(text: str) -> list[_Token]:
             i += 2
         elif ch == "`":
             run = _run_length(text, i)
-            end = _find_backticks(text, i + run, run)
+            assert backticks is not None
+            end = backticks.find(i + run, run)
             if end < 0:
                 plain.append("`" * run)
                 i += run
@@ -163,7 +223,7 @@ def _tokenize(text: str) -> list[_Token]:
                     code = code[1:-1]
                 push(f"<code>{escape(code)}</code>")
                 i = end + run
-        elif ch in "[!" and (link := _link(text, i)):
+        elif ch in "[!" and brackets and (link := _link(text, i, brackets)):
             html, i = link
             push(html)
         elif ch == "<" and (auto := _AUTOLINK.match(text, i)):
@@ -192,43 +252,18 @@ def _run_length(text: str, i: int) -> int:
     return j - i
 
 
-def _find_backticks(text: str, start: int, run: int) -> int:
-    """Index of the next run of exactly `run` backticks at or after start, or -1."""
-    i = text.find("`", start)
-    while i >= 0:
-        length = _run_length(text, i)
-        if length == run:
-            return i
-        i = text.find("`", i + length)
-    return -1
-
-
-def _link(text: str, i: int) -> tuple[str, int] | None:
+def _link(text: str, i: int, brackets: dict[int, int]) -> tuple[str, int] | None:
     """`[label](url)` (or an image's `![alt](url)`) at i: (HTML, end) or None."""
     start = i + 1 if text[i] == "!" else i
-    if start >= len(text) or text[start] != "[":
-        return None
-    depth, j = 0, start
-    while j < len(text):
-        if text[j] == "\\":
-            j += 2
-            continue
-        if text[j] == "[":
-            depth += 1
-        elif text[j] == "]":
-            depth -= 1
-            if depth == 0:
-                break
-        elif text[j] == "\n" and j + 1 < len(text) and text[j + 1] == "\n":
-            return None
-        j += 1
-    if j >= len(text) or not text.startswith("(", j + 1):
+    j = brackets.get(start, -1)
+    if j < 0 or not text.startswith("(", j + 1):
         return None
     url = _LINK_URL.match(text, j + 2)
     if url is None or not text.startswith(")", url.end()):
         return None
     label = text[start + 1:j]
-    shown = render_inline(label) if label.strip() else escape(url.group(0))
+    # Telegram has no links in links: the label's own brackets stay literal.
+    shown = render_inline(label, links=False) if label.strip() else escape(url.group(0))
     return f'<a href="{_escape_attr(url.group(0))}">{shown}</a>', url.end() + 1
 
 
@@ -250,16 +285,26 @@ def _pair(tokens: list[_Token]) -> None:
     """Match openers with closers (a simplified CommonMark "process emphasis").
 
     A closer pairs with the nearest opener of its kind; openers in between
-    become literal. That is what keeps every produced tag pair nested.
+    become literal. That is what keeps every produced tag pair nested. The
+    openers of each character are indexed, so a closer finds its own in O(1).
     """
     openers: list[_Delim] = []
+    by_char: dict[str, list[int]] = {ch: [] for ch in _DELIMS}  # indices into openers
+
+    def keep(n: int) -> None:  # drop openers[n:], and their index entries
+        del openers[n:]
+        for stack in by_char.values():
+            while stack and stack[-1] >= n:
+                stack.pop()
+
     for token in tokens:
         if not isinstance(token, _Delim):
             continue
         if token.can_close:
-            while token.count and (k := _matching_opener(openers, token)) is not None:
+            while token.count and by_char[token.char]:
+                k = by_char[token.char][-1]
                 opener = openers[k]
-                del openers[k + 1:]
+                keep(k + 1)
                 if token.char in "~|":
                     used, tag = 2, ("s" if token.char == "~" else "spoiler")
                 else:
@@ -270,13 +315,7 @@ def _pair(tokens: list[_Token]) -> None:
                 opener.opens.insert(0, tag)
                 token.closes.append(tag)
                 if not opener.count:
-                    openers.pop()
+                    keep(k)
         if token.count and token.can_open:
+            by_char[token.char].append(len(openers))
             openers.append(token)
-
-
-def _matching_opener(openers: list[_Delim], closer: _Delim) -> int | None:
-    for k in range(len(openers) - 1, -1, -1):
-        if openers[k].char == closer.char:
-            return k
-    return None

@@ -1,14 +1,20 @@
 """The renderer's MessageSink for one Telegram chat.
 
 Formatted text goes out as HTML (adapters.telegram_format); when Telegram
-refuses it the sink raises FormattingRejected and the renderer sends the same
-text plain. "Message is not modified" is not an error: the edit had nothing
-to change. Flood control (RetryAfter) is handled below this, by the
-application's AIORateLimiter, which waits and retries; the pace of sends and
-edits in one chat is the shared ChatPacer's.
+refuses it (or it can't be converted) the sink raises FormattingRejected and the
+renderer sends the same text plain. HTML that would show nothing (a reply that
+so far is only an opening code fence) is never sent: the sink raises
+NothingToShow and the renderer waits for more text. "Message is not modified"
+is not an error: the edit had nothing to change. Flood control (RetryAfter)
+is handled below this, by the application's AIORateLimiter, which waits and
+retries; the pace of sends and edits in one chat is the shared ChatPacer's.
 """
 
 from __future__ import annotations
+
+import html
+import logging
+import re
 
 from telegram import Bot, InlineKeyboardMarkup, LinkPreviewOptions, ReplyParameters
 from telegram.constants import ChatAction, ParseMode
@@ -16,10 +22,15 @@ from telegram.error import BadRequest
 
 from adapters.telegram_format import markdown_to_html
 from adapters.telegram_pacing import ChatPacer
-from bot.render import FormattingRejected
+from bot.render import FormattingRejected, NothingToShow
+from bot.sanitize import is_blank
+
+log = logging.getLogger(__name__)
 
 # Descriptions of a 400 that mean "this formatting won't do", not "this message won't do".
-_FORMATTING_ERRORS = ("can't parse entities", "message text is empty", "message is too long")
+_FORMATTING_ERRORS = ("can't parse entities", "message is too long")
+_EMPTY = "message text is empty"
+_TAG = re.compile(r"<[^>]*>")  # the converter escapes every < of the text: these are tags
 _NO_PREVIEW = LinkPreviewOptions(is_disabled=True)
 
 
@@ -58,8 +69,7 @@ class TelegramSink:
                     reply_parameters=reply, link_preview_options=_NO_PREVIEW,
                     reply_markup=self._markup if self._first is None else None)
         except BadRequest as exc:
-            if formatted and rejects_formatting(exc):
-                raise FormattingRejected(exc.message) from exc
+            _translate(exc, formatted)
             raise
         if self._first is None:
             self._first = sent.message_id
@@ -76,8 +86,7 @@ class TelegramSink:
         except BadRequest as exc:
             if is_not_modified(exc):
                 return
-            if formatted and rejects_formatting(exc):
-                raise FormattingRejected(exc.message) from exc
+            _translate(exc, formatted)
             raise
 
     async def typing(self) -> None:
@@ -88,6 +97,23 @@ class TelegramSink:
 
     @staticmethod
     def _body(text: str, formatted: bool) -> tuple[str, str | None]:
-        if formatted:
-            return markdown_to_html(text), ParseMode.HTML
-        return text, None
+        if not formatted:
+            if is_blank(text):
+                raise NothingToShow
+            return text, None
+        try:
+            body = markdown_to_html(text)
+        except Exception as exc:  # a reply that can't be formatted is still shown, plain
+            log.warning("could not format a reply; sending it plain", exc_info=True)
+            raise FormattingRejected(repr(exc)) from exc
+        if is_blank(html.unescape(_TAG.sub("", body))):
+            raise NothingToShow
+        return body, ParseMode.HTML
+
+
+def _translate(exc: BadRequest, formatted: bool) -> None:
+    """Raise the renderer's signal for a 400 it can act on; return for any other."""
+    if _EMPTY in exc.message.lower():
+        raise NothingToShow(exc.message) from exc
+    if formatted and rejects_formatting(exc):
+        raise FormattingRejected(exc.message) from exc

@@ -1,11 +1,13 @@
 """One streaming renderer for every platform.
 
 It turns the core's stream of Markdown deltas into messages on a platform:
-the first text is shown as soon as it exists, later text arrives by edits no
-more often than `edit_interval`, a reply longer than the platform's `limit`
-continues in further messages split at paragraph or line boundaries (never
-leaving a code block open), and a message the platform refuses to parse is
-sent again as plain text. Adapters supply only a `MessageSink`.
+the first visible text is shown as soon as it exists, later text arrives by
+edits no more often than `edit_interval`, a reply longer than the platform's
+`limit` continues in further messages split at paragraph or line boundaries
+(never leaving a code block open, never inside a grapheme cluster), and a
+message the platform refuses to parse is sent plain for that one call. What
+is shown is cleaned as what is stored (bot.sanitize.storable). Adapters supply
+only a `MessageSink`.
 """
 
 from __future__ import annotations
@@ -13,32 +15,44 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import regex
+
+from bot.sanitize import is_blank, storable
 from bot.text_fit import longest_prefix
 
 log = logging.getLogger(__name__)
 
 TYPING_DELAY = 0.2  # seconds before the typing indicator shows
-_FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})(.*)$")
+MIN_LIMIT = 16  # the smallest message size the splitter promises to handle
+_GRAPHEME = regex.compile(r"\X", regex.DOTALL)
+_LANGUAGE_MAX = 32  # longer "languages" are not reopened (the converter ignores them too)
 
 
 class FormattingRejected(Exception):
     """The platform refused to parse the formatted text (send it plain)."""
 
 
+class NothingToShow(Exception):
+    """The formatted text would show nothing (an opened fence, a bare `# `): not yet."""
+
+
 class MessageSink(Protocol):
     """The three things a platform must do for the renderer."""
 
     async def send(self, text: str, *, formatted: bool) -> Any:
-        """Post a new message; return a handle for later edits."""
+        """Post a new message; return a handle for later edits.
+
+        Raise NothingToShow when the text would show nothing, FormattingRejected
+        when the platform refuses its formatting.
+        """
 
     async def edit(self, handle: Any, text: str, *, formatted: bool) -> None:
-        """Replace the text of a message sent before."""
+        """Replace the text of a message sent before (raising as `send` does)."""
 
     async def typing(self) -> None:
         """Show that a reply is on its way."""
@@ -49,69 +63,152 @@ def utf16_len(text: str) -> int:
     return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
-def _open_fence(lines: list[str], fence: str | None) -> str | None:
-    """Return the opening fence line still open after `lines`, or None."""
-    for line in lines:
-        m = _FENCE.match(line)
-        if not m:
-            continue
-        marker = m.group(1)
+# --------------------------------------------------------------------------- fences
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """An opening code fence (CommonMark): its marker run and its info string."""
+
+    marker: str  # "```", "````", "~~~", ...
+    info: str
+
+    def closes(self, line: str) -> bool:
+        """Whether `line` closes this fence: the same character, at least as many, alone."""
+        indent = len(line) - len(line.lstrip(" "))
+        if indent > 3:
+            return False
+        rest = line[indent:]
+        run = len(rest) - len(rest.lstrip(self.marker[0]))
+        return run >= len(self.marker) and not rest[run:].strip(" \t")
+
+    def reopen_line(self) -> str:
+        """The line that opens this block again in a continuation message."""
+        words = self.info.split(maxsplit=1)
+        language = words[0] if words and len(words[0]) <= _LANGUAGE_MAX else ""
+        return self.marker + language
+
+
+def fence_opener(line: str) -> Fence | None:
+    """The fence `line` opens, or None (CommonMark: ≤ 3 spaces, ≥ 3 of ` or ~,
+    and a backtick fence's info string has no backtick, so ```x``` is inline code)."""
+    indent = len(line) - len(line.lstrip(" "))
+    if indent > 3:
+        return None
+    rest = line[indent:]
+    if not rest or rest[0] not in "`~":
+        return None
+    run = len(rest) - len(rest.lstrip(rest[0]))
+    if run < 3:
+        return None
+    info = rest[run:]
+    if rest[0] == "`" and "`" in info:
+        return None
+    return Fence(rest[:run], info.strip())
+
+
+def fence_after(text: str, fence: Fence | None) -> Fence | None:
+    """The fence still open after `text`, given the one open before it."""
+    for line in text.split("\n"):
         if fence is None:
-            fence = line.strip()
-        else:
-            opener = _FENCE.match(fence)
-            assert opener is not None
-            if marker[0] == opener.group(1)[0] and len(marker) >= len(opener.group(1)) \
-                    and not m.group(2).strip():
-                fence = None
+            fence = fence_opener(line)
+        elif fence.closes(line):
+            fence = None
     return fence
 
 
+# --------------------------------------------------------------------------- splitting
+
+
+def _grapheme_floor(text: str, i: int) -> int:
+    """The largest grapheme-cluster boundary ≤ i (a line start is always one)."""
+    if i <= 0 or i >= len(text):
+        return max(0, min(i, len(text)))
+    start = text.rfind("\n", 0, i) + 1
+    best = start
+    for m in _GRAPHEME.finditer(text, start):
+        if m.end() > i:
+            break
+        best = m.end()
+    return best
+
+
 def _cut_point(text: str, end: int) -> int:
-    """Where to cut text[:end]: a paragraph, else a line, else a space break."""
+    """Where to cut text[:end]: a paragraph, else a line, else a space, else a grapheme."""
     window = text[:end]
     floor = end // 3  # a break too early wastes a whole message
     for sep in ("\n\n", "\n", " "):
         i = window.rfind(sep)
         if i > floor:
-            return i + len(sep)
-    return end
+            return _grapheme_floor(text, i + len(sep))
+    cut = _grapheme_floor(text, end)
+    return cut if cut > 0 else end  # one cluster longer than a message: cut it
+
+
+def _reopen(fence: Fence, limit: int, measure: Callable[[str], int]) -> str:
+    """The reopening line for a continuation, short enough to leave room for text."""
+    closer = measure("\n" + fence.marker)
+    for line in (fence.reopen_line(), fence.marker):
+        if measure(line + "\n") + closer <= limit // 2:
+            return line
+    return fence.marker  # a marker of a quarter of the limit: still correct, just cramped
 
 
 def split_markdown(text: str, limit: int, measure: Callable[[str], int] = len) -> list[str]:
     """Split Markdown into chunks of at most `limit` (by `measure`).
 
-    A code block cut by a split is closed at the end of one chunk and opened
-    again, with the same info string, at the start of the next. Nothing else
-    is added or dropped except the whitespace at the split points.
+    A code block cut by a split is closed at the end of one chunk with the
+    marker that opened it and opened again, with its language, at the start of
+    the next. Nothing else is added or dropped except the whitespace at the
+    split points. Every chunk but the last carries at least a sixth of the
+    limit, so one reply never turns into a flood of tiny messages.
     """
-    if limit < 32:
-        raise ValueError("limit too small to split Markdown")
+    if limit < MIN_LIMIT:
+        raise ValueError(f"limit too small to split Markdown (at least {MIN_LIMIT})")
     chunks: list[str] = []
-    fence: str | None = None
+    fence: Fence | None = None
     rest = text
     while rest:
-        prefix = f"{fence}\n" if fence else ""
+        prefix = f"{_reopen(fence, limit, measure)}\n" if fence else ""
         whole = prefix + rest
         if measure(whole) <= limit:
             chunks.append(whole)
             break
-        budget = limit - measure(prefix) - measure("\n```")
-        end = longest_prefix(rest, budget, measure)
-        cut = _cut_point(rest, end) if end < len(rest) else end
-        if cut <= 0:
-            cut = max(1, end)
-        piece, rest = rest[:cut].rstrip(), rest[cut:].lstrip("\n")
-        new_fence = _open_fence(piece.split("\n"), fence)
+        # Room for the closing marker: first guess the open one's, then the one
+        # actually open at the cut (a longer marker may have opened inside).
+        reserve = measure("\n" + (fence.marker if fence else "```"))
+        while True:
+            budget = max(1, limit - measure(prefix) - reserve)
+            end = longest_prefix(rest, budget, measure)
+            cut = _cut_point(rest, end) if end < len(rest) else end
+            cut = max(cut, 1)
+            piece = rest[:cut].rstrip()
+            new_fence = fence_after(piece, fence)
+            if new_fence is not None and new_fence is not fence:
+                # Don't end a message on a bare opening fence: start the next with it.
+                last = piece.rfind("\n")
+                if last > end // 3 and fence_opener(piece[last + 1:]) == new_fence \
+                        and fence_after(piece[:last], fence) is None:
+                    cut = last + 1
+                    piece = rest[:cut].rstrip()
+                    new_fence = None
+            needed = measure("\n" + new_fence.marker) if new_fence else 0
+            if measure(prefix + piece) + needed <= limit or budget == 1:
+                break
+            reserve = max(reserve + 1, needed)
+        rest = rest[cut:].lstrip("\n")
         chunk = prefix + piece
         if new_fence:
-            chunk += "\n```" if new_fence.startswith("`") else "\n~~~"
-        if chunk.strip():
+            chunk += "\n" + new_fence.marker
+        if chunk.strip() and (piece.strip() or not new_fence):
             chunks.append(chunk)
         fence = new_fence
         if fence and not rest.strip():
             break
     return chunks
+
+
+# --------------------------------------------------------------------------- streaming
 
 
 @dataclass
@@ -170,7 +267,7 @@ class StreamRenderer:
         reader = asyncio.create_task(read())
         typing = asyncio.create_task(self._keep_typing(changed, done))
         try:
-            last_flush = float("-inf")
+            last_flush = float("-inf")  # the last flush that reached the platform
             while not done.is_set():
                 await changed.wait()
                 changed.clear()
@@ -183,18 +280,17 @@ class StreamRenderer:
                     if done.is_set():
                         break
                 try:
-                    await self._flush()
-                except FormattingRejected:
-                    raise
+                    if await self._flush(final=False):
+                        last_flush = self._clock()
                 except Exception:  # an edit lost mid-stream is retried by the next flush
                     log.warning("intermediate edit failed", exc_info=True)
-                last_flush = self._clock()
+                    last_flush = self._clock()
             await reader  # re-raise what the stream raised, if anything
             # The final edit keeps the interval too (platforms count edits).
             wait = last_flush + self._interval - self._clock()
             if wait > 0 and self._shown:
                 await asyncio.sleep(wait)
-            await self._flush()
+            await self._flush(final=True)
         finally:
             typing.cancel()
             if not reader.done():
@@ -205,45 +301,63 @@ class StreamRenderer:
 
     async def _keep_typing(self, changed: asyncio.Event, done: asyncio.Event) -> None:
         # A refusal or an ignored message ends the stream at once: don't
-        # show "typing" for a reply that will never come.
+        # show "typing" for a reply that will never come. Typing goes on until
+        # something is visible (a reply that opens with a fence shows nothing yet).
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), TYPING_DELAY)
-        while not self._text and not done.is_set():
+        while not self._shown and not done.is_set():
             try:
                 await self._sink.typing()
             except Exception:
                 log.debug("typing indicator failed", exc_info=True)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), self._typing_interval)
+                await asyncio.wait_for(done.wait(), self._typing_interval)
 
-    async def _flush(self) -> None:
-        if not self._text.strip():
-            return
-        chunks = split_markdown(self._text, self._limit, self._measure)
+    async def _flush(self, *, final: bool) -> bool:
+        """Bring the platform up to date; True when a call reached it."""
+        text = storable(self._text)  # shown as it is stored: no NUL, no lone surrogate
+        if is_blank(text):
+            return False
+        called = False
+        chunks = split_markdown(text, self._limit, self._measure)
         for i, chunk in enumerate(chunks):
             if i < len(self._shown):
                 shown = self._shown[i]
                 if shown.text != chunk:
                     await self._edit(shown, chunk)
-            else:
-                self._shown.append(await self._send(chunk))
+                    called = True
+                continue
+            sent = await self._send(chunk, final=final)
+            if sent is None:
+                if final:
+                    continue  # nothing to show at all in this chunk
+                break  # nothing visible yet: later chunks wait for it
+            self._shown.append(sent)
+            called = True
+        return called
 
-    async def _send(self, text: str) -> _Shown:
+    async def _send(self, text: str, *, final: bool) -> _Shown | None:
         try:
             return _Shown(await self._sink.send(text, formatted=True), text, True)
+        except NothingToShow:
+            if not final:
+                return None
+            log.info("formatted text shows nothing; sending plain text")
         except FormattingRejected:
             log.info("platform refused formatting; sending plain text")
+        try:
             return _Shown(await self._sink.send(text, formatted=False), text, False)
+        except NothingToShow:
+            return None
 
     async def _edit(self, shown: _Shown, text: str) -> None:
+        # Each edit tries formatting again: a refusal is for that text, not for good.
         self.edits += 1
-        if shown.formatted:
-            try:
-                await self._sink.edit(shown.handle, text, formatted=True)
-                shown.text = text
-                return
-            except FormattingRejected:
-                log.info("platform refused formatting; editing as plain text")
-                shown.formatted = False
-        await self._sink.edit(shown.handle, text, formatted=False)
+        try:
+            await self._sink.edit(shown.handle, text, formatted=True)
+            shown.formatted = True
+        except (FormattingRejected, NothingToShow):
+            log.info("formatting refused or empty; editing as plain text")
+            await self._sink.edit(shown.handle, text, formatted=False)
+            shown.formatted = False
         shown.text = text
