@@ -10,6 +10,9 @@ import logging
 
 import discord
 
+from bot.render import NothingToShow
+from bot.sanitize import is_blank
+
 log = logging.getLogger(__name__)
 
 MESSAGE_LIMIT = 2000  # characters in one Discord message
@@ -34,6 +37,8 @@ class ChannelSink:
     async def send(self, text: str, *, formatted: bool) -> discord.Message:
         # Discord's Markdown is the model's Markdown, so formatted text goes as it is.
         content = text if formatted else _plain(text)
+        if is_blank(content):
+            raise NothingToShow  # Discord refuses an empty message
         if self._reply_to is not None and not self._sent_any:
             reference = self._reply_to.to_reference(fail_if_not_exists=False)
             message = await self._channel.send(content, reference=reference,
@@ -44,7 +49,10 @@ class ChannelSink:
         return message
 
     async def edit(self, handle: discord.Message, text: str, *, formatted: bool) -> None:
-        await handle.edit(content=text if formatted else _plain(text))
+        content = text if formatted else _plain(text)
+        if is_blank(content):
+            raise NothingToShow
+        await handle.edit(content=content)
 
     async def typing(self) -> None:
         await self._channel.typing()  # one indicator; Discord shows it for ~10 s

@@ -33,8 +33,10 @@ def addressed_text(message: Message, me: BotIdentity, commands: Collection[str])
         return None
     if message.text is not None:
         text, entities = message.text, message.entities
+        parse, parse_all = message.parse_entity, message.parse_entities
     elif message.caption is not None:
         text, entities = message.caption, message.caption_entities
+        parse, parse_all = message.parse_caption_entity, message.parse_caption_entities
     else:
         return None  # a sticker, a photo without caption, a service message
     if not text.strip():
@@ -46,7 +48,7 @@ def addressed_text(message: Message, me: BotIdentity, commands: Collection[str])
 
     first = entities[0] if entities else None
     if first is not None and first.type == MessageEntity.BOT_COMMAND and first.offset == 0:
-        token = _utf16_slice(text, 0, first.length)
+        token = parse(first)
         name, _, target = token[1:].partition("@")
         if target and target.lower() != username:
             return None  # a command for another bot
@@ -55,9 +57,10 @@ def addressed_text(message: Message, me: BotIdentity, commands: Collection[str])
             addressed = True
         elif name.lower() in commands:
             addressed = True
-    for entity in entities:
-        mention = (entity.type == MessageEntity.MENTION
-                   and _utf16_slice(text, entity.offset, entity.length).lower() == f"@{username}")
+    # The library slices all entities from one UTF-16 encoding of the text:
+    # linear in text and entities, however many a (self-hosted) Bot API sends.
+    for entity, value in parse_all([MessageEntity.MENTION, MessageEntity.TEXT_MENTION]).items():
+        mention = entity.type == MessageEntity.MENTION and value.lower() == f"@{username}"
         text_mention = (entity.type == MessageEntity.TEXT_MENTION and entity.user is not None
                         and entity.user.id == me.id)
         if mention or text_mention:
@@ -80,12 +83,6 @@ def _replies_to(message: Message, me: BotIdentity) -> bool:
 
 def _utf16_len(text: str) -> int:
     return len(text.encode("utf-16-le", "surrogatepass")) // 2
-
-
-def _utf16_slice(text: str, offset: int, length: int) -> str:
-    """text[offset:offset+length] in UTF-16 units, as Telegram's entities count."""
-    data = text.encode("utf-16-le", "surrogatepass")
-    return data[2 * offset:2 * (offset + length)].decode("utf-16-le", "surrogatepass")
 
 
 def _without(text: str, cuts: list[tuple[int, int]]) -> str:

@@ -176,7 +176,7 @@ def split_markdown(text: str, limit: int, measure: Callable[[str], int] = len) -
             break
         # Room for the closing marker: first guess the open one's, then the one
         # actually open at the cut (a longer marker may have opened inside).
-        reserve = measure("\n" + (fence.marker if fence else "```"))
+        reserve = measure("\n" + fence.marker) if fence else 0
         while True:
             budget = max(1, limit - measure(prefix) - reserve)
             end = longest_prefix(rest, budget, measure)

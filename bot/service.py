@@ -351,7 +351,7 @@ class ChatService:
         if usage is not None:
             audit.prompt_tokens, audit.completion_tokens = usage.prompt_tokens, \
                 usage.completion_tokens
-        if status == "ok" and not audit.model_response.strip():
+        if status == "ok" and is_blank(audit.model_response):
             status, audit.error = "error", "empty reply"
             yield "⚠️ The model returned an empty reply. Please try again."
         audit.status = status

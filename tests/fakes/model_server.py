@@ -262,7 +262,11 @@ def echo_reply(rec: Recorded) -> str:
 
 
 def _dumps(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode()
+    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate, as a broken model sends it: as \ud83d
+        return json.dumps(obj, separators=(",", ":")).encode()
 
 
 def _strip_latest(name: str) -> str:
