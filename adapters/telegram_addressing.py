@@ -33,14 +33,21 @@ def addressed_text(message: Message, me: BotIdentity, commands: Collection[str])
         return None
     if message.text is not None:
         text, entities = message.text, message.entities
-        parse, parse_all = message.parse_entity, message.parse_entities
     elif message.caption is not None:
         text, entities = message.caption, message.caption_entities
-        parse, parse_all = message.parse_caption_entity, message.parse_caption_entities
     else:
         return None  # a sticker, a photo without caption, a service message
     if not text.strip():
         return None
+    # One UTF-16 encoding for every entity: linear in text and entities, however
+    # many a (self-hosted) Bot API sends. (python-telegram-bot's parse_entities
+    # encodes the whole text again for each entity, which is what made this quadratic.)
+    utf16 = text.encode("utf-16-le", "surrogatepass")
+
+    def parse(entity: MessageEntity) -> str:
+        span = utf16[2 * entity.offset:2 * (entity.offset + entity.length)]
+        return span.decode("utf-16-le", "surrogatepass")
+
     private = message.chat.type == ChatType.PRIVATE
     username = me.username.lower()
     cuts: list[tuple[int, int]] = []  # UTF-16 spans to remove
@@ -57,10 +64,9 @@ def addressed_text(message: Message, me: BotIdentity, commands: Collection[str])
             addressed = True
         elif name.lower() in commands:
             addressed = True
-    # The library slices all entities from one UTF-16 encoding of the text:
-    # linear in text and entities, however many a (self-hosted) Bot API sends.
-    for entity, value in parse_all([MessageEntity.MENTION, MessageEntity.TEXT_MENTION]).items():
-        mention = entity.type == MessageEntity.MENTION and value.lower() == f"@{username}"
+    for entity in entities:
+        mention = (entity.type == MessageEntity.MENTION
+                   and parse(entity).lower() == f"@{username}")
         text_mention = (entity.type == MessageEntity.TEXT_MENTION and entity.user is not None
                         and entity.user.id == me.id)
         if mention or text_mention:
@@ -70,7 +76,7 @@ def addressed_text(message: Message, me: BotIdentity, commands: Collection[str])
         addressed = True
     if not addressed:
         return None
-    return _without(text, cuts)
+    return _without(text, utf16, cuts)
 
 
 def _replies_to(message: Message, me: BotIdentity) -> bool:
@@ -85,11 +91,10 @@ def _utf16_len(text: str) -> int:
     return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
-def _without(text: str, cuts: list[tuple[int, int]]) -> str:
-    """Text with the UTF-16 spans cut out and the spacing around them tidied."""
+def _without(text: str, data: bytes, cuts: list[tuple[int, int]]) -> str:
+    """Text (`data`: its UTF-16) with the spans cut out and the spacing around them tidied."""
     if not cuts:
         return text.strip()
-    data = text.encode("utf-16-le", "surrogatepass")
     out, pos = [], 0
     hole = _HOLE.encode("utf-16-le")
     for start, end in sorted(cuts):

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from adapters.telegram_format import markdown_to_html
-from bot.render import utf16_len
+from bot.render import split_markdown, utf16_len
 from tests.fakes.telegram_api import parse_html
 
 
@@ -28,20 +28,20 @@ def kinds(markdown: str) -> list[tuple[str, str]]:
             for e, (start, length) in zip(entities, spans, strict=True)]
 
 
-@pytest.mark.parametrize("markdown", [
-    "**bold and `code and <tag> & stuff",
-    "a < b && c > d; x &lt; y",
-    "</span> <blockquote> <b>not a tag</b>",
-    "**a _b** c_",
-    "[x](http://a\"b) and [y](javascript:alert(1))",
-    "see 【source】 here",
-    "_ _ __ * ** *** ~~ || `",
+@pytest.mark.parametrize(("markdown", "text", "entities"), [
+    ("**bold and `code and <tag> & stuff", "**bold and `code and <tag> & stuff", []),
+    ("a < b && c > d; x &lt; y", "a < b && c > d; x &lt; y", []),
+    ("</span> <blockquote> <b>not a tag</b>", "</span> <blockquote> <b>not a tag</b>", []),
+    ("**a _b** c_", "a _b c_", [("bold", "a _b")]),
+    ("[x](http://a\"b) and [y](javascript:alert(1))", "x and [y](javascript:alert(1))",
+     [("text_link", "x")]),
+    ("see 【source】 here", "see 【source】 here", []),
+    ("_ _ __ * ** *** ~~ || `", "_ _ __ * ** *** ~~ || `", []),
 ])
-def test_special_characters_and_broken_markup_show_as_typed(markdown: str) -> None:
-    text, _ = shown(markdown)
-    for piece in ("<tag>", "&", "<", "</span>", "【source】", "javascript:alert(1)"):
-        if piece in markdown:
-            assert piece in text
+def test_special_characters_and_broken_markup_show_as_typed(
+        markdown: str, text: str, entities: list[tuple[str, str]]) -> None:
+    assert shown(markdown)[0] == text
+    assert kinds(markdown) == entities
 
 
 def test_formatting_that_converts_cleanly() -> None:
@@ -97,3 +97,44 @@ def test_random_markdown_always_parses_and_never_grows() -> None:
         markdown = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 40)))
         text, _ = shown(markdown)
         assert utf16_len(text) <= utf16_len(markdown), markdown
+
+
+# ----------------------------------------------------------------- issue 11, items 8 and 10
+
+
+def test_inline_triple_backticks_are_inline_code_for_converter_and_splitter() -> None:
+    markdown = "```npm install``` is the first step.\n\nThen **run** it."
+    assert kinds(markdown) == [("code", "npm install"), ("bold", "run")]
+    assert shown(markdown)[0] == "npm install is the first step.\n\nThen run it."
+    # The splitter agrees: no code block to close and reopen.
+    chunks = split_markdown(markdown + " more" * 40, 64)
+    assert kinds(chunks[0])[:1] == [("code", "npm install")]
+    assert all("```" not in c for c in chunks[1:])
+
+
+def test_four_backtick_and_tilde_fences_hold_shorter_fences() -> None:
+    text, entities = shown("````md\n```py\nx\n```\n````\n~~~\n```\n~~~\nafter")
+    assert text == "```py\nx\n```\n```\nafter"
+    assert [e["type"] for e in entities] == ["pre", "pre"]
+
+
+@pytest.mark.timeout(20)
+def test_nested_links_convert_without_recursion() -> None:
+    for depth in (340, 5000):
+        markdown = "[" * depth + "deep" + "](mailto:)" * depth
+        text, entities = shown(markdown)
+        assert "deep" in text and entities[0]["type"] == "text_link"
+    assert kinds("[[x](https://a.b)](https://c.d)") == [("text_link", "[x](https://a.b)")]
+
+
+@pytest.mark.timeout(20)  # on quadratic code each of these takes from 40 s to minutes
+@pytest.mark.parametrize("markdown", [
+    "[" * 100_000, "[]" * 50_000, "[a](" * 25_000, "![" * 50_000, "*" * 100_000,
+    "_a " * 20_000 + "a* " * 20_000, "".join("`" * k + " x " for k in range(1, 450)),
+    "# " + " " * 100_000 + "x", "```" + "a" * 100_000 + "`", "<http://a" * 5_000,
+])
+def test_pathological_replies_convert_in_linear_time(markdown: str) -> None:
+    text, _ = shown(markdown)
+    assert utf16_len(text) <= utf16_len(markdown)
+    if markdown.startswith("["):
+        assert text == markdown  # nothing there is a link: all of it shows

@@ -138,3 +138,31 @@ def test_file_url_follows_the_bot_api_url() -> None:
     assert file_url_for("https://tg.example/api/bot{token}/") == \
         "https://tg.example/api/file/bot{token}/"
     assert file_url_for("http://local:8081") == "http://local:8081/file/bot"
+
+
+class CountingText(str):
+    """A message text that counts how often it is encoded (UTF-16 slicing re-encodes it)."""
+
+    encodes = 0
+
+    def encode(self, *args: Any, **kwargs: Any) -> bytes:
+        CountingText.encodes += 1
+        return super().encode(*args, **kwargs)
+
+
+@pytest.mark.parametrize("count", [10, 2000])
+def test_mention_entities_are_sliced_from_one_encoding(tg: TelegramApiEmulator,
+                                                       count: int) -> None:
+    me = f"@{tg.bot_username}"
+    body = " ".join(["@someone"] * count) + f" {me} 😀 hi"
+    data = tg.user_says(5, body, **in_group())
+    assert len(data["entities"]) == count + 1  # the emulator marked every mention
+    data["text"] = CountingText(body)
+    message = Message.de_json(data, None)
+    assert isinstance(message.text, CountingText)
+    CountingText.encodes = 0
+    seen_text = addressed_text(message, BotIdentity(tg.bot_id, tg.bot_username), KNOWN)
+    assert seen_text == " ".join(["@someone"] * count) + " 😀 hi"
+    # Linear: one encoding to slice every entity and cut the mention out, however
+    # many entities the Bot API sends (it was one per entity).
+    assert CountingText.encodes == 1
