@@ -145,13 +145,38 @@ def _cut_point(text: str, end: int) -> int:
     return cut if cut > 0 else end  # one cluster longer than a message: cut it
 
 
-def _reopen(fence: Fence, limit: int, measure: Callable[[str], int]) -> str:
-    """The reopening line for a continuation, short enough to leave room for text."""
+def _reopen(fence: Fence, limit: int, measure: Callable[[str], int]) -> str | None:
+    """The reopening line for a continuation, or None when it leaves too little room."""
     closer = measure("\n" + fence.marker)
     for line in (fence.reopen_line(), fence.marker):
         if measure(line + "\n") + closer <= limit // 2:
             return line
-    return fence.marker  # a marker of a quarter of the limit: still correct, just cramped
+    # A marker of a quarter of the limit: the continuation goes without one (it is
+    # then read afresh, which the fence state below follows) rather than overflow.
+    return None
+
+
+def _line_kind(line: str, fence: Fence | None) -> bool:
+    """What a line does to the fence state: opens one (none open) or closes it."""
+    return fence_opener(line) is not None if fence is None else fence.closes(line)
+
+
+def _keeps_lines(rest: str, cut: int, fence: Fence | None) -> bool:
+    """Whether cutting rest at `cut` leaves the cut line's meaning as it was.
+
+    A cut inside a line makes two lines: neither half may open or close a code
+    block that the whole line did not (```` ``` a `b` ```` cut after "``` a").
+    """
+    if cut <= 0 or cut >= len(rest) or rest[cut - 1] == "\n":
+        return True
+    start = rest.rfind("\n", 0, cut) + 1
+    end = rest.find("\n", cut)
+    end = len(rest) if end < 0 else end
+    state = fence_after(rest[:start - 1], fence) if start else fence
+    whole, head, tail = rest[start:end], rest[start:cut].rstrip(), rest[cut:end]
+    if _line_kind(head, state) != _line_kind(whole, state):
+        return False
+    return not _line_kind(tail, fence_after(head, state))
 
 
 def split_markdown(text: str, limit: int, measure: Callable[[str], int] = len) -> list[str]:
@@ -161,7 +186,9 @@ def split_markdown(text: str, limit: int, measure: Callable[[str], int] = len) -
     marker that opened it and opened again, with its language, at the start of
     the next. Nothing else is added or dropped except the whitespace at the
     split points. Every chunk but the last carries at least a sixth of the
-    limit, so one reply never turns into a flood of tiny messages.
+    limit, so one reply never turns into a flood of tiny messages. No chunk is
+    ever over the limit: a fence marker too long to close and reopen within
+    it is the one thing left unbalanced.
     """
     if limit < MIN_LIMIT:
         raise ValueError(f"limit too small to split Markdown (at least {MIN_LIMIT})")
@@ -169,7 +196,10 @@ def split_markdown(text: str, limit: int, measure: Callable[[str], int] = len) -
     fence: Fence | None = None
     rest = text
     while rest:
-        prefix = f"{_reopen(fence, limit, measure)}\n" if fence else ""
+        reopen = _reopen(fence, limit, measure) if fence else None
+        if reopen is None:
+            fence = None
+        prefix = f"{reopen}\n" if reopen is not None else ""
         whole = prefix + rest
         if measure(whole) <= limit:
             chunks.append(whole)
@@ -182,6 +212,10 @@ def split_markdown(text: str, limit: int, measure: Callable[[str], int] = len) -
             end = longest_prefix(rest, budget, measure)
             cut = _cut_point(rest, end) if end < len(rest) else end
             cut = max(cut, 1)
+            if not _keeps_lines(rest, cut, fence):
+                line_start = rest.rfind("\n", 0, cut) + 1
+                if line_start > 0:
+                    cut = line_start
             piece = rest[:cut].rstrip()
             new_fence = fence_after(piece, fence)
             if new_fence is not None and new_fence is not fence:
@@ -198,7 +232,7 @@ def split_markdown(text: str, limit: int, measure: Callable[[str], int] = len) -
             reserve = max(reserve + 1, needed)
         rest = rest[cut:].lstrip("\n")
         chunk = prefix + piece
-        if new_fence:
+        if new_fence and measure(chunk + "\n" + new_fence.marker) <= limit:
             chunk += "\n" + new_fence.marker
         if chunk.strip() and (piece.strip() or not new_fence):
             chunks.append(chunk)
