@@ -202,7 +202,8 @@ def split_markdown(text: str, limit: int, measure: Callable[[str], int] = len) -
         prefix = f"{reopen}\n" if reopen is not None else ""
         whole = prefix + rest
         if measure(whole) <= limit:
-            chunks.append(whole)
+            if whole.strip():
+                chunks.append(whole)
             break
         # Room for the closing marker: first guess the open one's, then the one
         # actually open at the cut (a longer marker may have opened inside).
