@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 TYPING_DELAY = 0.2  # seconds before the typing indicator shows
 MIN_LIMIT = 16  # the smallest message size the splitter promises to handle
 _GRAPHEME = regex.compile(r"\X", regex.DOTALL)
+_REGIONAL = regex.compile(r"\p{Regional_Indicator}")
+_GRAPHEME_LOOKBACK = 256  # characters; far longer than any real cluster
 _LANGUAGE_MAX = 32  # longer "languages" are not reopened (the converter ignores them too)
 
 
@@ -75,11 +77,11 @@ class Fence:
 
     def closes(self, line: str) -> bool:
         """Whether `line` closes this fence: the same character, at least as many, alone."""
-        indent = len(line) - len(line.lstrip(" "))
+        indent = _indent(line)
         if indent > 3:
             return False
         rest = line[indent:]
-        run = len(rest) - len(rest.lstrip(self.marker[0]))
+        run = _run(rest, self.marker[0])
         return run >= len(self.marker) and not rest[run:].strip(" \t")
 
     def reopen_line(self) -> str:
@@ -89,16 +91,32 @@ class Fence:
         return self.marker + language
 
 
+def _indent(line: str) -> int:
+    """Leading spaces, counted up to 4 (enough to decide; a long line costs nothing)."""
+    n = 0
+    while n < 4 and n < len(line) and line[n] == " ":
+        n += 1
+    return n
+
+
+def _run(text: str, ch: str) -> int:
+    """How many `ch` open `text`."""
+    n = 0
+    while n < len(text) and text[n] == ch:
+        n += 1
+    return n
+
+
 def fence_opener(line: str) -> Fence | None:
     """The fence `line` opens, or None (CommonMark: ≤ 3 spaces, ≥ 3 of ` or ~,
     and a backtick fence's info string has no backtick, so ```x``` is inline code)."""
-    indent = len(line) - len(line.lstrip(" "))
+    indent = _indent(line)
     if indent > 3:
         return None
     rest = line[indent:]
     if not rest or rest[0] not in "`~":
         return None
-    run = len(rest) - len(rest.lstrip(rest[0]))
+    run = _run(rest, rest[0])
     if run < 3:
         return None
     info = rest[run:]
@@ -121,15 +139,31 @@ def fence_after(text: str, fence: Fence | None) -> Fence | None:
 
 
 def _grapheme_floor(text: str, i: int) -> int:
-    """The largest grapheme-cluster boundary ≤ i (a line start is always one)."""
+    """The largest grapheme-cluster boundary ≤ i (a line start is always one).
+
+    Segmentation starts a little before i, not at the line start, so a long line
+    costs no more per cut; the first cluster found there may be a partial one,
+    so its end is not trusted. A run of regional indicators (flags) pairs from
+    its own start, so it is scanned whole.
+    """
     if i <= 0 or i >= len(text):
         return max(0, min(i, len(text)))
-    start = text.rfind("\n", 0, i) + 1
-    best = start
-    for m in _GRAPHEME.finditer(text, start):
+    line = text.rfind("\n", 0, i) + 1
+    start = max(line, i - _GRAPHEME_LOOKBACK)
+    while start > line and _REGIONAL.match(text, start - 1):
+        start -= 1
+    best = start if start == line else -1
+    for k, m in enumerate(_GRAPHEME.finditer(text, start)):
         if m.end() > i:
             break
-        best = m.end()
+        if k or start == line:
+            best = m.end()
+    if best < 0:  # one cluster longer than the look-back: segment the whole line
+        best = line
+        for m in _GRAPHEME.finditer(text, line):
+            if m.end() > i:
+                break
+            best = m.end()
     return best
 
 
@@ -210,7 +244,9 @@ def split_markdown(text: str, limit: int, measure: Callable[[str], int] = len) -
         reserve = measure("\n" + fence.marker) if fence else 0
         while True:
             budget = max(1, limit - measure(prefix) - reserve)
-            end = longest_prefix(rest, budget, measure)
+            # Platforms count each character as one unit or more: no prefix
+            # longer than the budget can fit, so only that much is measured.
+            end = longest_prefix(rest[:budget], budget, measure)
             cut = _cut_point(rest, end) if end < len(rest) else end
             cut = max(cut, 1)
             if not _keeps_lines(rest, cut, fence):

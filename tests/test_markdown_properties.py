@@ -13,6 +13,7 @@ import functools
 import re
 from collections.abc import Callable
 
+import regex
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
@@ -72,6 +73,8 @@ def test_split_parts_fit_balance_and_keep_the_text(text: str, limit: int, measur
     assert all(size(p) <= limit for p in parts)
     assert all(p.strip() for p in parts)
     assert_nothing_lost_or_repeated(text, parts)
+    clusters = set(regex.findall(r"\X", text))  # a cut cluster would leave a new fragment
+    assert all(set(regex.findall(r"\X", p)) <= clusters | {"`", "~", "\n"} for p in parts)
     if 4 * (longest_fence_run(text) + 1) <= limit:  # room to close and reopen any fence
         for part in parts[:-1]:
             assert fence_after(part, None) is None, part
