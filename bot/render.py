@@ -310,6 +310,7 @@ class StreamRenderer:
         self._clock = clock
         self._text = ""
         self._shown: list[_Shown] = []
+        self._held = False  # text has come, but none of it would show yet
         self.edits = 0  # how many edits were made, for tests and benchmarks
 
     @property
@@ -377,10 +378,11 @@ class StreamRenderer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(changed.wait(), TYPING_DELAY)
         while not self._shown and not done.is_set():
-            try:
-                await self._sink.typing()
-            except Exception:
-                log.debug("typing indicator failed", exc_info=True)
+            if not self._text or self._held:  # not while the first message is on its way
+                try:
+                    await self._sink.typing()
+                except Exception:
+                    log.debug("typing indicator failed", exc_info=True)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), self._typing_interval)
 
@@ -399,6 +401,7 @@ class StreamRenderer:
                     called = True
                 continue
             sent = await self._send(chunk, final=final)
+            self._held = sent is None and not self._shown
             if sent is None:
                 if final:
                     continue  # nothing to show at all in this chunk

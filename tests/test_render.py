@@ -168,6 +168,7 @@ class RecordingSink:
 
     async def typing(self) -> None:
         self.typing_calls += 1
+        self.events.append((time.monotonic(), "typing", -1))
 
 
 async def paced(parts: list[str], gap: float, first: float = 0) -> AsyncIterator[str]:
@@ -287,3 +288,15 @@ async def test_empty_stream_sends_nothing() -> None:
     sink = RecordingSink()
     assert await StreamRenderer(sink, limit=4096).run(paced([], 0)) == []
     assert sink.messages == [] and sink.calls == []
+
+
+async def test_typing_shows_while_nothing_is_visible_and_stops_once_something_is() -> None:
+    sink = RecordingSink(invisible=lambda text: text.strip() == "```python")
+    renderer = StreamRenderer(sink, limit=4096, edit_interval=0, typing_interval=0.05)
+    async with asyncio.timeout(5):
+        await renderer.run(paced(["```python\n", "print(1)\n", "```"], 0.3))
+    kinds = [kind for _, kind, _ in sink.events]
+    first_send = kinds.index("send")
+    assert "typing" in kinds[:first_send]  # text had come, but nothing showed yet
+    assert "typing" not in kinds[first_send:]
+    assert sink.calls[0] == ("send", 0, "```python\nprint(1)\n", True)
