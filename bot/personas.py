@@ -255,7 +255,7 @@ def _typed(name: str, raw: str, line: int) -> Any:
         raise ModelfileError(f"line {line}: PARAMETER {name} {raw!r} is not {what}") from None
 
 
-def parse_modelfile(text: str) -> Modelfile:
+def parse_modelfile(text: str, source: str = "Modelfile") -> Modelfile:
     """Read FROM, SYSTEM, PARAMETER and MESSAGE from an Ollama Modelfile.
 
     Instructions are case-insensitive and the last FROM / SYSTEM wins, as in
@@ -294,8 +294,8 @@ def parse_modelfile(text: str) -> Modelfile:
             if not pname or not raw:
                 raise ModelfileError(f"line {line_no}: PARAMETER needs a name and a value")
             if pname in DEPRECATED_PARAMETERS:
-                log.warning("Modelfile line %d: parameter %s is deprecated; ignored",
-                            line_no, pname)
+                log.warning("%s line %d: parameter %s is deprecated; ignored",
+                            source, line_no, pname)
             elif pname not in PARAMETER_TYPES:
                 raise ModelfileError(f"line {line_no}: unknown PARAMETER {pname!r}; known: "
                                      + ", ".join(PARAMETER_TYPES))
@@ -312,8 +312,8 @@ def parse_modelfile(text: str) -> Modelfile:
                 content, _, pos = _value(text, pos, line_no)
                 messages.append((role.lower(), content))
             else:
-                log.warning("Modelfile line %d: MESSAGE without a role (system, user or "
-                            "assistant); skipped", line_no)
+                log.warning("%s line %d: MESSAGE without a role (system, user or "
+                            "assistant); skipped", source, line_no)
                 _, _, pos = _value(text, pos, line_no)
         elif word in ("from", "system") or word in IGNORED_INSTRUCTIONS:
             value, quoted, pos = _value(text, pos, line_no)
@@ -396,7 +396,7 @@ def _persona(where: str, base: Path, name: str, table: object) -> Persona:
             raise PersonaError(f"{where}: persona {name!r}: field 'modelfile': "
                                f"{fields.modelfile}: {reason}") from None
         try:
-            from_file = parse_modelfile(text)
+            from_file = parse_modelfile(text, str(path))
         except ModelfileError as exc:
             raise PersonaError(f"{where}: persona {name!r}: field 'modelfile': "
                                f"{fields.modelfile} {exc}") from None

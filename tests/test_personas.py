@@ -45,9 +45,14 @@ def one_line_error(path: Path) -> str:
 # ------------------------------------------------------------------ the seed's example
 
 
-def test_the_seeds_traditional_chinese_modelfile_works_unchanged() -> None:
+def test_the_seeds_traditional_chinese_modelfile_works_unchanged(
+        caplog: pytest.LogCaptureFixture) -> None:
     """The Modelfile from the seed notes: inline comments, triple-quoted SYSTEM, MESSAGE."""
-    personas = load_personas(FIXTURES / "personas.toml")
+    with caplog.at_level(logging.WARNING, logger="bot.personas"):
+        personas = load_personas(FIXTURES / "personas.toml")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{FIXTURES / 'teacher.Modelfile'} line 20: MESSAGE without a role (system, user or "
+        "assistant); skipped"]
     teacher = personas.get("teacher")
     assert teacher is not None
     assert teacher.system == TEACHER_SYSTEM
@@ -87,7 +92,8 @@ def test_modelfile_syntax_like_ollamas() -> None:
         'MESSAGE user Is Toronto in Canada?\n'
         'MESSAGE assistant yes\n'
         'LICENSE """\nMIT\n"""\n'
-        'ADAPTER ./lora.gguf\n')
+        'ADAPTER ./lora.gguf\n'
+        'PARAMETER mirostat 2\n')
     assert parsed.model == "llama3.2"
     assert parsed.system == 'Line one\nLine "two" # not a comment'  # the last SYSTEM wins
     assert parsed.parameters == {"stop": ["<|eot_id|>", "User:"], "seed": 42}
