@@ -223,22 +223,26 @@ _COMMENT_TAIL = re.compile(r"\s+#.*$")
 
 
 def _value(text: str, pos: int, line: int) -> tuple[str, bool, int]:
-    """The argument starting at `pos`: (value, was quoted, position after it).
+    """The argument starting at `pos`: (value, was quoted, position of its line's end).
 
-    Like Ollama's parser: `\"\"\"…\"\"\"` and `"…"` may span lines; else the
-    value is the rest of the line.
+    As in Ollama's parser, a value is the rest of the line, unless it opens a
+    quote (three double quotes, or one): then it runs to the first line end where it also
+    closes, so `"He said "hi""` keeps its inner quotes and a quoted value may
+    span lines.
     """
     for quote in ('"""', '"'):
-        if text.startswith(quote, pos):
-            end = text.find(quote, pos + len(quote))
-            if end < 0:
+        if not text.startswith(quote, pos):
+            continue
+        cut = pos
+        while True:
+            cut = text.find("\n", cut + 1)
+            cut = len(text) if cut < 0 else cut
+            chunk = text[pos:cut].strip()
+            for candidate in (chunk, _COMMENT_TAIL.sub("", chunk)):
+                if len(candidate) >= 2 * len(quote) and candidate.endswith(quote):
+                    return candidate[len(quote):-len(quote)], True, cut
+            if cut >= len(text):
                 raise ModelfileError(f"line {line}: {quote} is never closed")
-            rest_end = text.find("\n", end)
-            rest_end = len(text) if rest_end < 0 else rest_end
-            tail = text[end + len(quote):rest_end].strip()
-            if tail and not tail.startswith("#"):
-                raise ModelfileError(f"line {line}: unexpected text after the closing quote")
-            return text[pos + len(quote):end], True, rest_end
     end = text.find("\n", pos)
     end = len(text) if end < 0 else end
     return text[pos:end].strip(), False, end

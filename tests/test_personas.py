@@ -82,7 +82,8 @@ def test_modelfile_syntax_like_ollamas() -> None:
     parsed = parse_modelfile(
         'from llama3.2\n'
         'parameter stop "<|eot_id|>"\n'
-        'PARAMETER stop "User:"\n'
+        'PARAMETER stop "User:" # a comment after the quotes\n'
+        'PARAMETER stop "He said "hi""\n'
         'PARAMETER\tseed 42\n'
         'SYSTEM first\n'
         'SYSTEM """Line one\n'
@@ -96,7 +97,7 @@ def test_modelfile_syntax_like_ollamas() -> None:
         'PARAMETER mirostat 2\n')
     assert parsed.model == "llama3.2"
     assert parsed.system == 'Line one\nLine "two" # not a comment'  # the last SYSTEM wins
-    assert parsed.parameters == {"stop": ["<|eot_id|>", "User:"], "seed": 42}
+    assert parsed.parameters == {"stop": ["<|eot_id|>", "User:", 'He said "hi"'], "seed": 42}
     assert parsed.messages == (("user", "Is Toronto in Canada?"), ("assistant", "yes"))
 
 
