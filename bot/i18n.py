@@ -197,6 +197,11 @@ class Catalogs:
     def languages(self) -> tuple[str, ...]:
         return tuple(self._translators)
 
+    def in_every_language(self, msgid: str, /, **params: Any) -> dict[str, str]:
+        """One message in every language: Discord's description_localizations
+        (keys through DISCORD_LOCALES), Telegram's setMyCommands per language."""
+        return {code: tr.gettext(msgid, **params) for code, tr in self._translators.items()}
+
     def for_language(self, code: str | None) -> Translator:
         """The translator for `code` (any spelling normalize accepts); English otherwise."""
         return self._translators.get(normalize(code) or DEFAULT_LANGUAGE,

@@ -31,6 +31,7 @@ from bot.i18n import (
     normalize,
     parse_language,
 )
+from bot.settings import SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures" / "i18n"
@@ -145,7 +146,7 @@ SCRIPT_PAIRS = [
     ("過", "过"), ("機", "机"), ("數", "数"), ("條", "条"), ("則", "则"), ("應", "应"),
     ("還", "还"), ("沒", "没"), ("從", "从"), ("裡", "里"), ("後", "后"), ("內", "内"),
     ("處", "处"), ("務", "务"), ("單", "单"), ("統", "统"), ("計", "计"), ("預", "预"),
-    ("伺", "服"), ("覆", "复"), ("據", "据"), ("傳", "传"), ("連", "连"), ("筆", "笔"),
+    ("復", "复"), ("據", "据"), ("傳", "传"), ("連", "连"), ("筆", "笔"), ("見", "见"),
 ]
 
 
@@ -160,9 +161,7 @@ def _texts(code: str) -> str:
 def test_traditional_and_simplified_stay_apart() -> None:
     traditional, simplified = _texts("zh-TW"), _texts("zh-CN")
     for trad, simp in SCRIPT_PAIRS:
-        # 服 and 复 are also Traditional characters; only the pairs' other side is checked.
-        if simp not in ("服", "复"):
-            assert simp not in traditional, f"zh-TW uses the Simplified {simp}"
+        assert simp not in traditional, f"zh-TW uses the Simplified {simp}"
         assert trad not in simplified, f"zh-CN uses the Traditional {trad}"
     # Each region's own words, not the other script's characters for the same word.
     for word in ("設定", "訊息", "記憶", "伺服器", "預設", "指令"):
@@ -293,6 +292,20 @@ def test_the_order_of_choice() -> None:
 ])
 def test_what_users_type_after_language(typed: str, expected: str | None) -> None:
     assert parse_language(typed) == expected
+
+
+def test_the_language_setting() -> None:
+    assert load_settings(env_file=None, LANGUAGE="zh_tw").LANGUAGE == "zh-TW"
+    assert load_settings(env_file=None).LANGUAGE == "auto"
+    with pytest.raises(SettingsError) as info:
+        load_settings(env_file=None, LANGUAGE="fr")
+    assert str(info.value).startswith("bad setting LANGUAGE='fr': ")
+    assert "\n" not in str(info.value)
+
+
+def test_every_language_of_one_message_for_platform_menus() -> None:
+    assert CATALOGS.in_every_language("Forget this conversation") == {
+        "en": "Forget this conversation", "zh-TW": "忘掉這段對話", "zh-CN": "忘掉这段对话"}
 
 
 @given(st.text(max_size=20))
