@@ -8,7 +8,7 @@ from pathlib import Path
 import ollama
 import openai
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bot.personas import (
@@ -252,6 +252,7 @@ def test_a_personas_num_ctx_only_lowers_the_window(tmp_path: Path) -> None:
     assert ollama_options(personas.get("b"), num_ctx=4096, num_predict=100)["num_ctx"] == 4096
 
 
+@settings(deadline=None)  # a loaded machine must not fail a pure function
 @given(num_predict=st.one_of(st.none(), st.integers(min_value=-2, max_value=10**7)),
        default=st.integers(min_value=1, max_value=10**6),
        available=st.integers(min_value=1, max_value=10**6))
