@@ -46,11 +46,11 @@ def choose_adapters(settings: Settings, *, console: bool) -> list[Adapter]:
     if not console:
         # Platform libraries are imported only when their adapter starts.
         if settings.TELEGRAM_TOKEN is not None:
-            from adapters.telegram_adapter import TelegramAdapter
+            from adapters.telegram.adapter import TelegramAdapter
 
             adapters.append(TelegramAdapter(settings))
         if settings.DISCORD_TOKEN is not None:
-            from adapters.discord_adapter import DiscordAdapter
+            from adapters.discord.adapter import DiscordAdapter
 
             adapters.append(DiscordAdapter(settings))
     if not adapters:

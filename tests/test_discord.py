@@ -23,9 +23,9 @@ import discord
 import pytest
 from discord.http import Route
 
-import adapters.discord_commands as discord_commands
-from adapters.discord_adapter import DiscordAdapter
-from adapters.discord_sink import APOLOGY
+import adapters.discord.commands as discord_commands
+from adapters.discord.adapter import DiscordAdapter
+from adapters.discord.sink import APOLOGY
 from bot.app import open_service
 from bot.messages import Incoming
 from bot.service import ChatService

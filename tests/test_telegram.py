@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from adapters.telegram_adapter import SORRY, TelegramAdapter
+from adapters.telegram.adapter import SORRY, TelegramAdapter
 from bot.app import open_service
 from bot.commands import COMMANDS
 from bot.messages import Incoming
@@ -600,7 +600,7 @@ async def test_a_reply_in_flight_finishes_within_the_grace(
 async def test_a_reply_still_running_after_the_grace_is_cancelled(
         tg: TelegramApiEmulator, tg_settings: SettingsFactory, model_server: ModelServer,
         monkeypatch: pytest.MonkeyPatch, db_url: str) -> None:
-    import adapters.telegram_adapter as telegram_adapter
+    import adapters.telegram.adapter as telegram_adapter
 
     monkeypatch.setattr(telegram_adapter, "DRAIN_EXTRA", 0.2)
     model_server.gate = asyncio.Event()  # the reply never starts

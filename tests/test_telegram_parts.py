@@ -12,15 +12,15 @@ from typing import Any
 import pytest
 from telegram import Message
 
-from adapters.telegram_adapter import file_url_for
-from adapters.telegram_addressing import BotIdentity, addressed_text
-from adapters.telegram_model_menu import (
+from adapters.telegram.adapter import file_url_for
+from adapters.telegram.addressing import BotIdentity, addressed_text
+from adapters.telegram.menu import (
     decode_choice,
     encode_choice,
     model_keyboard,
     resolve_choice,
 )
-from adapters.telegram_pacing import ChatPacer
+from adapters.telegram.pacing import ChatPacer
 from bot.commands import KNOWN
 from bot.messages import ModelChoices
 from tests.fakes.telegram_api import TelegramApiEmulator

@@ -15,9 +15,9 @@ from collections.abc import Awaitable, Callable
 import discord
 from discord import app_commands
 
-from adapters.discord_inbound import incoming_from_interaction
-from adapters.discord_inflight import InFlight
-from adapters.discord_sink import APOLOGY, MESSAGE_LIMIT
+from adapters.discord.inbound import incoming_from_interaction
+from adapters.discord.inflight import InFlight
+from adapters.discord.sink import APOLOGY, MESSAGE_LIMIT
 from bot.commands import COMMANDS
 from bot.messages import Incoming
 from bot.render import split_markdown

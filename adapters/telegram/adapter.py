@@ -32,11 +32,11 @@ from telegram.ext import (
     filters,
 )
 
-from adapters.telegram_addressing import BotIdentity, addressed_text
-from adapters.telegram_logging import secrets_kept_out_of_logs
-from adapters.telegram_model_menu import decode_choice, model_keyboard, resolve_choice
-from adapters.telegram_pacing import ChatPacer
-from adapters.telegram_sink import TelegramSink
+from adapters.telegram.addressing import BotIdentity, addressed_text
+from adapters.telegram.log_secrets import secrets_kept_out_of_logs
+from adapters.telegram.menu import decode_choice, model_keyboard, resolve_choice
+from adapters.telegram.pacing import ChatPacer
+from adapters.telegram.sink import TelegramSink
 from bot.commands import COMMANDS, KNOWN, parse_command
 from bot.messages import Incoming
 from bot.render import FormattingRejected, StreamRenderer, utf16_len

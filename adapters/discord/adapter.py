@@ -25,10 +25,10 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from discord.http import HTTPClient, Route
 
-from adapters.discord_commands import SlashCommands
-from adapters.discord_inbound import incoming_from_message, is_addressed, text_for_model
-from adapters.discord_inflight import InFlight
-from adapters.discord_sink import MESSAGE_LIMIT, ChannelSink
+from adapters.discord.commands import SlashCommands
+from adapters.discord.inbound import incoming_from_message, is_addressed, text_for_model
+from adapters.discord.inflight import InFlight
+from adapters.discord.sink import MESSAGE_LIMIT, ChannelSink
 from bot.messages import Incoming
 from bot.render import StreamRenderer
 from bot.service import ChatService
