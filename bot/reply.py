@@ -143,12 +143,15 @@ class Reply:
         finished = False
         try:
             async with contextlib.aclosing(self._stream) as stream:
-                async for delta in stream:
-                    if self._cancelled:
-                        break  # closing the stream ends the turn as cancelled
+                # Checked before asking for more: closing the stream ends the turn as
+                # cancelled, with what was shown so far as its text.
+                while not self._cancelled:
+                    try:
+                        delta = await anext(stream)
+                    except StopAsyncIteration:
+                        finished = True
+                        break
                     yield delta
-                else:
-                    finished = True
         finally:
             if finished and not self._cancelled and self._final is not None:
                 self.outcome = self._final()
@@ -161,7 +164,10 @@ class Reply:
         return "".join(parts)
 
     def cancel(self) -> None:
-        """Stop a streaming answer at its next delta; the turn ends as cancelled."""
+        """Stop a streaming answer before its next delta; the turn ends as cancelled.
+
+        (It takes effect when the reader next asks for a delta; a /stop that must
+        also cut a model call that is thinking can cancel the reading task.)"""
         if self._stream is not None and self.outcome is Outcome.PENDING:
             self._cancelled = True
 
