@@ -239,24 +239,28 @@ class TelegramAdapter(Adapter[Destination]):
 
     async def _choice_button(self, query: CallbackQuery,
                              context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A press on a reply's choices: run `/<command> <key>` as the presser."""
         press = decode_choice(query.data)
         message = query.message
         if press is None or not isinstance(message, Message):
             await query.answer("This button no longer works. Send /model again.")
             return
+        command = press.command
         if press.owner_id != query.from_user.id:
-            # Never someone else's model: each person picks with their own /model.
-            await query.answer("This menu belongs to someone else. Send /model to pick yours.",
-                               show_alert=True)
+            # Never someone else's pick: each person picks with their own menu.
+            await query.answer(f"This menu belongs to someone else. Send /{command} to pick "
+                               "yours.", show_alert=True)
             return
         service = self.service
-        msg = self._incoming(query.from_user, message.chat, "/model", query)
-        model = resolve_choice(press.key, (await service.model_choices(msg)).available)
-        if model is None:
-            await query.answer("That model is no longer offered. Send /model for the list.",
-                               show_alert=True)
+        msg = self._incoming(query.from_user, message.chat, f"/{command}", query)
+        offered = await service.choices(command, msg)
+        key = resolve_choice(press.key, [c.key for c in offered.options] if offered else [])
+        choice = offered.find(key) if offered is not None and key is not None else None
+        if offered is None or choice is None:
+            await query.answer(f"That {command} is no longer offered. Send /{command} for "
+                               "the list.", show_alert=True)
             return
-        reply = await service.handle(replace(msg, text=f"/{press.command} {model}"))
+        reply = await service.handle(replace(msg, text=offered.pick_line(choice)))
         text = await self.collect(reply)
         if text.strip():
             sink = TelegramSink(context.bot, message.chat.id, pacer=self._pacer)
@@ -264,7 +268,7 @@ class TelegramAdapter(Adapter[Destination]):
                 await sink.edit(message.message_id, text, formatted=True)
             except FormattingRejected:
                 await sink.edit(message.message_id, text, formatted=False)
-        await query.answer(f"Model: {model}"[:200])
+        await query.answer(f"{command.capitalize()}: {choice.label}"[:200])
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log the detail for the operator; give the chat one short apology."""
