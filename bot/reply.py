@@ -145,13 +145,13 @@ class Reply:
             async with contextlib.aclosing(self._stream) as stream:
                 # Checked before asking for more: closing the stream ends the turn as
                 # cancelled, with what was shown so far as its text.
-                while not self._cancelled:
-                    try:
-                        delta = await anext(stream)
-                    except StopAsyncIteration:
+                if not self._cancelled:
+                    async for delta in stream:
+                        yield delta
+                        if self._cancelled:
+                            break
+                    else:
                         finished = True
-                        break
-                    yield delta
         finally:
             if finished and not self._cancelled and self._final is not None:
                 self.outcome = self._final()
