@@ -11,7 +11,8 @@ its fields alone and never reads its text to decide anything:
 - `choices`: what the user may pick (models now), rendered per platform;
 - `outcome`: how it ended (ok / error / cancelled / refused), final once the
   stream is over;
-- `id` and `cancel()`: a handle to stop a streaming answer (the future /stop).
+- `id` and `cancel()`: a handle to stop a streaming answer (the future /stop
+  finds the answers of a conversation with `ChatService.answers_in`).
 
 Iterate a Reply (once) for its Markdown deltas, or `await reply.text()` for the
 whole of it. A Reply with no text means: say nothing.
@@ -153,7 +154,7 @@ class Reply:
                     else:
                         finished = True
         finally:
-            if finished and not self._cancelled and self._final is not None:
+            if finished and self._final is not None:
                 self.outcome = self._final()
             else:
                 self.outcome = Outcome.CANCELLED

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 
 from bot.commands import Arg, Commands, command, help_text, parse_command
@@ -70,6 +71,10 @@ class ChatService:
         self._idle.set()
         self._closing = False
         self._rate_notified: dict[str, float] = {}  # user → until when told
+        # The answers handed out, by (conversation, reply id), for /stop to find; an
+        # entry goes with its Reply once the adapter lets go of it.
+        self._answers: weakref.WeakValueDictionary[tuple[str, int], Reply] = \
+            weakref.WeakValueDictionary()
         self._redact = RedactSecrets(settings.secrets()).redact
         self.memory = Summarizer(settings, store, provider, self._calls, self._audit)
 
@@ -135,8 +140,17 @@ class ChatService:
             conversation=ref.key, user_input=text, provider=self.provider.name,
         )
         # The turn runs as the adapter reads the answer; its audit status is the outcome.
-        return Reply.answer(self._chat(msg, text, ref, audit),
-                            lambda: _OUTCOMES.get(audit.status, Outcome.ERROR))
+        reply = Reply.answer(self._chat(msg, text, ref, audit),
+                             lambda: _OUTCOMES.get(audit.status, Outcome.ERROR))
+        self._answers[ref.key, reply.id] = reply
+        return reply
+
+    def answers_in(self, msg: Incoming) -> list[Reply]:
+        """The answers in `msg`'s conversation still streaming (or waiting their
+        turn), oldest first: what a /stop would cancel."""
+        key = self.conversation_ref(msg).key
+        return [r for (k, _), r in sorted(self._answers.items()) if k == key
+                and r.outcome is Outcome.PENDING]
 
     async def aclose(self) -> None:
         """Stop background work and release the provider's connections."""

@@ -249,3 +249,23 @@ async def test_console_numbers_the_choices_and_a_number_picks(
     assert lines[-1] == "You said: hi"
     assert chosen == "qwen2.5"
     assert [r.model for r in model_server.requests] == ["qwen2.5"]
+
+
+async def test_a_streaming_answer_is_found_by_its_conversation_and_stopped(
+        service: ChatService, model_server: ModelServer) -> None:
+    model_server.reply = "word " * 50
+    model_server.chunk_delay = 0.01
+    reply = await service.handle(incoming("tell me a story", user="7"))
+    assert service.answers_in(incoming("/stop", user="7")) == [reply]
+    assert service.answers_in(incoming("/stop", user="8")) == []  # someone else's
+    seen: list[str] = []
+    async with asyncio.timeout(10):
+        async for delta in reply:
+            seen.append(delta)
+            if len(seen) == 3:
+                for running in service.answers_in(incoming("/stop", user="7")):
+                    running.cancel()
+    rows = await service.store.audit_log(5)
+    assert len(seen) == 3 and reply.outcome is Outcome.CANCELLED
+    assert rows[-1]["status"] == "cancelled" and rows[-1]["model_response"] == "".join(seen)
+    assert service.answers_in(incoming("/stop", user="7")) == []
