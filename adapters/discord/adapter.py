@@ -35,6 +35,7 @@ from adapters.discord.inbound import (
     place_of,
     text_for_model,
 )
+from adapters.discord.settings import bot_token, shard_ids
 from adapters.discord.sink import MESSAGE_LIMIT, ChannelSink
 from bot.reply import Reply
 from bot.settings import Settings
@@ -131,9 +132,8 @@ class DiscordAdapter(Adapter[discord.Message]):
     name = "discord"
 
     def __init__(self, settings: Settings) -> None:
-        if settings.DISCORD_TOKEN is None:
-            raise ValueError("the Discord adapter needs DISCORD_TOKEN")
         super().__init__(settings)
+        self._token = bot_token(settings)
         self._accepting = False
         self._client: _GatewayClient | None = None
         self._tree: app_commands.CommandTree[_GatewayClient] | None = None
@@ -163,20 +163,18 @@ class DiscordAdapter(Adapter[discord.Message]):
             # never pings @everyone, @here, roles or users.
             allowed_mentions=discord.AllowedMentions.none(),
             shard_count=s.DISCORD_SHARD_COUNT,
-            shard_ids=s.shard_ids,
+            shard_ids=shard_ids(s),
             chunk_guilds_at_startup=False,
         )
 
     async def connect(self) -> None:
-        token = self._settings.DISCORD_TOKEN
-        assert token is not None
         self._endpoints.__enter__()
         client = self._client = self._make_client()
         self._tree = app_commands.CommandTree(client)
         SlashCommands(self.service, self.tracked).install(self._tree)
         self._connection = None
         try:
-            await client.login(token.get_secret_value())
+            await client.login(self._token)
             await self._endpoints.discover_gateway(client.http)
         except BaseException:
             await self.disconnect()
