@@ -3,8 +3,7 @@
 An incoming message goes in; a `Reply` comes out (bot.reply: what it is,
 whether it is private, what the user may pick, and the Markdown it streams).
 The service checks access and rate limits, runs the commands declared in
-bot.commands, keeps each
-conversation strictly in order, caps concurrent model calls, trims the
+bot.commands, keeps each conversation strictly in order, caps concurrent model calls, trims the
 history to the window, streams the model's reply, and stores the exchange
 with its audit record in one transaction. A failed turn is never history.
 """
