@@ -217,11 +217,6 @@ class Settings(BaseSettings):
         return frozenset(_csv(self.ALLOWED_PLACES))
 
     @property
-    def shard_ids(self) -> list[int] | None:
-        ids = [int(p) for p in _csv(self.DISCORD_SHARD_IDS)]
-        return ids or None
-
-    @property
     def prompt_budget(self) -> int:
         """Tokens the whole prompt may take."""
         return self.CONTEXT_TOKENS - self.REPLY_TOKENS
