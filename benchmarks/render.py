@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 from telegram import Chat, Message, MessageEntity, User
 
-from adapters.telegram_addressing import BotIdentity, addressed_text
-from adapters.telegram_format import markdown_to_html
+from adapters.telegram.addressing import BotIdentity, addressed_text
+from adapters.telegram.format import markdown_to_html
 from bot.render import split_markdown, utf16_len
 
 SHAPES: dict[str, Callable[[int], str]] = {

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from markdown_it import MarkdownIt
 
-from adapters.telegram_format import markdown_to_html
+from adapters.telegram.format import markdown_to_html
 from bot.render import fence_after, fence_opener, split_markdown, utf16_len
 from tests.fakes.telegram_api import parse_html
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from telegram import Bot
 
-from adapters import telegram_sink
-from adapters.telegram_pacing import ChatPacer
-from adapters.telegram_sink import TelegramSink
+from adapters.telegram import sink as telegram_sink
+from adapters.telegram.pacing import ChatPacer
+from adapters.telegram.sink import TelegramSink
 from bot.render import StreamRenderer, utf16_len
 from bot.sanitize import storable
 from tests.conftest import SettingsFactory

@@ -1,6 +1,6 @@
 """The renderer's MessageSink for one Telegram chat.
 
-Formatted text goes out as HTML (adapters.telegram_format); when Telegram
+Formatted text goes out as HTML (adapters.telegram.format); when Telegram
 refuses it (or it can't be converted) the sink raises FormattingRejected and the
 renderer sends the same text plain. HTML that would show nothing (a reply that
 so far is only an opening code fence) is never sent: the sink raises
@@ -20,8 +20,8 @@ from telegram import Bot, InlineKeyboardMarkup, LinkPreviewOptions, ReplyParamet
 from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest
 
-from adapters.telegram_format import markdown_to_html
-from adapters.telegram_pacing import ChatPacer
+from adapters.telegram.format import markdown_to_html
+from adapters.telegram.pacing import ChatPacer
 from bot.render import FormattingRejected, NothingToShow
 from bot.sanitize import is_blank
 
