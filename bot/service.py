@@ -27,9 +27,10 @@ from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
 from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
+from bot.slots import ModelSlots
 from bot.stats import compute_stats, format_stats
 from bot.tokens import Calibration, count_tokens
-from storage.base import AuditRecord, ConversationRef, StorageError, Store
+from storage.base import AuditRecord, ConversationRef, StorageError, Store, StoredMessage
 
 log = logging.getLogger(__name__)
 exchange_log = logging.getLogger("bot.exchange")
@@ -50,7 +51,8 @@ class ChatService:
         # History is re-counted every turn; a bounded memo makes that cheap.
         self.count_tokens = functools.lru_cache(maxsize=50_000)(count_tokens)
         self._order = ConversationOrder()
-        self._slots = asyncio.Semaphore(settings.LLM_CONCURRENCY)
+        # Replies and summaries share the slots, replies first (one-request servers).
+        self._slots = ModelSlots(settings.LLM_CONCURRENCY)
         self._calls: set[asyncio.Task[None]] = set()  # model calls in flight
         self._turns = 0  # turns in flight
         self._idle = asyncio.Event()
@@ -58,7 +60,8 @@ class ChatService:
         self._closing = False
         self._rate_notified: dict[str, float] = {}  # user → until when told
         self._redact = RedactSecrets(settings.secrets()).redact
-        self.memory = Summarizer(settings, store, provider, self._calls, self._audit)
+        self.memory = Summarizer(settings, store, provider, self._calls, self._audit,
+                                 self._slots)
 
     # -- what adapters call
     def conversation_ref(self, msg: Incoming) -> ConversationRef:
@@ -193,6 +196,7 @@ class ChatService:
                 async with self._order.turn(ref.key), \
                         self.store.conversation_lock(ref.key, self.settings.LLM_TIMEOUT):
                     conv = await self.store.conversation_id(ref)
+                    await self.memory.forget(conv)  # its summary must not send what we forget
                     removed = await self.store.reset_conversation(conv)
                 return (f"Done: I forgot this conversation ({removed} messages). "
                         "New start!")
@@ -370,15 +374,17 @@ class ChatService:
         self._log_exchange(audit)
         if usage and usage.prompt_tokens:
             self.calibration.observe(model, round(prompt.tokens / factor), usage.prompt_tokens)
-        self._maybe_summarize(conv, ref, msg, model, prompt, len(history))
+        self._maybe_summarize(conv, ref, msg, model, prompt, history, text, audit.model_response)
 
     def _maybe_summarize(self, conv: int, ref: ConversationRef, msg: Incoming, model: str,
-                         prompt: Prompt, loaded: int) -> None:
-        """Summarise once the history no longer fits (the summariser picks what)."""
+                         prompt: Prompt, history: list[StoredMessage], text: str,
+                         reply: str) -> None:
+        """Summarise once the history no longer fits and there is something to fold."""
         if self.settings.MEMORY_STRATEGY != "summarize" or self._closing:
             return
-        full = prompt.dropped > 0 or loaded >= self._load_limit()
-        if full or prompt.tokens > self.settings.prompt_budget * 3 // 4:
+        full = prompt.dropped > 0 or len(history) >= self._load_limit()
+        if (full or prompt.tokens > self.settings.prompt_budget * 3 // 4) \
+                and self.memory.due(history, text, reply):
             self.memory.schedule(conv, ref, msg.chat_id, model)
 
     def _log_exchange(self, audit: AuditRecord) -> None:

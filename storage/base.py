@@ -123,9 +123,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def messages_range(
-        self, conversation_id: int, after_id: int, upto_id: int
+        self, conversation_id: int, after_id: int, upto_id: int, limit: int | None = None
     ) -> list[StoredMessage]:
-        """Messages with after_id < id <= upto_id, oldest first."""
+        """Messages with after_id < id <= upto_id, oldest first (the first `limit`)."""
 
     @abc.abstractmethod
     async def count_messages(self, conversation_id: int) -> int: ...

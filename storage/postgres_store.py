@@ -328,12 +328,12 @@ class PostgresStore(Store):
         return [StoredMessage(r[0], r[1], r[2]) for r in reversed(rows)]
 
     async def messages_range(
-        self, conversation_id: int, after_id: int, upto_id: int
+        self, conversation_id: int, after_id: int, upto_id: int, limit: int | None = None
     ) -> list[StoredMessage]:
         rows = await self.pool.fetch(
             "SELECT id, role, content FROM messages WHERE conversation_id = $1"
-            " AND id > $2 AND id <= $3 ORDER BY id",
-            conversation_id, after_id, upto_id,
+            " AND id > $2 AND id <= $3 ORDER BY id LIMIT $4",
+            conversation_id, after_id, upto_id, limit,
         )
         return [StoredMessage(r[0], r[1], r[2]) for r in rows]
 

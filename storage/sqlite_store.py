@@ -232,12 +232,12 @@ class SQLiteStore(Store):
         return TurnContext(choice, summary, history)
 
     async def messages_range(
-        self, conversation_id: int, after_id: int, upto_id: int
+        self, conversation_id: int, after_id: int, upto_id: int, limit: int | None = None
     ) -> list[StoredMessage]:
         rows = await self._fetchall(
             "SELECT id, role, content FROM messages WHERE conversation_id = ?"
-            " AND id > ? AND id <= ? ORDER BY id",
-            (conversation_id, after_id, upto_id),
+            " AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+            (conversation_id, after_id, upto_id, -1 if limit is None else limit),
         )
         return [StoredMessage(r[0], r[1], r[2]) for r in rows]
 
