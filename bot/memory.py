@@ -22,7 +22,7 @@ from bot.sanitize import storable
 from bot.settings import Settings
 from bot.slots import ModelSlots
 from bot.text_fit import longest_prefix
-from bot.tokens import MESSAGE_OVERHEAD, PROMPT_OVERHEAD, count_tokens
+from bot.tokens import MESSAGE_OVERHEAD, PROMPT_OVERHEAD, Calibration, count_tokens
 from storage.base import AuditRecord, ConversationRef, Store, StoredMessage
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,25 @@ def _line(msg: StoredMessage) -> str:
     return f"{'User' if msg.role == 'user' else 'Assistant'}: {msg.content}"
 
 
+def _fit_lines(batch: Sequence[StoredMessage], room: int) -> str:
+    """The batch as transcript lines within `room` tokens: what the user said is
+    cut last (the summary keeps facts about the user, not the assistant's words)."""
+    lines = [_line(m) for m in batch]
+    if count_tokens("\n".join(lines)) <= room:
+        return "\n".join(lines)
+    users = sum(count_tokens(line) + 1 for line, m in zip(lines, batch, strict=True)
+                if m.role == "user")
+    replies = sum(1 for m in batch if m.role != "user")
+    share = (room - users) // max(1, replies) - 1
+    lines = [line if m.role == "user" else truncate_tokens(line, max(4, share))
+             for line, m in zip(lines, batch, strict=True)]
+    text = "\n".join(lines)
+    if count_tokens(text) > room:
+        share = max(8, room // len(batch) - 1)
+        text = "\n".join(truncate_tokens(line, share) for line in lines)
+    return truncate_tokens(text, max(8, room))
+
+
 class Summarizer:
     """Background summaries; at most one running per conversation.
 
@@ -90,6 +109,7 @@ class Summarizer:
         running_calls: set[asyncio.Task[None]],
         audit: Callable[[AuditRecord], Awaitable[None]],
         slots: ModelSlots | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -97,6 +117,7 @@ class Summarizer:
         self._running_calls = running_calls
         self._audit = audit  # the service's one audit path (it redacts secrets)
         self._slots = slots or ModelSlots(settings.LLM_CONCURRENCY)
+        self._calibration = calibration or Calibration()  # the estimate, per model
         self._tasks: dict[int, asyncio.Task[None]] = {}
         # Conversations reset while their summary ran (entries live as long as the task).
         self._stale: set[int] = set()
@@ -188,12 +209,19 @@ class Summarizer:
         """What a summary prompt may take: the window minus the summary's reply limit."""
         return max(64, self._settings.CONTEXT_TOKENS - self._summary_max_tokens())
 
-    def _batch_budget(self, old: str) -> int:
-        """Tokens the new messages may take in one summary call beside `old`."""
+    def _model(self, model: str) -> str:
+        return self._settings.SUMMARY_MODEL or model
+
+    def _estimated_budget(self, model: str) -> int:
+        """The prompt budget in estimated tokens (before the model's correction)."""
+        return int(self._prompt_budget() / self._calibration.factor(self._model(model)))
+
+    def _batch_budget(self, old: str, model: str) -> int:
+        """Estimated tokens the new messages may take in one summary call beside `old`."""
         s = self._settings
         instructions = count_tokens(SUMMARY_INSTRUCTIONS.format(cap=s.summary_cap, language=""))
         frame = 48 + 2 * MESSAGE_OVERHEAD + PROMPT_OVERHEAD  # headings and the language line
-        spare = self._prompt_budget() - instructions - frame - count_tokens(old)
+        spare = self._estimated_budget(model) - instructions - frame - count_tokens(old)
         return max(32, spare * 15 // 16)  # the estimate of joined lines is not additive
 
     async def _run(self, conversation_id: int, ref: ConversationRef, chat_id: str,
@@ -220,7 +248,7 @@ class Summarizer:
         batch: list[StoredMessage] = []
         exchange: list[StoredMessage] = []  # fold whole exchanges only
         used = 0
-        budget = self._batch_budget(text)
+        budget = self._batch_budget(text, model)
         while page := await self._store.messages_range(
                 conversation_id, cursor, keep_from - 1, limit=SUMMARY_PAGE):
             cursor = page[-1].id
@@ -235,7 +263,7 @@ class Summarizer:
                     if folded is None:
                         return written
                     text, written = folded, True
-                    batch, used, budget = [], 0, self._batch_budget(folded)
+                    batch, used, budget = [], 0, self._batch_budget(folded, model)
                 batch += exchange
                 used += cost
                 exchange = []
@@ -267,13 +295,9 @@ class Summarizer:
         head = f"Current summary:\n{old or '(none yet)'}\n\nNew messages:\n"
         tail = "\n\nWrite the updated summary."
         # An exchange longer than a whole batch is cut to fit: the call must fit the window.
-        room = (self._prompt_budget() - PROMPT_OVERHEAD - 2 * MESSAGE_OVERHEAD
+        room = (self._estimated_budget(model) - PROMPT_OVERHEAD - 2 * MESSAGE_OVERHEAD
                 - count_tokens(system) - count_tokens(head + tail) - 8)
-        lines = "\n".join(_line(m) for m in batch)
-        if count_tokens(lines) > room:
-            share = max(8, room // len(batch) - 1)
-            lines = "\n".join(truncate_tokens(_line(m), share) for m in batch)
-            lines = truncate_tokens(lines, max(8, room))
+        lines = _fit_lines(batch, room)
         text = await self._call(system, head + lines + tail, ref, chat_id, model, cap)
         if count_tokens(text) > cap:
             text = await self._call(SHORTEN_INSTRUCTIONS.format(cap=cap, language=lang), text,
@@ -283,8 +307,9 @@ class Summarizer:
     async def _call(self, system: str, user: str, ref: ConversationRef, chat_id: str,
                     model: str, cap: int) -> str:
         s = self._settings
-        summary_model = s.SUMMARY_MODEL or model
-        prompt = build_prompt(system, [], user, self._prompt_budget())
+        summary_model = self._model(model)
+        factor = self._calibration.factor(summary_model)
+        prompt = build_prompt(system, [], user, self._prompt_budget(), factor=factor)
         audit = AuditRecord(
             platform=ref.platform, user_id=ref.user_id, chat_id=chat_id,
             conversation=ref.key, user_input=user, kind="summary",
@@ -302,6 +327,8 @@ class Summarizer:
                 ):
                     if isinstance(item, Usage):
                         audit.prompt_tokens = item.prompt_tokens
+                        self._calibration.observe(summary_model, round(prompt.tokens / factor),
+                                                  item.prompt_tokens)
                         audit.completion_tokens = item.completion_tokens
                     else:
                         if not parts:

@@ -61,7 +61,7 @@ class ChatService:
         self._rate_notified: dict[str, float] = {}  # user → until when told
         self._redact = RedactSecrets(settings.secrets()).redact
         self.memory = Summarizer(settings, store, provider, self._calls, self._audit,
-                                 self._slots)
+                                 self._slots, self.calibration)
 
     # -- what adapters call
     def conversation_ref(self, msg: Incoming) -> ConversationRef:
@@ -240,13 +240,27 @@ class ChatService:
                               factor=self.calibration.factor(model), counter=self.count_tokens)
         lines = [f"Stored messages in this conversation: {stored}",
                  f"Messages that fit the context window now: {prompt.history_used}"]
+        failing = self.settings.MEMORY_STRATEGY == "summarize" \
+            and await self._summary_failing(msg, ref)
         if summary:
             lines += [f"Summary (covers the older messages):\n{summary.text}"]
+            if failing:
+                lines += ["(Out of date: the last attempt to update it failed.)"]
+        elif failing:
+            lines += ["Summary: not written: the last attempt failed. Replies still work and "
+                      "the older messages are kept; it is tried again as the history grows."]
         elif self.settings.MEMORY_STRATEGY == "summarize":
             lines += ["Summary: none yet (written once the history outgrows the window)."]
         else:
             lines += ["Older messages beyond the window are dropped (MEMORY_STRATEGY=truncate)."]
         return "\n".join(lines)
+
+    async def _summary_failing(self, msg: Incoming, ref: ConversationRef) -> bool:
+        """Whether this conversation's latest summary attempt failed (from the audit log)."""
+        rows = await self.store.audit_log(50, msg.user_key)
+        last = next((r for r in reversed(rows)
+                     if r["kind"] == "summary" and r["conversation"] == ref.key), None)
+        return last is not None and last["status"] == "error"
 
     def _load_limit(self) -> int:
         # A stored message costs at least 5 tokens in a prompt: never load
