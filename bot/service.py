@@ -28,7 +28,7 @@ from bot.providers.base import Provider, ProviderError, Usage
 from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
 from bot.slots import ModelSlots
-from bot.stats import compute_stats, format_stats
+from bot.stats import compute_stats, format_model_time, format_stats
 from bot.tokens import Calibration, count_tokens
 from storage.base import AuditRecord, ConversationRef, StorageError, Store, StoredMessage
 
@@ -207,8 +207,9 @@ class ChatService:
             if name == "stats":
                 if not self.is_admin(msg):
                     return "Only the bot's admins can see /stats."
-                return "```\n" + format_stats(compute_stats(
-                    await self.store.audit_rows_for_stats())) + "\n```"
+                table = format_stats(compute_stats(await self.store.audit_rows_for_stats()))
+                model_time = format_model_time(await self.store.model_time())
+                return "```\n" + table + (f"\n\n{model_time}" if model_time else "") + "\n```"
         except Exception:
             log.exception("command /%s failed", name)
             return "Sorry, that didn't work because of a problem on my side. Please try again."

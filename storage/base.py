@@ -180,6 +180,10 @@ class Store(abc.ABC):
     async def audit_rows_for_stats(self) -> list[dict[str, Any]]:
         """model, status, response_time, first_token_time, tokens of chat records."""
 
+    async def model_time(self) -> list[dict[str, Any]]:
+        """provider, model, kind, calls, seconds: model time of answered calls per kind."""
+        return []
+
     @abc.abstractmethod
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         """Erase everything kept about a user; return rows removed per table."""

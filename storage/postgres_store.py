@@ -435,6 +435,13 @@ class PostgresStore(Store):
         )
         return [dict(r.items()) for r in rows]
 
+    async def model_time(self) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT provider, model, kind, count(*) AS calls, coalesce(sum(response_time), 0)"
+            " AS seconds FROM audit WHERE status != 'rejected' GROUP BY provider, model, kind"
+        )
+        return [dict(r.items()) for r in rows]
+
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         counts: dict[str, int] = {}
         async with self.pool.acquire() as conn, conn.transaction():

@@ -378,6 +378,13 @@ class SQLiteStore(Store):
         )
         return [dict(r) for r in rows]
 
+    async def model_time(self) -> list[dict[str, Any]]:
+        rows = await self._fetchall(
+            "SELECT provider, model, kind, count(*) AS calls, coalesce(sum(response_time), 0)"
+            " AS seconds FROM audit WHERE status != 'rejected' GROUP BY provider, model, kind"
+        )
+        return [dict(r) for r in rows]
+
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         counts: dict[str, int] = {}
         async with self._transaction() as db:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 from collections.abc import Callable
 
 import pytest
 
+from bot import operator_commands
 from bot.app import open_service
 from bot.memory import SUMMARY_INSTRUCTIONS
 from bot.service import ChatService
@@ -359,3 +361,29 @@ async def test_summaries_wait_for_replies_and_one_slot_means_one_call(
     assert kinds[:2] == ["A hold", "B hold"] and set(kinds[2:]) == {"summary"}
     assert active[1] == 1  # never two calls at the model at once
     assert summary is not None and "my name is Ana" in summary.text
+
+
+async def test_stats_report_summary_model_time_beside_reply_time(
+    model_server: ModelServer, make_settings: SettingsFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_server.reply = reply_or_summary
+    model_server.chunk_delay = 0.01  # model time that rounds to more than nothing
+    settings = make_settings(CONTEXT_TOKENS=300, REPLY_TOKENS=60)
+    async with open_service(settings) as svc:
+        await prefill(svc, ["my name is Ana"] + [f"filler message number {i}" for i in range(20)])
+        await ask(svc, "one more")
+        await asyncio.wait_for(svc.memory.wait_idle(), 10)
+        shown = await ask(svc, "/stats")
+        rows = await svc.store.audit_log(100)
+    summaries = [r for r in rows if r["kind"] == "summary"]
+    chats = [r for r in rows if r["kind"] == "chat" and r["status"] == "ok"]
+    assert summaries and len(chats) == 22  # the prefilled exchanges count as replies too
+    spent = sum(r["response_time"] for r in summaries)
+    line = next(ln for ln in shown.splitlines()
+                if ln.startswith("ollama/llama3.2 ") and "calls" in ln)
+    assert line.endswith(f"{spent:.1f}s ({len(summaries)} calls)")
+    capsys.readouterr()
+    assert await operator_commands.stats(settings, as_json=True) == 0
+    [figure] = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
+    assert figure["summary_calls"] == len(summaries)
+    assert figure["summary_seconds"] == pytest.approx(spent)
