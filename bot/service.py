@@ -25,6 +25,7 @@ from bot.models import ModelCatalog
 from bot.ordering import ConversationOrder
 from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
+from bot.ratelimit import MovingWindowLimiter, NoticeOnce
 from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
 from bot.slots import ModelSlots
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 exchange_log = logging.getLogger("bot.exchange")
 
 HISTORY_LOAD_LIMIT = 400  # at most this many messages are loaded for one prompt
+REJECTED_KEEP = 200  # characters of a refused message the audit log keeps
+RATE_WINDOW = 60  # seconds: RATE_LIMIT_PER_MINUTE
 SHUTDOWN_NOTE = "\n\n_(reply cut off: the bot is restarting)_"
 
 
@@ -58,7 +61,9 @@ class ChatService:
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
-        self._rate_notified: dict[str, float] = {}  # user → until when told
+        # Per-user state lives only while the user is inside a rate window.
+        self._limiter = MovingWindowLimiter(RATE_WINDOW)
+        self._rate_notified = NoticeOnce(RATE_WINDOW)
         self._redact = RedactSecrets(settings.secrets()).redact
         self.memory = Summarizer(settings, store, provider, self._calls, self._audit,
                                  self._slots, self.calibration)
@@ -107,7 +112,7 @@ class ChatService:
             yield "Send me some text and I'll answer. /help lists what I can do."
             return
         if len(text) > self.settings.MAX_INPUT_CHARS:
-            await self._reject(msg, text[:200], f"input {len(text)} chars")
+            await self._reject(msg, text, f"input {len(text)} chars")
             yield (f"That message is {len(text):,} characters long; the limit is "
                    f"{self.settings.MAX_INPUT_CHARS:,}. Please send something shorter.")
             return
@@ -149,8 +154,10 @@ class ChatService:
         limit = self.settings.RATE_LIMIT_PER_MINUTE
         if not limit or msg.platform == "console":
             return 0.0
+        if not self.store.shared_rate_limit:
+            return self._limiter.hit(msg.user_key, limit)
         try:
-            return await self.store.rate_hit(msg.user_key, limit, 60)
+            return await self.store.rate_hit(msg.user_key, limit, RATE_WINDOW)
         except Exception:
             # A limiter that can't count must not silence everyone; the turn
             # itself will report a database that is really gone.
@@ -159,19 +166,13 @@ class ChatService:
 
     def _first_notice(self, user_key: str, wait: float) -> bool:
         """One 'too fast' reply per window, not one per extra message."""
-        now = time.monotonic()
-        if self._rate_notified.get(user_key, 0.0) > now:
-            return False
-        if len(self._rate_notified) > 10_000:  # forget windows that are over
-            self._rate_notified = {k: v for k, v in self._rate_notified.items() if v > now}
-        self._rate_notified[user_key] = now + wait
-        return True
+        return self._rate_notified.first(user_key, wait)
 
     async def _reject(self, msg: Incoming, text: str, reason: str) -> None:
         ref = self.conversation_ref(msg)
         await self._audit(AuditRecord(
             platform=msg.platform, user_id=msg.user_id, chat_id=msg.chat_id,
-            conversation=ref.key, user_input=text, status="rejected", error=reason,
+            conversation=ref.key, user_input=text[:REJECTED_KEEP], status="rejected", error=reason,
             provider=self.provider.name,
         ))
 
@@ -318,7 +319,7 @@ class ChatService:
                                   summary=summary.text if summary else None, factor=factor,
                                   counter=self.count_tokens)
         except TooLong as exc:
-            audit.status = "rejected"
+            audit.status, audit.user_input = "rejected", text[:REJECTED_KEEP]
             audit.error = f"prompt {exc.tokens} tokens > budget"
             await self._audit(audit)
             yield (f"That message is about {exc.tokens:,} tokens long; the most I can take "

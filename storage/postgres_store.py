@@ -531,6 +531,8 @@ class PostgresStore(Store):
                 f"{wait:g} s"
             ) from None
 
+    shared_rate_limit = True
+
     async def rate_hit(self, user_key: str, limit: int, window: int) -> float:
         """A moving window in `rate_events`, shared by every process."""
         if limit <= 0:

@@ -188,6 +188,23 @@ async def test_rate_limit_is_per_user_across_places_with_one_notice(
         (f"m{i}", "rejected", "rate limited") for i in range(3, 7)]
 
 
+async def test_refused_and_rate_limited_messages_are_audited_cut(
+    model_server: ModelServer, make_settings: SettingsFactory, db_url: str
+) -> None:
+    long = "secret diary entry " * 500  # 9,500 characters
+    settings = make_settings(ALLOWED_USERS="telegram:1", RATE_LIMIT_PER_MINUTE=1)
+    async with open_service(settings) as svc:
+        refused = await ask(svc, long, user="2", **TG)
+        assert await ask(svc, "hi", user="1", **TG) == "You said: hi"
+        limited = await ask(svc, long, user="1", **TG)
+    assert refused == "Sorry, this bot is private."
+    assert limited.startswith("You're sending messages too fast")
+    assert user_texts(model_server) == ["hi"]
+    audit = [(a[2], a[3], a[4]) for a in read_db(db_url)["audit"]]
+    assert audit == [("rejected", "not allowed", long[:200]), ("ok", "", "hi"),
+                     ("rejected", "rate limited", long[:200])]
+
+
 async def test_max_input_chars_defaults_to_4000(
     model_server: ModelServer, make_settings: SettingsFactory, db_url: str
 ) -> None:
