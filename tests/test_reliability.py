@@ -24,6 +24,7 @@ from bot.messages import Incoming
 from bot.providers import make_provider
 from bot.service import ChatService
 from bot.settings import Settings
+from storage import open_store
 from storage.base import TABLES
 from storage.sqlite_store import SQLiteStore
 from tests.conftest import SettingsFactory, ask
@@ -592,5 +593,13 @@ async def test_a_write_failing_midway_leaves_no_half_exchange(
         ["first", "third"] + [f"other {u}" for u in range(2, 6)])
 
 
-def test_busy_timeout_default_is_five_seconds() -> None:
-    assert SQLiteStore("unused.db").busy_timeout == 5.0
+async def test_busy_timeout_default_is_five_seconds(db_url: str) -> None:
+    # The connection the bot opens waits 5 s for a lock, by SQLite's own account.
+    store = open_store(db_url)
+    await store.open()
+    try:
+        assert isinstance(store, SQLiteStore)
+        async with store.db.execute("PRAGMA busy_timeout") as cursor:
+            assert [tuple(r) for r in await cursor.fetchall()] == [(5000,)]
+    finally:
+        await store.close()
