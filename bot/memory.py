@@ -298,14 +298,14 @@ class Summarizer:
         room = (self._estimated_budget(model) - PROMPT_OVERHEAD - 2 * MESSAGE_OVERHEAD
                 - count_tokens(system) - count_tokens(head + tail) - 8)
         lines = _fit_lines(batch, room)
-        text = await self._call(system, head + lines + tail, ref, chat_id, model, cap)
+        text = await self._call(system, head + lines + tail, ref, chat_id, model)
         if count_tokens(text) > cap:
             text = await self._call(SHORTEN_INSTRUCTIONS.format(cap=cap, language=lang), text,
-                                    ref, chat_id, model, cap)
+                                    ref, chat_id, model)
         return truncate_tokens(storable(text).strip(), cap)
 
     async def _call(self, system: str, user: str, ref: ConversationRef, chat_id: str,
-                    model: str, cap: int) -> str:
+                    model: str) -> str:
         s = self._settings
         summary_model = self._model(model)
         factor = self._calibration.factor(summary_model)
@@ -319,6 +319,7 @@ class Summarizer:
         parts: list[str] = []
         try:
             async with self._slots.background():
+                started = time.monotonic()  # model time, not the wait for a slot
                 async for item in stream_reply(
                     self._provider, summary_model, prompt.messages,
                     num_ctx=s.CONTEXT_TOKENS, max_tokens=self._summary_max_tokens(),
