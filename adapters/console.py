@@ -1,7 +1,9 @@
 """Chat in the terminal through the same core, store and commands.
 
 One message per line. With piped stdin it prints one reply per input line
-and returns at end of input. Replies are printed as they stream.
+and returns at end of input. Replies are printed as they stream; a reply's
+choices (the models /model offers) follow as numbered lines, and a line with
+just one of those numbers picks it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import sys
 import threading
 from typing import TextIO
 
+from adapters.base import Adapter
 from bot.messages import Incoming
+from bot.reply import Choices, Reply
 from bot.service import ChatService
 from bot.settings import Settings
 
@@ -32,17 +36,25 @@ def _read_lines(stream: TextIO, loop: asyncio.AbstractEventLoop,
             loop.call_soon_threadsafe(queue.put_nowait, None)
 
 
-class ConsoleAdapter:
+class ConsoleAdapter(Adapter[None]):
     name = "console"
 
     def __init__(self, settings: Settings, *, stdin: TextIO | None = None,
                  stdout: TextIO | None = None, user_id: str | None = None) -> None:
-        self._settings = settings
+        super().__init__(settings)
         self._stdin = stdin or sys.stdin
         self._stdout = stdout or sys.stdout
         self._user = user_id or _local_user()
+        self._offered: Choices | None = None  # the numbered choices last shown
 
-    async def run(self, service: ChatService, stop: asyncio.Event) -> None:
+    async def connect(self) -> None:
+        self._connected = True  # the terminal is always there
+
+    async def disconnect(self) -> None:
+        await self.drain(self._settings.SHUTDOWN_GRACE)
+
+    async def listen(self, stop: asyncio.Event) -> None:
+        service = self.service
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue[str | None] = asyncio.Queue()
         threading.Thread(target=_read_lines, args=(self._stdin, loop, lines),
@@ -68,15 +80,28 @@ class ConsoleAdapter:
             stopping.cancel()
 
     async def _answer(self, service: ChatService, line: str) -> None:
+        offered, self._offered = self._offered, None
+        if offered is not None and line.strip().isdigit() \
+                and 0 < int(line) <= len(offered.options):
+            line = offered.pick_line(offered.options[int(line) - 1])
         msg = Incoming(platform="console", user_id=self._user, display_name=self._user,
                        chat_id="console", place_id=None, text=line)
+        with self.tracked():
+            await self.send(await service.handle(msg), None)
+
+    async def send(self, reply: Reply, to: None) -> None:
         wrote = False
-        async with contextlib.aclosing(service.handle(msg)) as deltas:
+        async with contextlib.aclosing(reply.deltas()) as deltas:
             async for delta in deltas:
                 self._write(delta)
                 wrote = True
         if wrote:
             self._write("\n")
+        if reply.choices is not None and reply.choices.options:
+            self._offered = reply.choices
+            for number, choice in enumerate(reply.choices.options, 1):
+                mark = " (yours)" if choice.current else ""
+                self._write(f"  {number}. {choice.label}{mark}\n")
 
     def _write(self, text: str) -> None:
         # Console output is the user's own terminal or pipe: small writes.

@@ -64,7 +64,7 @@ async def exchange(service: ChatService, msg: Incoming) -> float:
     model_wait: list[float] = []
     MODEL_WAIT.set(model_wait)  # a paced stand-in records its own time here
     t0 = time.perf_counter()
-    async with contextlib.aclosing(service.handle(msg)) as deltas:
+    async with contextlib.aclosing((await service.handle(msg)).deltas()) as deltas:
         async for delta in deltas:
             parts.append(delta)
     elapsed = time.perf_counter() - sum(model_wait) - t0

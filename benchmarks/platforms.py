@@ -107,7 +107,7 @@ def _summary(seconds: list[float], ttft: float) -> Added:
 
 async def telegram(samples: int, warmup: int = 5) -> Added:
     try:
-        from adapters.telegram_adapter import TelegramAdapter
+        from adapters.telegram.adapter import TelegramAdapter
         from tests.fakes.telegram_api import TelegramApiEmulator
     except ImportError as exc:
         raise NotAvailable(f"cannot import the adapter or emulator: {exc}") from None
@@ -152,7 +152,7 @@ async def telegram(samples: int, warmup: int = 5) -> Added:
 
 async def discord(samples: int, warmup: int = 5) -> Added:
     try:
-        from adapters.discord_adapter import DiscordAdapter
+        from adapters.discord.adapter import DiscordAdapter
         from tests.fakes.discord_api import BOT_ID, DiscordEmulator
     except ImportError as exc:
         raise NotAvailable(f"cannot import the adapter or emulator: {exc}") from None

@@ -23,7 +23,7 @@ from benchmarks.standin import first_token_s
 
 
 async def measure(pairs: int, pause: float) -> dict[str, Any]:
-    from adapters.telegram_adapter import TelegramAdapter
+    from adapters.telegram.adapter import TelegramAdapter
     from tests.fakes.telegram_api import TelegramApiEmulator
 
     ttft = await first_token_s()

@@ -1,3 +1,5 @@
+"""`python -m bot`: the command line (bot.cli)."""
+
 from bot.cli import main
 
 raise SystemExit(main())

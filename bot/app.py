@@ -7,22 +7,15 @@ import contextlib
 import logging
 import signal
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import Any
 
+from adapters.base import Adapter
 from bot.providers import make_provider
 from bot.service import ChatService
 from bot.settings import Settings
 from storage import open_store
 
 log = logging.getLogger(__name__)
-
-
-class Adapter(Protocol):
-    """A platform edge: answers until `stop` is set, then drains and returns."""
-
-    name: str
-
-    async def run(self, service: ChatService, stop: asyncio.Event) -> None: ...
 
 
 @contextlib.asynccontextmanager
@@ -40,17 +33,17 @@ async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
         await store.close()
 
 
-def choose_adapters(settings: Settings, *, console: bool) -> list[Adapter]:
+def choose_adapters(settings: Settings, *, console: bool) -> list[Adapter[Any]]:
     """The adapters the tokens ask for; the console when there are none."""
-    adapters: list[Adapter] = []
+    adapters: list[Adapter[Any]] = []
     if not console:
         # Platform libraries are imported only when their adapter starts.
         if settings.TELEGRAM_TOKEN is not None:
-            from adapters.telegram_adapter import TelegramAdapter
+            from adapters.telegram.adapter import TelegramAdapter
 
             adapters.append(TelegramAdapter(settings))
         if settings.DISCORD_TOKEN is not None:
-            from adapters.discord_adapter import DiscordAdapter
+            from adapters.discord.adapter import DiscordAdapter
 
             adapters.append(DiscordAdapter(settings))
     if not adapters:

@@ -1,8 +1,9 @@
 """The conversation service: the one entry point every adapter drives.
 
-An incoming message goes in; a stream of Markdown deltas comes out. The
-service checks access and rate limits, runs commands, keeps each
-conversation strictly in order, caps concurrent model calls, trims the
+An incoming message goes in; a `Reply` comes out (bot.reply: what it is,
+whether it is private, what the user may pick, and the Markdown it streams).
+The service checks access and rate limits, runs the commands declared in
+bot.commands, keeps each conversation strictly in order, caps concurrent model calls, trims the
 history to the window, streams the model's reply, and stores the exchange
 with its audit record in one transaction. A failed turn is never history.
 """
@@ -14,9 +15,10 @@ import contextlib
 import functools
 import logging
 import time
+import weakref
 from collections.abc import AsyncIterator
 
-from bot.commands import KNOWN, help_text, parse_command
+from bot.commands import Arg, Commands, command, help_text, parse_command
 from bot.llm_call import CallCancelled, CallLimits, stream_reply
 from bot.logging_setup import RedactSecrets
 from bot.memory import Summarizer
@@ -26,6 +28,7 @@ from bot.ordering import ConversationOrder
 from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
 from bot.ratelimit import MovingWindowLimiter, NoticeOnce
+from bot.reply import Choice, Choices, Outcome, Reply
 from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
 from bot.slots import ModelSlots
@@ -40,13 +43,23 @@ HISTORY_LOAD_LIMIT = 400  # at most this many messages are loaded for one prompt
 REJECTED_KEEP = 200  # characters of a refused message the audit log keeps
 RATE_WINDOW = 60  # seconds: RATE_LIMIT_PER_MINUTE
 SHUTDOWN_NOTE = "\n\n_(reply cut off: the bot is restarting)_"
+# How a turn's audit status reads as the answer's outcome.
+_OUTCOMES = {"ok": Outcome.OK, "error": Outcome.ERROR, "cancelled": Outcome.CANCELLED,
+             "rejected": Outcome.REFUSED}
+
+
+def _model_options(models: ModelChoices) -> Choices:
+    return Choices("model", tuple(Choice(m, m, m == models.current) for m in models.available))
 
 
 class ChatService:
     """Thin adapters call `handle`; everything else lives below it."""
 
-    def __init__(self, settings: Settings, store: Store, provider: Provider) -> None:
+    def __init__(self, settings: Settings, store: Store, provider: Provider, *,
+                 commands: Commands | None = None) -> None:
         self.settings = settings
+        # The chat commands: the handlers marked below, unless a caller gives others.
+        self.commands = commands if commands is not None else Commands.of(type(self))
         self.store = store
         self.provider = provider
         self.catalog = ModelCatalog(settings, provider, store)
@@ -64,6 +77,10 @@ class ChatService:
         # Per-user state lives only while the user is inside a rate window.
         self._limiter = MovingWindowLimiter(RATE_WINDOW)
         self._rate_notified = NoticeOnce(RATE_WINDOW)
+        # The answers handed out, by (conversation, reply id), for /stop to find; an
+        # entry goes with its Reply once the adapter lets go of it.
+        self._answers: weakref.WeakValueDictionary[tuple[str, int], Reply] = \
+            weakref.WeakValueDictionary()
         self._redact = RedactSecrets(settings.secrets()).redact
         self.memory = Summarizer(settings, store, provider, self._calls, self._audit,
                                  self._slots, self.calibration)
@@ -79,49 +96,68 @@ class ChatService:
         return ConversationRef(key=key, platform=msg.platform, user_id=msg.user_id, place=place)
 
     def help_text(self, model: str | None = None) -> str:
-        return help_text(model or self.settings.LLM_MODEL)
+        return help_text(model or self.settings.LLM_MODEL, self.commands)
 
     async def model_choices(self, msg: Incoming) -> ModelChoices:
         current = await self.catalog.current(msg.platform, msg.user_id)
         return ModelChoices(current=current, available=await self.catalog.available())
 
+    async def choices(self, command: str, msg: Incoming) -> Choices | None:
+        """What `msg`'s sender may pick with `/command` now (for autocomplete and
+        buttons; no rate limit or audit: nothing is run)."""
+        if command == "model":
+            return _model_options(await self.model_choices(msg))
+        return None
+
     def is_admin(self, msg: Incoming) -> bool:
         # The console is the operator's own terminal.
         return msg.platform == "console" or msg.user_key in self.settings.admin_users
 
-    async def handle(self, msg: Incoming) -> AsyncIterator[str]:
-        """Answer one message: Markdown deltas; no deltas means say nothing."""
+    async def handle(self, msg: Incoming) -> Reply:
+        """Answer one message; a Reply with no text means say nothing."""
         text = clean_text(msg.text)
+        command = parse_command(text)
+        # A command's answer is private by its declaration, refusals included.
+        private = command is not None and self.commands.private(command[0])
         if not self._allowed(msg):
             await self._reject(msg, text, "not allowed")
-            if msg.is_direct:
-                yield "Sorry, this bot is private."
-            return
+            return Reply.refusal("Sorry, this bot is private." if msg.is_direct else "",
+                                 private=private)
         wait = await self._rate_wait(msg)
         if wait:
             await self._reject(msg, text, "rate limited")
             if self._first_notice(msg.user_key, wait):
-                yield (f"You're sending messages too fast. Please try again in "
-                       f"{max(1, round(wait))} seconds.")
-            return
-        command = parse_command(text)
+                return Reply.refusal(f"You're sending messages too fast. Please try again in "
+                                     f"{max(1, round(wait))} seconds.", private=private)
+            return Reply.refusal(private=private)
         if command is not None:
-            yield await self._command(msg, *command)
-            return
+            return await self._command(msg, *command)
         if is_blank(text):
-            yield "Send me some text and I'll answer. /help lists what I can do."
-            return
+            return Reply.notice("Send me some text and I'll answer. /help lists what I can do.")
         if len(text) > self.settings.MAX_INPUT_CHARS:
             await self._reject(msg, text, f"input {len(text)} chars")
-            yield (f"That message is {len(text):,} characters long; the limit is "
-                   f"{self.settings.MAX_INPUT_CHARS:,}. Please send something shorter.")
-            return
+            return Reply.refusal(
+                f"That message is {len(text):,} characters long; the limit is "
+                f"{self.settings.MAX_INPUT_CHARS:,}. Please send something shorter.")
         if self._closing:
-            yield "The bot is restarting. Please send that again in a minute."
-            return
-        async with contextlib.aclosing(self._chat(msg, text)) as deltas:
-            async for delta in deltas:
-                yield delta
+            return Reply.notice("The bot is restarting. Please send that again in a minute.")
+        ref = self.conversation_ref(msg)
+        audit = AuditRecord(
+            platform=msg.platform, user_id=msg.user_id, chat_id=msg.chat_id,
+            conversation=ref.key, user_input=text, provider=self.provider.name,
+        )
+        # The turn runs as the adapter reads the answer; its audit status is the outcome.
+        reply = Reply.answer(self._chat(msg, text, ref, audit),
+                             lambda: _OUTCOMES.get(audit.status, Outcome.ERROR))
+        self._answers[ref.key, reply.id] = reply
+        return reply
+
+    def answers_in(self, msg: Incoming) -> list[Reply]:
+        """The answers in `msg`'s conversation still streaming (or waiting their
+        turn), oldest first: what a /stop would cancel."""
+        key = self.conversation_ref(msg).key
+        return [r for (k, _), r in sorted(self._answers.items()) if k == key
+                and r.outcome is Outcome.PENDING]
 
     async def aclose(self) -> None:
         """Stop background work and release the provider's connections."""
@@ -185,49 +221,72 @@ class ChatService:
         except Exception:
             log.exception("could not write the audit record")
 
-    # -- commands
-    async def _command(self, msg: Incoming, name: str, args: str) -> str:
-        if name not in KNOWN:
-            return f"I don't know /{name[:32]}. " + self.help_text()
-        ref = self.conversation_ref(msg)
+    # -- commands: dispatched from the declarations (bot.commands); handlers below
+    async def _command(self, msg: Incoming, name: str, args: str) -> Reply:
+        cmd = self.commands.get(name)
+        if cmd is None:
+            return Reply.notice(f"I don't know /{name[:32]}. " + self.help_text())
+        if cmd.admin and not self.is_admin(msg):
+            return Reply.refusal(f"Only the bot's admins can see /{name}.", private=cmd.private)
         try:
-            if name in ("help", "start"):
-                return self.help_text(await self.catalog.current(msg.platform, msg.user_id))
-            if name == "reset":
-                async with self._order.turn(ref.key), \
-                        self.store.conversation_lock(ref.key, self.settings.LLM_TIMEOUT):
-                    conv = await self.store.conversation_id(ref)
-                    await self.memory.forget(conv)  # its summary must not send what we forget
-                    removed = await self.store.reset_conversation(conv)
-                return (f"Done: I forgot this conversation ({removed} messages). "
-                        "New start!")
-            if name == "model":
-                return await self._model_command(msg, args)
-            if name == "memory":
-                return await self._memory_report(msg, ref)
-            if name == "stats":
-                if not self.is_admin(msg):
-                    return "Only the bot's admins can see /stats."
-                table = format_stats(compute_stats(await self.store.audit_rows_for_stats()))
-                model_time = format_model_time(await self.store.model_time())
-                return "```\n" + table + (f"\n\n{model_time}" if model_time else "") + "\n```"
+            reply = await cmd.handler(self, msg, args)
         except Exception:
             log.exception("command /%s failed", name)
-            return "Sorry, that didn't work because of a problem on my side. Please try again."
-        return self.help_text()
+            return Reply.error("Sorry, that didn't work because of a problem on my side. "
+                               "Please try again.", private=cmd.private)
+        if isinstance(reply, str):
+            reply = Reply.notice(reply)
+        reply.private = reply.private or cmd.private
+        return reply
 
-    async def _model_command(self, msg: Incoming, args: str) -> str:
+    # Telegram's greeting; it answers like /help and is listed in Telegram's menu only.
+    @command("start", "Start: what this bot does", platforms=("telegram",))
+    async def _cmd_start(self, msg: Incoming, args: str) -> Reply:
+        return await self._cmd_help(msg, args)
+
+    @command("help", "What the bot does and its commands")
+    async def _cmd_help(self, msg: Incoming, args: str) -> Reply:
+        return Reply.notice(self.help_text(await self.catalog.current(msg.platform, msg.user_id)))
+
+    @command("reset", "Forget this conversation", private=True)
+    async def _cmd_reset(self, msg: Incoming, args: str) -> Reply:
+        ref = self.conversation_ref(msg)
+        async with self._order.turn(ref.key), \
+                self.store.conversation_lock(ref.key, self.settings.LLM_TIMEOUT):
+            conv = await self.store.conversation_id(ref)
+            await self.memory.forget(conv)  # its summary must not send what we forget
+            removed = await self.store.reset_conversation(conv)
+        return Reply.notice(f"Done: I forgot this conversation ({removed} messages). "
+                            "New start!")
+
+    @command("model", "Show your model, or pick one: /model NAME", private=True,
+             args=(Arg("name", "the model to switch to; leave out to see yours",
+                       choices="model"),))
+    async def _cmd_model(self, msg: Incoming, args: str) -> Reply:
         choices = await self.model_choices(msg)
         listing = ", ".join(f"`{m}`" for m in choices.available)
         if not args:
-            return (f"Your model: `{choices.current}`\nYou may pick: {listing}\n"
-                    "Pick one with /model NAME")
+            return Reply.notice(
+                f"Your model: `{choices.current}`\nYou may pick: {listing}\n"
+                "Pick one with /model NAME", choices=_model_options(choices))
         picked = await self.catalog.resolve(args)
         if picked is None:
             shown = args[:64].replace("`", "'")
-            return f"There's no model called `{shown}` here. You may pick: {listing}"
+            return Reply.refusal(f"There's no model called `{shown}` here. You may pick: "
+                                 f"{listing}")
         await self.store.set_user_model(msg.platform, msg.user_id, picked)
-        return f"Done: your model is now `{picked}`."
+        return Reply.notice(f"Done: your model is now `{picked}`.")
+
+    @command("memory", "What the bot remembers of this conversation", private=True)
+    async def _cmd_memory(self, msg: Incoming, args: str) -> Reply:
+        return Reply.notice(await self._memory_report(msg, self.conversation_ref(msg)))
+
+    @command("stats", "Usage figures (admins only)", admin=True, private=True)
+    async def _cmd_stats(self, msg: Incoming, args: str) -> Reply:
+        table = format_stats(compute_stats(await self.store.audit_rows_for_stats()))
+        model_time = format_model_time(await self.store.model_time())
+        return Reply.notice("```\n" + table + (f"\n\n{model_time}" if model_time else "")
+                            + "\n```")
 
     async def _memory_report(self, msg: Incoming, ref: ConversationRef) -> str:
         conv = await self.store.conversation_id(ref)
@@ -270,13 +329,9 @@ class ChatService:
         return min(HISTORY_LOAD_LIMIT, self.settings.prompt_budget // 5 + 1)
 
     # -- a chat turn
-    async def _chat(self, msg: Incoming, text: str) -> AsyncIterator[str]:
+    async def _chat(self, msg: Incoming, text: str, ref: ConversationRef,
+                    audit: AuditRecord) -> AsyncIterator[str]:
         s = self.settings
-        ref = self.conversation_ref(msg)
-        audit = AuditRecord(
-            platform=msg.platform, user_id=msg.user_id, chat_id=msg.chat_id,
-            conversation=ref.key, user_input=text, provider=self.provider.name,
-        )
         received = time.monotonic()
         self._turn_started()
         try:

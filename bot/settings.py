@@ -120,6 +120,12 @@ class Settings(BaseSettings):
         "INFO", description="DEBUG, INFO, WARNING or ERROR")
     LOG_FORMAT: Literal["text", "json"] = Field("text", description="json: one JSON object a "
                                                                     "line")
+    PERSONAS_FILE: str = Field("", description="a TOML file of personas (/persona); empty: none")
+    PERSONA_DEFAULTS: str = Field("", description="comma-separated platform:place=persona, the "
+                                                  "default persona of a server or group")
+    LANGUAGE: Literal["auto", "en", "zh-TW", "zh-CN"] = Field(
+        "auto", description="the bot's own messages: auto (the user's platform language, else "
+                            "LANG), en, zh-TW or zh-CN")
 
     @field_validator("ALLOWED_USERS", "ADMIN_USERS", "ALLOWED_PLACES")
     @classmethod
@@ -139,6 +145,27 @@ class Settings(BaseSettings):
     def _db(cls, value: str) -> str:
         if not value.startswith(("sqlite:///", "postgresql://", "postgres://")):
             raise ValueError("allowed: sqlite:///path/to/file.db or postgresql://user@host/db")
+        return value
+
+    @field_validator("PERSONAS_FILE")
+    @classmethod
+    def _personas(cls, value: str) -> str:
+        if value:
+            from bot.personas import PersonaError, load_personas
+
+            try:
+                load_personas(value)
+            except PersonaError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @field_validator("LANGUAGE", mode="before")
+    @classmethod
+    def _language(cls, value: object) -> object:
+        # zh_TW, zh-tw and ZH-TW all mean zh-TW.
+        if isinstance(value, str):
+            folded = value.strip().replace("_", "-").lower()
+            return {"zh-tw": "zh-TW", "zh-cn": "zh-CN"}.get(folded, folded)
         return value
 
     @field_validator("LOG_LEVEL", "LOG_FORMAT", "MEMORY_SCOPE", "MEMORY_STRATEGY",
@@ -161,6 +188,15 @@ class Settings(BaseSettings):
                 f"({self.LLM_CONCURRENCY + 2}) with PostgreSQL")
         if self.DISCORD_SHARD_IDS and self.DISCORD_SHARD_COUNT is None:
             raise ValueError("DISCORD_SHARD_IDS needs DISCORD_SHARD_COUNT")
+        if self.PERSONA_DEFAULTS:
+            from bot.personas import PersonaError, load_personas, parse_persona_defaults
+
+            if not self.PERSONAS_FILE:
+                raise ValueError("PERSONA_DEFAULTS needs PERSONAS_FILE")
+            try:
+                parse_persona_defaults(self.PERSONA_DEFAULTS, load_personas(self.PERSONAS_FILE))
+            except PersonaError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
     # Parsed forms of the comma-separated settings.
@@ -179,11 +215,6 @@ class Settings(BaseSettings):
     @property
     def allowed_places(self) -> frozenset[str]:
         return frozenset(_csv(self.ALLOWED_PLACES))
-
-    @property
-    def shard_ids(self) -> list[int] | None:
-        ids = [int(p) for p in _csv(self.DISCORD_SHARD_IDS)]
-        return ids or None
 
     @property
     def prompt_budget(self) -> int:

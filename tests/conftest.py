@@ -80,7 +80,8 @@ def incoming(text: str, *, user: str = "1", place: str | None = None,
 async def ask(service: ChatService, text: str, **kw: Any) -> str:
     """The whole reply the user would see to `text`."""
     out = []
-    async with contextlib.aclosing(service.handle(incoming(text, **kw))) as deltas:
+    reply = await service.handle(incoming(text, **kw))
+    async with contextlib.aclosing(reply.deltas()) as deltas:
         async for delta in deltas:
             out.append(delta)
     return "".join(out)

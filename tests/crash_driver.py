@@ -47,7 +47,7 @@ async def _converse(service: ChatService, run: int, conversation: int, turns: in
         msg = Incoming(platform="telegram", user_id=str(conversation), display_name="load",
                        chat_id=str(conversation), place_id=None, text=text)
         parts = []
-        async with contextlib.aclosing(service.handle(msg)) as deltas:
+        async with contextlib.aclosing((await service.handle(msg)).deltas()) as deltas:
             async for delta in deltas:
                 parts.append(delta)
         reply = "".join(parts)

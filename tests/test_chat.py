@@ -23,7 +23,7 @@ async def test_reply_streams_and_server_gets_window_settings(
     model_server.tokens_per_chunk = 1
     async with open_service(make_settings(LLM_PROVIDER=provider, CONTEXT_TOKENS=2048,
                                           REPLY_TOKENS=300)) as svc:
-        deltas = [d async for d in svc.handle(incoming("hi"))]
+        deltas = [d async for d in await svc.handle(incoming("hi"))]
         rows = await svc.store.audit_log(10)
     assert "".join(deltas) == "Hello there, friend."
     assert len(deltas) > 1  # streamed, not one block
@@ -308,7 +308,7 @@ async def test_abandoned_reply_is_recorded_cancelled(model_server: ModelServer,
     svc = service
     model_server.reply = "word " * 50
     model_server.chunk_delay = 0.01
-    stream = svc.handle(incoming("hello"))
+    stream = (await svc.handle(incoming("hello"))).deltas()
     first = await anext(stream)
     await stream.aclose()
     rows = await svc.store.audit_log(5)

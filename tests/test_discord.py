@@ -23,11 +23,13 @@ import discord
 import pytest
 from discord.http import Route
 
-import adapters.discord_commands as discord_commands
-from adapters.discord_adapter import DiscordAdapter
-from adapters.discord_sink import APOLOGY
+import adapters.discord.commands as discord_commands
+from adapters.discord.adapter import DiscordAdapter
+from adapters.discord.sink import APOLOGY
 from bot.app import open_service
+from bot.commands import parse_command
 from bot.messages import Incoming
+from bot.reply import Reply
 from bot.service import ChatService
 from tests.conftest import SettingsFactory
 from tests.fakes.discord_api import (
@@ -90,16 +92,15 @@ class ServiceProxy:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    async def handle(self, msg: Incoming) -> AsyncIterator[str]:
+    async def handle(self, msg: Incoming) -> Reply:
         if self._before is not None:
             await self._before(msg)
         answer = self._canned(msg) if self._canned is not None else None
         if answer is not None:
-            yield answer
-            return
-        async with contextlib.aclosing(self._inner.handle(msg)) as deltas:
-            async for delta in deltas:
-                yield delta
+            # Private as the core would mark it: by the command's declaration.
+            name = (parse_command(msg.text) or ("", ""))[0]
+            return Reply.notice(answer, private=self._inner.commands.private(name))
+        return await self._inner.handle(msg)
 
 
 @pytest.fixture(autouse=True)

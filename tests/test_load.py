@@ -201,7 +201,7 @@ async def test_50_users_10_messages_each_through_telegram(
 ) -> None:
     from telegram.ext import AIORateLimiter
 
-    import adapters.telegram_adapter as telegram_adapter
+    import adapters.telegram.adapter as telegram_adapter
     from tests.fakes.telegram_api import TelegramApiEmulator
 
     # Telegram's own flood limit (30 calls/s for the whole bot) would make 500
@@ -255,7 +255,7 @@ async def test_50_users_10_messages_each_through_telegram(
 async def test_50_users_10_messages_each_at_once_through_discord(
     fast_model_server: RemoteModelServer, make_settings: SettingsFactory, db_url: str
 ) -> None:
-    from adapters.discord_adapter import DiscordAdapter
+    from adapters.discord.adapter import DiscordAdapter
     from tests.fakes.discord_api import DiscordEmulator
 
     token = "MTEwMDAwMDAwMDAwMDAwMDAwMQ.GxYzAb.load-test-discord-token-0123456789"

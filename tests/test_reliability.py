@@ -301,7 +301,7 @@ async def test_display_name_or_text_posing_as_the_system_stays_the_user(
     async with open_service(settings) as svc:
         msg = Incoming(platform="telegram", user_id="5", display_name=fake_system,
                        chat_id="-100", place_id="-100", text=text)
-        reply = "".join([d async for d in svc.handle(msg)])
+        reply = await (await svc.handle(msg)).text()
     assert reply == f"You said: {text}"
     (request,) = model_server.requests
     assert request.messages == [{"role": "system", "content": "You are a kind bot."},

@@ -24,10 +24,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from adapters.telegram_adapter import TelegramAdapter
-from adapters.telegram_pacing import BURST
+from adapters.telegram.adapter import TelegramAdapter
+from adapters.telegram.pacing import BURST
 from bot.app import open_service
-from bot.commands import COMMANDS
 from bot.messages import Incoming
 from bot.render import utf16_len
 from bot.service import ChatService
@@ -224,7 +223,7 @@ async def test_photo_caption_in_private_chat(bot: RunningBot, tg: TelegramApiEmu
 
 async def test_commands_are_registered_on_start(bot: RunningBot, tg: TelegramApiEmulator) -> None:
     registered = [c["command"] for c in tg.commands()]
-    assert registered == ["start", *(name for name, _ in COMMANDS)]
+    assert registered == ["start", "help", "reset", "model", "memory", "stats"]
     methods = [c.method for c in tg.calls()]
     assert methods.index("setMyCommands") < methods.index("getUpdates")
     [polling] = tg.params("getUpdates")[:1]
@@ -485,10 +484,14 @@ async def test_model_server_unreachable(tg: TelegramApiEmulator,
 async def test_a_failing_update_costs_one_apology_and_nothing_else(
         bot: RunningBot, tg: TelegramApiEmulator, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    async def broken(msg: Incoming) -> Any:
-        raise RuntimeError("disk /srv/secret/db exploded")
+    handle = bot.service.handle
 
-    monkeypatch.setattr(bot.service, "model_choices", broken)
+    async def broken(msg: Incoming) -> Any:
+        if msg.text == "/model":
+            raise RuntimeError("disk /srv/secret/db exploded")
+        return await handle(msg)
+
+    monkeypatch.setattr(bot.service, "handle", broken)
     tg.user_says(ALICE, "/model")
     # What the user reads, word for word (not the constant compared with itself).
     apology = "Sorry, something went wrong while answering. Please try again."
@@ -610,7 +613,7 @@ async def test_a_reply_in_flight_finishes_within_the_grace(
 async def test_a_reply_still_running_after_the_grace_is_cancelled(
         tg: TelegramApiEmulator, tg_settings: SettingsFactory, model_server: ModelServer,
         monkeypatch: pytest.MonkeyPatch, db_url: str) -> None:
-    import adapters.telegram_adapter as telegram_adapter
+    import adapters.telegram.adapter as telegram_adapter
 
     monkeypatch.setattr(telegram_adapter, "DRAIN_EXTRA", 0.2)
     model_server.gate = asyncio.Event()  # the reply never starts

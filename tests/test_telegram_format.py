@@ -10,7 +10,7 @@ import random
 
 import pytest
 
-from adapters.telegram_format import markdown_to_html
+from adapters.telegram.format import markdown_to_html
 from bot.render import utf16_len
 from tests.fakes.telegram_api import parse_html
 

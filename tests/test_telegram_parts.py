@@ -10,20 +10,22 @@ from typing import Any
 import pytest
 from telegram import Message
 
-from adapters.telegram_adapter import file_url_for
-from adapters.telegram_addressing import BotIdentity, addressed_text
-from adapters.telegram_model_menu import (
+from adapters.telegram.adapter import file_url_for
+from adapters.telegram.addressing import BotIdentity, addressed_text
+from adapters.telegram.menu import (
+    choices_keyboard,
     decode_choice,
     encode_choice,
-    model_keyboard,
     resolve_choice,
 )
-from adapters.telegram_pacing import BURST, ChatPacer
-from bot.commands import KNOWN
-from bot.messages import ModelChoices
+from adapters.telegram.pacing import BURST, ChatPacer
+from bot.commands import Commands
+from bot.reply import Choice, Choices
+from bot.service import ChatService
 from tests.fakes.telegram_api import TelegramApiEmulator
 
 GROUP = -100777
+KNOWN = Commands.of(ChatService).names  # the commands the core answers
 
 
 @pytest.fixture
@@ -106,11 +108,11 @@ def test_callback_data_names_a_model_safely() -> None:
 
 
 def test_keyboard_marks_the_current_model() -> None:
-    keyboard = model_keyboard(7, ModelChoices("b", ("a", "b")))
+    keyboard = choices_keyboard(7, Choices("model", (Choice("a", "a"), Choice("b", "b", True))))
     assert keyboard is not None
     rows = [[(b.text, b.callback_data) for b in row] for row in keyboard.inline_keyboard]
     assert rows == [[("a", "m:7:a")], [("✓ b", "m:7:b")]]
-    assert model_keyboard(7, ModelChoices("a", ())) is None
+    assert choices_keyboard(7, Choices("model", ())) is None
 
 
 async def test_pacer_lets_a_quiet_chat_burst_then_keeps_one_call_per_interval() -> None:

@@ -1,6 +1,6 @@
 """The renderer's MessageSink for one Telegram chat.
 
-Formatted text goes out as HTML (adapters.telegram_format); when Telegram
+Formatted text goes out as HTML (adapters.telegram.format); when Telegram
 refuses it the sink raises FormattingRejected and the renderer sends the same
 text plain. "Message is not modified" is not an error: the edit had nothing
 to change. Flood control (RetryAfter) is handled below this, by the
@@ -14,8 +14,8 @@ from telegram import Bot, InlineKeyboardMarkup, LinkPreviewOptions, ReplyParamet
 from telegram.constants import ChatAction, ParseMode
 from telegram.error import BadRequest
 
-from adapters.telegram_format import markdown_to_html
-from adapters.telegram_pacing import ChatPacer
+from adapters.telegram.format import markdown_to_html
+from adapters.telegram.pacing import ChatPacer
 from bot.render import FormattingRejected
 
 # Descriptions of a 400 that mean "this formatting won't do", not "this message won't do".

@@ -1,9 +1,10 @@
 """Telegram, through python-telegram-bot's Application (long polling or webhook).
 
 The adapter only translates: an addressed update becomes an `Incoming`, the
-core's Markdown stream is shown through the shared StreamRenderer (typing,
-throttled edits, 4096-unit splits, plain-text fallback), and `/model` gets an
-inline keyboard built from `service.model_choices`. Commands themselves,
+core's Reply is shown through the shared StreamRenderer (typing, throttled
+edits, 4096-unit splits, plain-text fallback), a Reply's choices become an
+inline keyboard only its asker can use, and the command menu is the core's
+declaration (`service.commands`). Commands themselves,
 memory, access and ordering are the core's. Updates are handled concurrently
 (the core keeps one conversation in order), flood control is the
 AIORateLimiter's, and a failing update costs its chat one short apology while
@@ -15,12 +16,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
-from telegram import BotCommand, CallbackQuery, Chat, Message, Update, User
+from telegram import Bot, BotCommand, CallbackQuery, Chat, Message, Update, User
 from telegram.constants import ChatType
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import (
@@ -32,15 +31,16 @@ from telegram.ext import (
     filters,
 )
 
-from adapters.telegram_addressing import BotIdentity, addressed_text
-from adapters.telegram_logging import secrets_kept_out_of_logs
-from adapters.telegram_model_menu import decode_choice, model_keyboard, resolve_choice
-from adapters.telegram_pacing import ChatPacer
-from adapters.telegram_sink import TelegramSink
-from bot.commands import COMMANDS, KNOWN, parse_command
+from adapters.base import Adapter, utf16_len
+from adapters.telegram.addressing import BotIdentity, addressed_text
+from adapters.telegram.log_secrets import secrets_kept_out_of_logs
+from adapters.telegram.menu import choices_keyboard, decode_choice, resolve_choice
+from adapters.telegram.pacing import ChatPacer
+from adapters.telegram.settings import bot_token, webhook_secret
+from adapters.telegram.sink import TelegramSink
 from bot.messages import Incoming
-from bot.render import FormattingRejected, StreamRenderer, utf16_len
-from bot.service import ChatService
+from bot.render import FormattingRejected
+from bot.reply import Reply
 from bot.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -50,8 +50,16 @@ ALLOWED_UPDATES = (Update.MESSAGE, Update.CALLBACK_QUERY)
 POLL_TIMEOUT = 10  # seconds a getUpdates long poll may wait for news
 SORRY = "Sorry, something went wrong while answering. Please try again."
 DRAIN_EXTRA = 5.0  # seconds, beyond SHUTDOWN_GRACE, before replies still running are cancelled
-CANCEL_WAIT = 2.0  # seconds for cancelled replies to unwind
-_SECRET_TOKEN = re.compile(r"[A-Za-z0-9_-]{1,256}")
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where a reply goes: a chat (or forum topic), quoting a message, for an asker."""
+
+    chat_id: int
+    owner_id: int  # who asked: the only one whose presses a keyboard obeys
+    thread_id: int | None = None
+    reply_to: int | None = None
 
 
 def file_url_for(base_url: str) -> str:
@@ -69,67 +77,69 @@ def default_rate_limiter() -> AIORateLimiter:
                           group_max_rate=20, group_time_period=60, max_retries=5)
 
 
-class TelegramAdapter:
+class TelegramAdapter(Adapter[Destination]):
     """`await TelegramAdapter(settings).run(service, stop)` answers until `stop` is set."""
 
     name = "telegram"
 
     def __init__(self, settings: Settings) -> None:
-        token = settings.TELEGRAM_TOKEN.get_secret_value() if settings.TELEGRAM_TOKEN else ""
-        if not token:
-            raise SettingsError("TELEGRAM_TOKEN is empty")
-        self._webhook_secret = ""
-        if settings.TELEGRAM_WEBHOOK_URL:
-            secret = settings.TELEGRAM_WEBHOOK_SECRET
-            self._webhook_secret = secret.get_secret_value() if secret else ""
-            if not self._webhook_secret:
-                raise SettingsError("TELEGRAM_WEBHOOK_SECRET is required when "
-                                    "TELEGRAM_WEBHOOK_URL is set (requests without it are "
-                                    "refused)")
-            if not _SECRET_TOKEN.fullmatch(self._webhook_secret):
-                raise SettingsError("TELEGRAM_WEBHOOK_SECRET=<hidden>: allowed: 1-256 "
-                                    "characters A-Z, a-z, 0-9, _ and -")
-        self._settings = settings
-        self._token = token
-        self._service: ChatService | None = None
+        super().__init__(settings)
+        self._token = bot_token(settings)
+        self._webhook_secret = webhook_secret(settings)
         self._me = BotIdentity(0, "")
-        self._inflight: set[asyncio.Task[object]] = set()
         self._pacer = ChatPacer(settings.STREAM_EDIT_INTERVAL)
+        self._app: Application | None = None
+        self._quiet = contextlib.ExitStack()  # the token kept out of logs while running
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def run(self, service: ChatService, stop: asyncio.Event) -> None:
-        self._service = service
+    async def connect(self) -> None:
         secrets = [self._token, *([self._webhook_secret] if self._webhook_secret else [])]
-        with secrets_kept_out_of_logs(secrets):
-            app = self._build_application()
-            try:
-                await app.initialize()
-            except InvalidToken:
-                # PTB's own message quotes the token.
+        self._quiet.enter_context(secrets_kept_out_of_logs(secrets))
+        app = self._app = self._build_application()
+        try:
+            await app.initialize()
+        except BaseException as exc:
+            self._app = None
+            self._quiet.close()
+            if isinstance(exc, InvalidToken):  # PTB's own message quotes the token
                 raise SettingsError("TELEGRAM_TOKEN was refused by the Bot API server "
                                     "(401 Unauthorized)") from None
-            except TelegramError as exc:
+            if isinstance(exc, TelegramError):
                 server = urlsplit(self._settings.TELEGRAM_BASE_URL or "https://api.telegram.org")
                 raise ConnectionError(f"cannot reach the Telegram Bot API at {server.netloc}: "
                                       f"{exc}") from None
-            try:
-                self._me = BotIdentity(app.bot.id, app.bot.username)
-                await self._register_commands(app)
-                await app.start()
-                await self._start_receiving(app)
-                log.info("telegram: answering as @%s (%s)", self._me.username,
-                         "webhook" if self._webhook_secret else "long polling")
-                await stop.wait()
-                log.info("telegram: stopping")
+            raise
+
+    async def listen(self, stop: asyncio.Event) -> None:
+        app = self._app
+        assert app is not None
+        self._me = BotIdentity(app.bot.id, app.bot.username)
+        await self._register_commands(app)
+        await app.start()
+        await self._start_receiving(app)
+        self._connected = True
+        log.info("telegram: answering as @%s (%s)", self._me.username,
+                 "webhook" if self._webhook_secret else "long polling")
+        await stop.wait()
+        log.info("telegram: stopping")
+        self._connected = False
+        await app.updater.stop()
+        await self._finish_in_flight(app)
+
+    async def disconnect(self) -> None:
+        app = self._app
+        if app is None:
+            return
+        try:
+            if app.updater.running:
                 await app.updater.stop()
-                await self._finish_in_flight(app)
-            finally:
-                if app.updater.running:
-                    await app.updater.stop()
-                if app.running:
-                    await app.stop()
-                await app.shutdown()
+            if app.running:
+                await app.stop()
+            await app.shutdown()
+        finally:
+            self._app = None
+            self._quiet.close()
 
     def _build_application(self) -> Application:
         builder = (
@@ -149,8 +159,9 @@ class TelegramAdapter:
         return app
 
     async def _register_commands(self, app: Application) -> None:
-        commands = [BotCommand("start", "Start: what this bot does"),
-                    *(BotCommand(name, desc) for name, desc in COMMANDS)]
+        # The menu is the core's declaration: what Telegram lists, in order.
+        commands = [BotCommand(c.name, c.description[:256])
+                    for c in self.service.commands.menu(self.name)]
         try:
             await app.bot.set_my_commands(commands)
         except TelegramError as exc:  # a menu is a nicety; answering matters more
@@ -179,18 +190,7 @@ class TelegramAdapter:
         SHUTDOWN_GRACE + DRAIN_EXTRA is cancelled, which the core records as
         cancelled.
         """
-        stopping = asyncio.create_task(app.stop())
-        await asyncio.wait({stopping}, timeout=self._settings.SHUTDOWN_GRACE + DRAIN_EXTRA)
-        if not stopping.done():
-            pending = [t for t in self._inflight if not t.done()]
-            log.warning("telegram: cancelling %d replies still running", len(pending))
-            for task in pending:
-                task.cancel()
-            await asyncio.wait({stopping}, timeout=CANCEL_WAIT)
-        if not stopping.done():
-            stopping.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await stopping
+        await self.drain(self._settings.SHUTDOWN_GRACE + DRAIN_EXTRA, until=app.stop())
 
     # ------------------------------------------------------------------ handlers
 
@@ -202,85 +202,73 @@ class TelegramAdapter:
             place_id=None if chat.type == ChatType.PRIVATE else str(chat.id),
             text=text, raw=raw)
 
-    @contextlib.contextmanager
-    def _tracked(self) -> Iterator[None]:
-        task = asyncio.current_task()
-        if task is not None:
-            self._inflight.add(task)
-        try:
-            yield
-        finally:
-            if task is not None:
-                self._inflight.discard(task)
-
     async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.message
         if message is None or message.from_user is None:
             return
-        text = addressed_text(message, self._me, KNOWN)
+        text = addressed_text(message, self._me, self.service.commands.names)
         if text is None:
             return  # not for us: decided without a single await
-        service = self._service
-        assert service is not None
         msg = self._incoming(message.from_user, message.chat, text, message)
-        with self._tracked():
-            keyboard = None
-            stream = service.handle(msg)
-            if parse_command(text) == ("model", ""):
-                # The core's /model answer, plus buttons to pick with; not on a
-                # refusal or a rate-limit notice, which never names the model.
-                choices = await service.model_choices(msg)
-                async with contextlib.aclosing(stream) as deltas:
-                    reply = "".join([delta async for delta in deltas])
-                if choices.current in reply:
-                    keyboard = model_keyboard(message.from_user.id, choices)
-                stream = _once(reply)
-            sink = TelegramSink(
-                context.bot, message.chat.id, pacer=self._pacer,
+        with self.tracked():
+            reply = await self.service.handle(msg)
+            await self.send(reply, Destination(
+                message.chat.id, message.from_user.id,
                 thread_id=message.message_thread_id if message.is_topic_message else None,
-                reply_to=None if msg.is_direct else message.message_id,
-                reply_markup=keyboard)
-            renderer = StreamRenderer(sink, limit=MESSAGE_LIMIT, measure=utf16_len,
-                                      edit_interval=self._settings.STREAM_EDIT_INTERVAL)
-            await renderer.run(stream)
+                reply_to=None if msg.is_direct else message.message_id))
+
+    async def send(self, reply: Reply, to: Destination) -> None:
+        # Choices become buttons on the reply; in a group everyone sees them, and
+        # only the asker's presses count (the owner is in the callback data).
+        keyboard = choices_keyboard(to.owner_id, reply.choices) if reply.choices else None
+        sink = TelegramSink(self._bot, to.chat_id, pacer=self._pacer, thread_id=to.thread_id,
+                            reply_to=to.reply_to, reply_markup=keyboard)
+        await self.stream(reply, sink, limit=MESSAGE_LIMIT, measure=utf16_len)
+
+    @property
+    def _bot(self) -> Bot:
+        assert self._app is not None
+        return self._app.bot
 
     async def _on_button(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         query = update.callback_query
         if query is None:
             return
-        with self._tracked():
-            await self._model_button(query, context)
+        with self.tracked():
+            await self._choice_button(query, context)
 
-    async def _model_button(self, query: CallbackQuery,
-                            context: ContextTypes.DEFAULT_TYPE) -> None:
+    async def _choice_button(self, query: CallbackQuery,
+                             context: ContextTypes.DEFAULT_TYPE) -> None:
+        """A press on a reply's choices: run `/<command> <key>` as the presser."""
         press = decode_choice(query.data)
         message = query.message
         if press is None or not isinstance(message, Message):
             await query.answer("This button no longer works. Send /model again.")
             return
+        command = press.command
         if press.owner_id != query.from_user.id:
-            # Never someone else's model: each person picks with their own /model.
-            await query.answer("This menu belongs to someone else. Send /model to pick yours.",
-                               show_alert=True)
+            # Never someone else's pick: each person picks with their own menu.
+            await query.answer(f"This menu belongs to someone else. Send /{command} to pick "
+                               "yours.", show_alert=True)
             return
-        service = self._service
-        assert service is not None
-        msg = self._incoming(query.from_user, message.chat, "/model", query)
-        model = resolve_choice(press.key, (await service.model_choices(msg)).available)
-        if model is None:
-            await query.answer("That model is no longer offered. Send /model for the list.",
-                               show_alert=True)
+        service = self.service
+        msg = self._incoming(query.from_user, message.chat, f"/{command}", query)
+        offered = await service.choices(command, msg)
+        key = resolve_choice(press.key, [c.key for c in offered.options] if offered else [])
+        choice = offered.find(key) if offered is not None and key is not None else None
+        if offered is None or choice is None:
+            await query.answer(f"That {command} is no longer offered. Send /{command} for "
+                               "the list.", show_alert=True)
             return
-        async with contextlib.aclosing(service.handle(replace(msg, text=f"/model {model}"))) \
-                as deltas:
-            reply = "".join([delta async for delta in deltas])
-        if reply.strip():
+        reply = await service.handle(replace(msg, text=offered.pick_line(choice)))
+        text = await self.collect(reply)
+        if text.strip():
             sink = TelegramSink(context.bot, message.chat.id, pacer=self._pacer)
             try:
-                await sink.edit(message.message_id, reply, formatted=True)
+                await sink.edit(message.message_id, text, formatted=True)
             except FormattingRejected:
-                await sink.edit(message.message_id, reply, formatted=False)
-        await query.answer(f"Model: {model}"[:200])
+                await sink.edit(message.message_id, text, formatted=False)
+        await query.answer(f"{command.capitalize()}: {choice.label}"[:200])
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log the detail for the operator; give the chat one short apology."""
@@ -299,8 +287,3 @@ class TelegramAdapter:
                     update.effective_chat.id, SORRY,
                     message_thread_id=message.message_thread_id
                     if message.is_topic_message else None)
-
-
-async def _once(text: str) -> AsyncIterator[str]:
-    if text:
-        yield text

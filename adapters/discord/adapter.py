@@ -1,13 +1,15 @@
 """The Discord adapter: discord.py 2.x in, the core's reply stream out.
 
 It answers every DM, and in servers the messages that mention the bot or reply to
-it; slash commands run as the core's chat commands. Replies stream through the
-shared renderer (throttled edits, 2000-character messages). It holds no memory
-logic: everything about a conversation happens in `service.handle`.
+it; slash commands are generated from the core's declared commands and run as
+them. Replies stream through the shared renderer (throttled edits, 2000-character
+messages). It holds no memory logic: everything about a conversation happens in
+`service.handle`.
 
-Lifecycle (`run`): log in, sync slash commands, connect every shard this process
-runs (always `AutoShardedClient`: one code path for one shard or many, and it can
-close its gateway connections while REST stays usable); when `stop` is set, close
+Lifecycle (adapters.base: connect, listen, disconnect): log in, sync slash
+commands, connect every shard this process runs (always `AutoShardedClient`: one
+code path for one shard or many, and it can close its gateway connections while
+REST stays usable); when `stop` is set, close
 the gateway, let replies in flight finish (SHUTDOWN_GRACE, after which the core
 cuts them short, plus a margin), then close the client.
 """
@@ -25,13 +27,17 @@ from discord import app_commands
 from discord.gateway import DiscordWebSocket
 from discord.http import HTTPClient, Route
 
-from adapters.discord_commands import SlashCommands
-from adapters.discord_inbound import incoming_from_message, is_addressed, text_for_model
-from adapters.discord_inflight import InFlight
-from adapters.discord_sink import MESSAGE_LIMIT, ChannelSink
-from bot.messages import Incoming
-from bot.render import StreamRenderer
-from bot.service import ChatService
+from adapters.base import Adapter
+from adapters.discord.commands import SlashCommands
+from adapters.discord.inbound import (
+    incoming_from_message,
+    is_addressed,
+    place_of,
+    text_for_model,
+)
+from adapters.discord.settings import bot_token, shard_ids
+from adapters.discord.sink import MESSAGE_LIMIT, ChannelSink
+from bot.reply import Reply
 from bot.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -120,25 +126,30 @@ class _GatewayClient(discord.AutoShardedClient):
         self._identified[bucket] = loop.time()
 
 
-class DiscordAdapter:
+class DiscordAdapter(Adapter[discord.Message]):
     """Started by `python -m bot` when DISCORD_TOKEN is set."""
 
     name = "discord"
 
     def __init__(self, settings: Settings) -> None:
-        if settings.DISCORD_TOKEN is None:
-            raise ValueError("the Discord adapter needs DISCORD_TOKEN")
-        self._settings = settings
-        self._in_flight = InFlight()
+        super().__init__(settings)
+        self._token = bot_token(settings)
         self._accepting = False
         self._client: _GatewayClient | None = None
-        self._service: ChatService | None = None
         self._tree: app_commands.CommandTree[_GatewayClient] | None = None
+        self._endpoints = DiscordEndpoints(settings.DISCORD_API_BASE)
+        self._connection: asyncio.Task[None] | None = None
 
     @property
     def client(self) -> discord.AutoShardedClient | None:
         """The running client (for diagnostics and tests)."""
         return self._client
+
+    @property
+    def connected(self) -> bool:
+        client = self._client
+        return (self._accepting and client is not None and client.is_ready()
+                and not client.is_closed())
 
     def _make_client(self) -> _GatewayClient:
         s = self._settings
@@ -152,31 +163,45 @@ class DiscordAdapter:
             # never pings @everyone, @here, roles or users.
             allowed_mentions=discord.AllowedMentions.none(),
             shard_count=s.DISCORD_SHARD_COUNT,
-            shard_ids=s.shard_ids,
+            shard_ids=shard_ids(s),
             chunk_guilds_at_startup=False,
         )
 
-    async def run(self, service: ChatService, stop: asyncio.Event) -> None:
-        token = self._settings.DISCORD_TOKEN
-        assert token is not None
-        self._service = service
-        with DiscordEndpoints(self._settings.DISCORD_API_BASE) as endpoints:
-            client = self._client = self._make_client()
-            self._tree = app_commands.CommandTree(client)
-            SlashCommands(service, self._in_flight).install(self._tree)
-            connection: asyncio.Task[None] | None = None
-            try:
-                await client.login(token.get_secret_value())
-                await endpoints.discover_gateway(client.http)
-                self._accepting = True
-                connection = asyncio.create_task(client.connect(), name="discord-gateway")
-                stopping = asyncio.create_task(stop.wait())
-                await asyncio.wait({connection, stopping}, return_when=asyncio.FIRST_COMPLETED)
-                stopping.cancel()
-            finally:
+    async def connect(self) -> None:
+        self._endpoints.__enter__()
+        client = self._client = self._make_client()
+        self._tree = app_commands.CommandTree(client)
+        SlashCommands(self.service, self.tracked).install(self._tree)
+        self._connection = None
+        try:
+            await client.login(self._token)
+            await self._endpoints.discover_gateway(client.http)
+        except BaseException:
+            await self.disconnect()
+            raise
+
+    async def listen(self, stop: asyncio.Event) -> None:
+        client = self._client
+        assert client is not None
+        self._accepting = True
+        connection = self._connection = asyncio.create_task(client.connect(),
+                                                            name="discord-gateway")
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait({connection, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+
+    async def disconnect(self) -> None:
+        client, connection = self._client, self._connection
+        try:
+            if client is not None:
                 await self._shut_down(client, connection)
-            if connection is not None and connection.done() and not connection.cancelled():
-                connection.result()  # the gateway failed for good (bad token, intents…)
+        finally:
+            self._endpoints.__exit__(None, None, None)
+            self._connection = None
+        if connection is not None and connection.done() and not connection.cancelled():
+            connection.result()  # the gateway failed for good (bad token, intents…)
 
     async def _shut_down(self, client: _GatewayClient,
                          connection: asyncio.Task[None] | None) -> None:
@@ -185,7 +210,7 @@ class DiscordAdapter:
         for shard in list(client.shards.values()):
             with contextlib.suppress(Exception):
                 await shard.disconnect()
-        await self._in_flight.drain(self._settings.SHUTDOWN_GRACE + DRAIN_MARGIN)
+        await self.drain(self._settings.SHUTDOWN_GRACE + DRAIN_MARGIN)
         await client.close()
         if connection is not None and not connection.done():
             # close() tells connect() to return; bound the wait all the same.
@@ -220,19 +245,21 @@ class DiscordAdapter:
         text = text_for_model(message, me.id)
         if not text:  # an attachment alone, or just the mention: nothing to answer
             return
-        with self._in_flight.track():
-            await self._reply(service, message, incoming_from_message(message, text))
+        with self.tracked():
+            sink = _sink_for(message)
+            try:
+                reply = await service.handle(incoming_from_message(message, text))
+                await self.stream(reply, sink, limit=MESSAGE_LIMIT)
+            except Exception:
+                log.exception("discord: answering message %s in channel %s failed",
+                              message.id, message.channel.id)
+                await sink.apologise()
 
-    async def _reply(self, service: ChatService, message: discord.Message,
-                     incoming: Incoming) -> None:
-        # In a server the answer replies to the user's message; in a DM that is noise.
-        reply_to = message if incoming.place_id is not None else None
-        sink = ChannelSink(message.channel, reply_to)
-        renderer = StreamRenderer(sink, limit=MESSAGE_LIMIT,
-                                  edit_interval=self._settings.STREAM_EDIT_INTERVAL)
-        try:
-            await renderer.run(service.handle(incoming))
-        except Exception:
-            log.exception("discord: answering message %s in channel %s failed",
-                          message.id, message.channel.id)
-            await sink.apologise()
+    async def send(self, reply: Reply, to: discord.Message) -> None:
+        """Answer `to` in its channel."""
+        await self.stream(reply, _sink_for(to), limit=MESSAGE_LIMIT)
+
+
+def _sink_for(message: discord.Message) -> ChannelSink:
+    # In a server the answer replies to the user's message; in a DM that is noise.
+    return ChannelSink(message.channel, message if place_of(message) is not None else None)

@@ -1,0 +1,1 @@
+"""Discord: discord.py in, the core's replies out."""

@@ -1,0 +1,1 @@
+"""Telegram: python-telegram-bot in, the core's replies out."""
