@@ -9,7 +9,6 @@ newest message it covers, so it can be rebuilt.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import re
@@ -21,8 +20,9 @@ from bot.prompt import build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
 from bot.sanitize import storable
 from bot.settings import Settings
+from bot.slots import ModelSlots
 from bot.text_fit import longest_prefix
-from bot.tokens import MESSAGE_OVERHEAD, count_tokens
+from bot.tokens import MESSAGE_OVERHEAD, PROMPT_OVERHEAD, Calibration, count_tokens
 from storage.base import AuditRecord, ConversationRef, Store, StoredMessage
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,41 @@ def truncate_tokens(text: str, cap: int, counter: Callable[[str], int] = count_t
     return text[: longest_prefix(text, cap, counter)]
 
 
+SUMMARY_PAGE = 200  # unsummarised messages read at a time, oldest first
+
+
+def _line(msg: StoredMessage) -> str:
+    return f"{'User' if msg.role == 'user' else 'Assistant'}: {msg.content}"
+
+
+def _fit_lines(batch: Sequence[StoredMessage], room: int) -> str:
+    """The batch as transcript lines within `room` tokens: what the user said is
+    cut last (the summary keeps facts about the user, not the assistant's words)."""
+    lines = [_line(m) for m in batch]
+    if count_tokens("\n".join(lines)) <= room:
+        return "\n".join(lines)
+    users = sum(count_tokens(line) + 1 for line, m in zip(lines, batch, strict=True)
+                if m.role == "user")
+    replies = sum(1 for m in batch if m.role != "user")
+    share = (room - users) // max(1, replies) - 1
+    lines = [line if m.role == "user" else truncate_tokens(line, max(4, share))
+             for line, m in zip(lines, batch, strict=True)]
+    text = "\n".join(lines)
+    if count_tokens(text) > room:
+        share = max(8, room // len(batch) - 1)
+        text = "\n".join(truncate_tokens(line, share) for line in lines)
+    return truncate_tokens(text, max(8, room))
+
+
 class Summarizer:
-    """Background summaries; at most one running per conversation."""
+    """Background summaries; at most one running per conversation.
+
+    The summary folds the oldest unsummarised messages first, in batches that
+    fill the summary call's window, and is written after every batch: a pass
+    cut off (exit, /reset) keeps what it folded. Summary calls take the
+    service's model slots as background work, so a reply never waits behind
+    one that had not started yet, and `LLM_CONCURRENCY=1` is one call at a time.
+    """
 
     def __init__(
         self,
@@ -75,15 +108,19 @@ class Summarizer:
         provider: Provider,
         running_calls: set[asyncio.Task[None]],
         audit: Callable[[AuditRecord], Awaitable[None]],
+        slots: ModelSlots | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._provider = provider
         self._running_calls = running_calls
         self._audit = audit  # the service's one audit path (it redacts secrets)
+        self._slots = slots or ModelSlots(settings.LLM_CONCURRENCY)
+        self._calibration = calibration or Calibration()  # the estimate, per model
         self._tasks: dict[int, asyncio.Task[None]] = {}
-        # Summaries never take a reply's model slot.
-        self._slots = asyncio.Semaphore(max(1, settings.LLM_CONCURRENCY // 2))
+        # Conversations reset while their summary ran (entries live as long as the task).
+        self._stale: set[int] = set()
         self.failures = 0
 
     @property
@@ -97,8 +134,25 @@ class Summarizer:
             return False
         task = asyncio.create_task(self._run(conversation_id, ref, chat_id, model))
         self._tasks[conversation_id] = task
-        task.add_done_callback(lambda _: self._tasks.pop(conversation_id, None))
+        task.add_done_callback(lambda _: self._ended(conversation_id))
         return True
+
+    def _ended(self, conversation_id: int) -> None:
+        self._tasks.pop(conversation_id, None)
+        self._stale.discard(conversation_id)
+
+    async def forget(self, conversation_id: int) -> None:
+        """Before a /reset: stop this conversation's summary and wait until it has.
+
+        Its batches check the mark before every model call and every write, so
+        nothing said before the reset reaches the model once the reset answers.
+        """
+        task = self._tasks.get(conversation_id)
+        if task is None:
+            return
+        self._stale.add(conversation_id)
+        task.cancel()
+        await asyncio.wait([task], timeout=self._settings.LLM_TIMEOUT)  # bounded
 
     async def wait_idle(self) -> None:
         """Wait for running summaries (tests; callers bound it)."""
@@ -109,9 +163,8 @@ class Summarizer:
         tasks = list(self._tasks.values())
         for t in tasks:
             t.cancel()
-        for t in tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        if tasks:
+            await asyncio.wait(tasks)
 
     def history_budget(self) -> int:
         """Tokens the stored messages may take in a prompt, beside the summary."""
@@ -120,75 +173,143 @@ class Summarizer:
         # Leave room for a typical new message (an eighth of the budget).
         return max(64, s.prompt_budget - system - s.summary_cap - s.prompt_budget // 8)
 
+    def _keep_budget(self) -> int:
+        return self.history_budget() // 2  # hysteresis: folded down to half, not every turn
+
+    def due(self, history: Sequence[StoredMessage], new_user: str, new_reply: str) -> bool:
+        """Whether a summary would fold anything: the unsummarised messages
+        (`history`, the newest of them, then the new exchange) outgrow what is
+        kept, and what is beyond holds a whole exchange."""
+        roles = [m.role for m in history] + ["user", "assistant"]
+        texts = [m.content for m in history] + [new_user, new_reply]
+        kept = 0
+        for i in range(len(texts) - 1, -1, -1):
+            kept += count_tokens(texts[i]) + MESSAGE_OVERHEAD
+            if kept > self._keep_budget():
+                return "assistant" in roles[: i + 1]
+        return False
+
+    async def _keep_from(self, conversation_id: int, after_id: int) -> int | None:
+        """The id from which messages are kept unsummarised; None: nothing to fold."""
+        keep_budget = self._keep_budget()
+        # Every message costs at least MESSAGE_OVERHEAD: this many always exceed the budget.
+        newest = await self._store.recent_messages(
+            conversation_id, keep_budget // MESSAGE_OVERHEAD + 2, after_id=after_id)
+        kept = 0
+        for i in range(len(newest) - 1, -1, -1):
+            kept += count_tokens(newest[i].content) + MESSAGE_OVERHEAD
+            if kept > keep_budget:
+                return newest[i + 1].id if i + 1 < len(newest) else newest[i].id + 1
+        return None
+
+    def _summary_max_tokens(self) -> int:
+        return math.ceil(self._settings.summary_cap * 1.5)
+
+    def _prompt_budget(self) -> int:
+        """What a summary prompt may take: the window minus the summary's reply limit."""
+        return max(64, self._settings.CONTEXT_TOKENS - self._summary_max_tokens())
+
+    def _model(self, model: str) -> str:
+        return self._settings.SUMMARY_MODEL or model
+
+    def _estimated_budget(self, model: str) -> int:
+        """The prompt budget in estimated tokens (before the model's correction)."""
+        return int(self._prompt_budget() / self._calibration.factor(self._model(model)))
+
+    def _batch_budget(self, old: str, model: str) -> int:
+        """Estimated tokens the new messages may take in one summary call beside `old`."""
+        s = self._settings
+        instructions = count_tokens(SUMMARY_INSTRUCTIONS.format(cap=s.summary_cap, language=""))
+        frame = 48 + 2 * MESSAGE_OVERHEAD + PROMPT_OVERHEAD  # headings and the language line
+        spare = self._estimated_budget(model) - instructions - frame - count_tokens(old)
+        return max(32, spare * 15 // 16)  # the estimate of joined lines is not additive
+
     async def _run(self, conversation_id: int, ref: ConversationRef, chat_id: str,
                    model: str) -> None:
         try:
             await self.summarize(conversation_id, ref, chat_id, model)
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             self.failures += 1
-            log.exception("summary of %s failed", ref.key)
+            detail = getattr(exc, "detail", None) or f"{type(exc).__name__}: {exc}"
+            log.warning("summary of %s failed: %s", ref.key, detail)
 
     async def summarize(self, conversation_id: int, ref: ConversationRef, chat_id: str,
                         model: str) -> bool:
-        """Fold what no longer fits into the summary; True if one was written."""
-        s = self._settings
+        """Fold what no longer fits into the summary, oldest first; True if written."""
         summary = await self._store.summary(conversation_id)
-        upto = summary.upto_id if summary else 0
-        pending = await self._store.recent_messages(conversation_id, 2000, after_id=upto)
-        keep_budget = self.history_budget() // 2  # hysteresis: not every turn
-        kept_tokens = 0
-        keep_from = len(pending)
-        for i in range(len(pending) - 1, -1, -1):
-            kept_tokens += count_tokens(pending[i].content) + MESSAGE_OVERHEAD
-            if kept_tokens > keep_budget:
-                break
-            keep_from = i
-        fold = pending[:keep_from]
-        while fold and fold[-1].role != "assistant":  # fold whole exchanges only
-            fold.pop()
-        if not fold:
-            return False
+        cursor = summary.upto_id if summary else 0
         text = summary.text if summary else ""
-        # Fold in batches that fit the model's window beside the old summary.
+        keep_from = await self._keep_from(conversation_id, cursor)
+        if keep_from is None:
+            return False
+        written = False
         batch: list[StoredMessage] = []
-        batch_budget = max(128, s.prompt_budget - s.summary_cap * 2 - 200)
+        exchange: list[StoredMessage] = []  # fold whole exchanges only
         used = 0
-        for msg in fold:
-            c = count_tokens(msg.content) + MESSAGE_OVERHEAD
-            if batch and used + c > batch_budget:
-                text = await self._fold(text, batch, ref, chat_id, model)
-                batch, used = [], 0
-            batch.append(msg)
-            used += c
+        budget = self._batch_budget(text, model)
+        while page := await self._store.messages_range(
+                conversation_id, cursor, keep_from - 1, limit=SUMMARY_PAGE):
+            cursor = page[-1].id
+            for msg in page:
+                exchange.append(msg)
+                if msg.role != "assistant":
+                    continue
+                cost = sum(count_tokens(_line(m)) + 1 for m in exchange)
+                if batch and used + cost > budget:
+                    folded = await self._fold_batch(conversation_id, text, batch, ref,
+                                                    chat_id, model)
+                    if folded is None:
+                        return written
+                    text, written = folded, True
+                    batch, used, budget = [], 0, self._batch_budget(folded, model)
+                batch += exchange
+                used += cost
+                exchange = []
         if batch:
-            text = await self._fold(text, batch, ref, chat_id, model)
-        written = await self._store.save_summary(conversation_id, text, fold[-1].id)
-        if not written:
-            log.info("summary of %s dropped: conversation was reset meanwhile", ref.key)
+            folded = await self._fold_batch(conversation_id, text, batch, ref, chat_id, model)
+            written = written or folded is not None
         return written
+
+    async def _fold_batch(self, conversation_id: int, old: str, batch: list[StoredMessage],
+                          ref: ConversationRef, chat_id: str, model: str) -> str | None:
+        """Fold one batch and write it; None when the conversation was reset meanwhile."""
+        if conversation_id in self._stale or not await self._store.messages_range(
+                conversation_id, batch[0].id - 1, batch[0].id, limit=1):
+            log.info("summary of %s stopped: the conversation was reset", ref.key)
+            return None
+        text = await self._fold(old, batch, ref, chat_id, model)
+        if conversation_id in self._stale or not await self._store.save_summary(
+                conversation_id, text, batch[-1].id):
+            log.info("summary of %s dropped: the conversation was reset", ref.key)
+            return None
+        return text
 
     async def _fold(self, old: str, batch: Sequence[StoredMessage], ref: ConversationRef,
                     chat_id: str, model: str) -> str:
         s = self._settings
         cap = s.summary_cap
         lang = summary_language([m.content for m in batch if m.role == "user"])
-        lines = [f"{'User' if m.role == 'user' else 'Assistant'}: {m.content}" for m in batch]
-        user = (f"Current summary:\n{old or '(none yet)'}\n\nNew messages:\n"
-                + "\n".join(lines) + "\n\nWrite the updated summary.")
         system = SUMMARY_INSTRUCTIONS.format(cap=cap, language=lang)
-        text = await self._call(system, user, ref, chat_id, model, cap)
+        head = f"Current summary:\n{old or '(none yet)'}\n\nNew messages:\n"
+        tail = "\n\nWrite the updated summary."
+        # An exchange longer than a whole batch is cut to fit: the call must fit the window.
+        room = (self._estimated_budget(model) - PROMPT_OVERHEAD - 2 * MESSAGE_OVERHEAD
+                - count_tokens(system) - count_tokens(head + tail) - 8)
+        lines = _fit_lines(batch, room)
+        text = await self._call(system, head + lines + tail, ref, chat_id, model)
         if count_tokens(text) > cap:
             text = await self._call(SHORTEN_INSTRUCTIONS.format(cap=cap, language=lang), text,
-                                    ref, chat_id, model, cap)
+                                    ref, chat_id, model)
         return truncate_tokens(storable(text).strip(), cap)
 
     async def _call(self, system: str, user: str, ref: ConversationRef, chat_id: str,
-                    model: str, cap: int) -> str:
+                    model: str) -> str:
         s = self._settings
-        summary_model = s.SUMMARY_MODEL or model
-        prompt = build_prompt(system, [], user, s.CONTEXT_TOKENS)
+        summary_model = self._model(model)
+        factor = self._calibration.factor(summary_model)
+        prompt = build_prompt(system, [], user, self._prompt_budget(), factor=factor)
         audit = AuditRecord(
             platform=ref.platform, user_id=ref.user_id, chat_id=chat_id,
             conversation=ref.key, user_input=user, kind="summary",
@@ -197,15 +318,18 @@ class Summarizer:
         started = time.monotonic()
         parts: list[str] = []
         try:
-            async with self._slots:
+            async with self._slots.background():
+                started = time.monotonic()  # model time, not the wait for a slot
                 async for item in stream_reply(
                     self._provider, summary_model, prompt.messages,
-                    num_ctx=s.CONTEXT_TOKENS, max_tokens=math.ceil(cap * 1.5),
+                    num_ctx=s.CONTEXT_TOKENS, max_tokens=self._summary_max_tokens(),
                     limits=CallLimits(s.LLM_TIMEOUT, s.LLM_STALL_TIMEOUT, 0),
                     running=self._running_calls,
                 ):
                     if isinstance(item, Usage):
                         audit.prompt_tokens = item.prompt_tokens
+                        self._calibration.observe(summary_model, round(prompt.tokens / factor),
+                                                  item.prompt_tokens)
                         audit.completion_tokens = item.completion_tokens
                     else:
                         if not parts:

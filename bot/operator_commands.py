@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from bot.settings import Settings
-from bot.stats import compute_stats, format_stats
+from bot.stats import compute_stats, format_model_time, format_stats, with_model_time
 from storage import open_store
 from storage.base import TABLES, StorageError, Store
 
@@ -50,13 +50,16 @@ async def stats(settings: Settings, as_json: bool) -> int:
     store = await _opened(settings.DATABASE_URL, settings)
     try:
         figures = compute_stats(await store.audit_rows_for_stats())
+        model_time = await store.model_time()
     finally:
         await store.close()
     if as_json:
-        for f in figures:
+        for f in with_model_time(figures, model_time):
             print(json.dumps(f))
     else:
         print(format_stats(figures))
+        if model_time:
+            print("\n" + format_model_time(model_time))
     return 0
 
 

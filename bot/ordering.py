@@ -4,38 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import AsyncIterator
 
 
 class ConversationOrder:
     """Turns of one key run one at a time, in the order they asked.
 
-    Each turn waits for the one before it through a future; the map holds
-    only keys with a turn waiting or running, so it does not grow with every
-    user ever seen.
+    One `asyncio.Lock` per key: its waiters queue first in, first out, and a
+    waiter cancelled in the queue simply leaves it, so the turns behind it keep
+    waiting for the one that holds the lock. The map holds each lock weakly:
+    a lock lives only while some turn holds it or waits for it, so memory is
+    bounded by turns in flight, not by every user ever seen.
     """
 
     def __init__(self) -> None:
-        self._tails: dict[str, asyncio.Future[None]] = {}
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary())
 
     def __len__(self) -> int:
-        return len(self._tails)
+        return len(self._locks)
 
     @contextlib.asynccontextmanager
     async def turn(self, key: str) -> AsyncIterator[None]:
-        loop = asyncio.get_running_loop()
-        prev = self._tails.get(key)
-        mine: asyncio.Future[None] = loop.create_future()
-        self._tails[key] = mine  # taken before any await: arrival order is kept
-        try:
-            if prev is not None and not prev.done():
-                await asyncio.shield(prev)
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = asyncio.Lock()  # before any await: arrival order kept
+        async with lock:
             yield
-        finally:
-            if prev is not None and not prev.done():
-                # Cancelled while waiting: the next turn must still wait for prev.
-                prev.add_done_callback(lambda _: mine.done() or mine.set_result(None))
-            else:
-                mine.set_result(None)
-            if self._tails.get(key) is mine:
-                del self._tails[key]

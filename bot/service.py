@@ -27,17 +27,21 @@ from bot.models import ModelCatalog
 from bot.ordering import ConversationOrder
 from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
+from bot.ratelimit import MovingWindowLimiter, NoticeOnce
 from bot.reply import Choice, Choices, Outcome, Reply
 from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
-from bot.stats import compute_stats, format_stats
+from bot.slots import ModelSlots
+from bot.stats import compute_stats, format_model_time, format_stats
 from bot.tokens import Calibration, count_tokens
-from storage.base import AuditRecord, ConversationRef, StorageError, Store
+from storage.base import AuditRecord, ConversationRef, StorageError, Store, StoredMessage
 
 log = logging.getLogger(__name__)
 exchange_log = logging.getLogger("bot.exchange")
 
 HISTORY_LOAD_LIMIT = 400  # at most this many messages are loaded for one prompt
+REJECTED_KEEP = 200  # characters of a refused message the audit log keeps
+RATE_WINDOW = 60  # seconds: RATE_LIMIT_PER_MINUTE
 SHUTDOWN_NOTE = "\n\n_(reply cut off: the bot is restarting)_"
 # How a turn's audit status reads as the answer's outcome.
 _OUTCOMES = {"ok": Outcome.OK, "error": Outcome.ERROR, "cancelled": Outcome.CANCELLED,
@@ -63,19 +67,23 @@ class ChatService:
         # History is re-counted every turn; a bounded memo makes that cheap.
         self.count_tokens = functools.lru_cache(maxsize=50_000)(count_tokens)
         self._order = ConversationOrder()
-        self._slots = asyncio.Semaphore(settings.LLM_CONCURRENCY)
+        # Replies and summaries share the slots, replies first (one-request servers).
+        self._slots = ModelSlots(settings.LLM_CONCURRENCY)
         self._calls: set[asyncio.Task[None]] = set()  # model calls in flight
         self._turns = 0  # turns in flight
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
-        self._rate_notified: dict[str, float] = {}  # user → until when told
+        # Per-user state lives only while the user is inside a rate window.
+        self._limiter = MovingWindowLimiter(RATE_WINDOW)
+        self._rate_notified = NoticeOnce(RATE_WINDOW)
         # The answers handed out, by (conversation, reply id), for /stop to find; an
         # entry goes with its Reply once the adapter lets go of it.
         self._answers: weakref.WeakValueDictionary[tuple[str, int], Reply] = \
             weakref.WeakValueDictionary()
         self._redact = RedactSecrets(settings.secrets()).redact
-        self.memory = Summarizer(settings, store, provider, self._calls, self._audit)
+        self.memory = Summarizer(settings, store, provider, self._calls, self._audit,
+                                 self._slots, self.calibration)
 
     # -- what adapters call
     def conversation_ref(self, msg: Incoming) -> ConversationRef:
@@ -127,7 +135,7 @@ class ChatService:
         if is_blank(text):
             return Reply.notice("Send me some text and I'll answer. /help lists what I can do.")
         if len(text) > self.settings.MAX_INPUT_CHARS:
-            await self._reject(msg, text[:200], f"input {len(text)} chars")
+            await self._reject(msg, text, f"input {len(text)} chars")
             return Reply.refusal(
                 f"That message is {len(text):,} characters long; the limit is "
                 f"{self.settings.MAX_INPUT_CHARS:,}. Please send something shorter.")
@@ -182,8 +190,10 @@ class ChatService:
         limit = self.settings.RATE_LIMIT_PER_MINUTE
         if not limit or msg.platform == "console":
             return 0.0
+        if not self.store.shared_rate_limit:
+            return self._limiter.hit(msg.user_key, limit)
         try:
-            return await self.store.rate_hit(msg.user_key, limit, 60)
+            return await self.store.rate_hit(msg.user_key, limit, RATE_WINDOW)
         except Exception:
             # A limiter that can't count must not silence everyone; the turn
             # itself will report a database that is really gone.
@@ -192,19 +202,13 @@ class ChatService:
 
     def _first_notice(self, user_key: str, wait: float) -> bool:
         """One 'too fast' reply per window, not one per extra message."""
-        now = time.monotonic()
-        if self._rate_notified.get(user_key, 0.0) > now:
-            return False
-        if len(self._rate_notified) > 10_000:  # forget windows that are over
-            self._rate_notified = {k: v for k, v in self._rate_notified.items() if v > now}
-        self._rate_notified[user_key] = now + wait
-        return True
+        return self._rate_notified.first(user_key, wait)
 
     async def _reject(self, msg: Incoming, text: str, reason: str) -> None:
         ref = self.conversation_ref(msg)
         await self._audit(AuditRecord(
             platform=msg.platform, user_id=msg.user_id, chat_id=msg.chat_id,
-            conversation=ref.key, user_input=text, status="rejected", error=reason,
+            conversation=ref.key, user_input=text[:REJECTED_KEEP], status="rejected", error=reason,
             provider=self.provider.name,
         ))
 
@@ -250,6 +254,7 @@ class ChatService:
         async with self._order.turn(ref.key), \
                 self.store.conversation_lock(ref.key, self.settings.LLM_TIMEOUT):
             conv = await self.store.conversation_id(ref)
+            await self.memory.forget(conv)  # its summary must not send what we forget
             removed = await self.store.reset_conversation(conv)
         return Reply.notice(f"Done: I forgot this conversation ({removed} messages). "
                             "New start!")
@@ -278,8 +283,10 @@ class ChatService:
 
     @command("stats", "Usage figures (admins only)", admin=True, private=True)
     async def _cmd_stats(self, msg: Incoming, args: str) -> Reply:
-        return Reply.notice("```\n" + format_stats(compute_stats(
-            await self.store.audit_rows_for_stats())) + "\n```")
+        table = format_stats(compute_stats(await self.store.audit_rows_for_stats()))
+        model_time = format_model_time(await self.store.model_time())
+        return Reply.notice("```\n" + table + (f"\n\n{model_time}" if model_time else "")
+                            + "\n```")
 
     async def _memory_report(self, msg: Incoming, ref: ConversationRef) -> str:
         conv = await self.store.conversation_id(ref)
@@ -294,13 +301,27 @@ class ChatService:
                               factor=self.calibration.factor(model), counter=self.count_tokens)
         lines = [f"Stored messages in this conversation: {stored}",
                  f"Messages that fit the context window now: {prompt.history_used}"]
+        failing = self.settings.MEMORY_STRATEGY == "summarize" \
+            and await self._summary_failing(msg, ref)
         if summary:
             lines += [f"Summary (covers the older messages):\n{summary.text}"]
+            if failing:
+                lines += ["(Out of date: the last attempt to update it failed.)"]
+        elif failing:
+            lines += ["Summary: not written: the last attempt failed. Replies still work and "
+                      "the older messages are kept; it is tried again as the history grows."]
         elif self.settings.MEMORY_STRATEGY == "summarize":
             lines += ["Summary: none yet (written once the history outgrows the window)."]
         else:
             lines += ["Older messages beyond the window are dropped (MEMORY_STRATEGY=truncate)."]
         return "\n".join(lines)
+
+    async def _summary_failing(self, msg: Incoming, ref: ConversationRef) -> bool:
+        """Whether this conversation's latest summary attempt failed (from the audit log)."""
+        rows = await self.store.audit_log(50, msg.user_key)
+        last = next((r for r in reversed(rows)
+                     if r["kind"] == "summary" and r["conversation"] == ref.key), None)
+        return last is not None and last["status"] == "error"
 
     def _load_limit(self) -> int:
         # A stored message costs at least 5 tokens in a prompt: never load
@@ -353,7 +374,7 @@ class ChatService:
                                   summary=summary.text if summary else None, factor=factor,
                                   counter=self.count_tokens)
         except TooLong as exc:
-            audit.status = "rejected"
+            audit.status, audit.user_input = "rejected", text[:REJECTED_KEEP]
             audit.error = f"prompt {exc.tokens} tokens > budget"
             await self._audit(audit)
             yield (f"That message is about {exc.tokens:,} tokens long; the most I can take "
@@ -424,15 +445,17 @@ class ChatService:
         self._log_exchange(audit)
         if usage and usage.prompt_tokens:
             self.calibration.observe(model, round(prompt.tokens / factor), usage.prompt_tokens)
-        self._maybe_summarize(conv, ref, msg, model, prompt, len(history))
+        self._maybe_summarize(conv, ref, msg, model, prompt, history, text, audit.model_response)
 
     def _maybe_summarize(self, conv: int, ref: ConversationRef, msg: Incoming, model: str,
-                         prompt: Prompt, loaded: int) -> None:
-        """Summarise once the history no longer fits (the summariser picks what)."""
+                         prompt: Prompt, history: list[StoredMessage], text: str,
+                         reply: str) -> None:
+        """Summarise once the history no longer fits and there is something to fold."""
         if self.settings.MEMORY_STRATEGY != "summarize" or self._closing:
             return
-        full = prompt.dropped > 0 or loaded >= self._load_limit()
-        if full or prompt.tokens > self.settings.prompt_budget * 3 // 4:
+        full = prompt.dropped > 0 or len(history) >= self._load_limit()
+        if (full or prompt.tokens > self.settings.prompt_budget * 3 // 4) \
+                and self.memory.due(history, text, reply):
             self.memory.schedule(conv, ref, msg.chat_id, model)
 
     def _log_exchange(self, audit: AuditRecord) -> None:

@@ -62,3 +62,45 @@ def format_stats(stats: list[dict[str, Any]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)
+
+
+def format_model_time(rows: Iterable[dict[str, Any]]) -> str:
+    """Model time per model, replies beside summaries: what the memory costs.
+
+    `rows`: provider, model, kind, calls, seconds (Store.model_time).
+    """
+    table: dict[str, dict[str, tuple[int, float]]] = {}
+    for r in rows:
+        name = f"{r['provider']}/{r['model']}"
+        table.setdefault(name, {})[r["kind"]] = (int(r["calls"]), float(r["seconds"] or 0.0))
+    if not table:
+        return ""
+
+    def cell(kind_calls: tuple[int, float] | None) -> str:
+        return "-" if kind_calls is None else f"{kind_calls[1]:.1f}s ({kind_calls[0]} calls)"
+
+    out = [("model time", "replies", "summaries")] + [
+        (name, cell(kinds.get("chat")), cell(kinds.get("summary")))
+        for name, kinds in sorted(table.items())
+    ]
+    widths = [max(len(r[i]) for r in out) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in out)
+
+
+def with_model_time(figures: list[dict[str, Any]],
+                    rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The figures with reply_seconds, summary_seconds and summary_calls per model."""
+    by_model = {(f["provider"], f["model"]): f for f in figures}
+    for f in figures:
+        f.update(reply_seconds=0.0, summary_seconds=0.0, summary_calls=0)
+    for r in rows:
+        f = by_model.get((r["provider"], r["model"]))
+        if f is None:
+            continue
+        if r["kind"] == "summary":
+            f["summary_seconds"] += float(r["seconds"] or 0.0)
+            f["summary_calls"] += int(r["calls"])
+        else:
+            f["reply_seconds"] += float(r["seconds"] or 0.0)
+    return figures

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import abc
-import time
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import asdict, dataclass, field
@@ -98,8 +97,6 @@ class AuditRecord:
 class Store(abc.ABC):
     """Memory and audit log; every method is safe to call concurrently."""
 
-    _limiter: Any = None
-
     @abc.abstractmethod
     async def open(self) -> None:
         """Connect, create what is missing, and apply pending migrations."""
@@ -123,9 +120,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def messages_range(
-        self, conversation_id: int, after_id: int, upto_id: int
+        self, conversation_id: int, after_id: int, upto_id: int, limit: int | None = None
     ) -> list[StoredMessage]:
-        """Messages with after_id < id <= upto_id, oldest first."""
+        """Messages with after_id < id <= upto_id, oldest first (the first `limit`)."""
 
     @abc.abstractmethod
     async def count_messages(self, conversation_id: int) -> int: ...
@@ -180,6 +177,10 @@ class Store(abc.ABC):
     async def audit_rows_for_stats(self) -> list[dict[str, Any]]:
         """model, status, response_time, first_token_time, tokens of chat records."""
 
+    async def model_time(self) -> list[dict[str, Any]]:
+        """provider, model, kind, calls, seconds: model time of answered calls per kind."""
+        return []
+
     @abc.abstractmethod
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         """Erase everything kept about a user; return rows removed per table."""
@@ -191,24 +192,13 @@ class Store(abc.ABC):
     ) -> AbstractAsyncContextManager[None]:
         """Held across load → model → persist; gives up after `wait` seconds."""
 
+    # Rate limits: a backend several processes share counts them for all of
+    # them (PostgreSQL); otherwise the service counts in memory (bot.ratelimit).
+    shared_rate_limit: bool = False
+
     async def rate_hit(self, user_key: str, limit: int, window: int) -> float:
-        """Count one message; return 0 if allowed, else seconds until allowed.
-
-        In memory, with `limits`' moving window (its storage expires idle
-        keys, so state does not grow with every user ever seen). A backend
-        shared by several processes overrides this.
-        """
-        if self._limiter is None:
-            from limits import storage, strategies
-
-            self._limiter = strategies.MovingWindowRateLimiter(storage.MemoryStorage())
-        from limits import RateLimitItemPerSecond
-
-        item = RateLimitItemPerSecond(limit, window)
-        if self._limiter.hit(item, user_key):
-            return 0.0
-        reset_at, _ = self._limiter.get_window_stats(item, user_key)
-        return max(0.1, reset_at - time.time())
+        """Count one message; return 0 if allowed, else seconds until allowed."""
+        raise NotImplementedError("only a backend with shared_rate_limit counts")
 
     # -- copy-db
     @abc.abstractmethod

@@ -328,12 +328,12 @@ class PostgresStore(Store):
         return [StoredMessage(r[0], r[1], r[2]) for r in reversed(rows)]
 
     async def messages_range(
-        self, conversation_id: int, after_id: int, upto_id: int
+        self, conversation_id: int, after_id: int, upto_id: int, limit: int | None = None
     ) -> list[StoredMessage]:
         rows = await self.pool.fetch(
             "SELECT id, role, content FROM messages WHERE conversation_id = $1"
-            " AND id > $2 AND id <= $3 ORDER BY id",
-            conversation_id, after_id, upto_id,
+            " AND id > $2 AND id <= $3 ORDER BY id LIMIT $4",
+            conversation_id, after_id, upto_id, limit,
         )
         return [StoredMessage(r[0], r[1], r[2]) for r in rows]
 
@@ -435,6 +435,13 @@ class PostgresStore(Store):
         )
         return [dict(r.items()) for r in rows]
 
+    async def model_time(self) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT provider, model, kind, count(*) AS calls, coalesce(sum(response_time), 0)"
+            " AS seconds FROM audit WHERE status != 'rejected' GROUP BY provider, model, kind"
+        )
+        return [dict(r.items()) for r in rows]
+
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         counts: dict[str, int] = {}
         async with self.pool.acquire() as conn, conn.transaction():
@@ -523,6 +530,8 @@ class PostgresStore(Store):
                 f"conversation {key!r} is busy: another turn held its lock for more than "
                 f"{wait:g} s"
             ) from None
+
+    shared_rate_limit = True
 
     async def rate_hit(self, user_key: str, limit: int, window: int) -> float:
         """A moving window in `rate_events`, shared by every process."""

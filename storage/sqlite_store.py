@@ -232,12 +232,12 @@ class SQLiteStore(Store):
         return TurnContext(choice, summary, history)
 
     async def messages_range(
-        self, conversation_id: int, after_id: int, upto_id: int
+        self, conversation_id: int, after_id: int, upto_id: int, limit: int | None = None
     ) -> list[StoredMessage]:
         rows = await self._fetchall(
             "SELECT id, role, content FROM messages WHERE conversation_id = ?"
-            " AND id > ? AND id <= ? ORDER BY id",
-            (conversation_id, after_id, upto_id),
+            " AND id > ? AND id <= ? ORDER BY id LIMIT ?",
+            (conversation_id, after_id, upto_id, -1 if limit is None else limit),
         )
         return [StoredMessage(r[0], r[1], r[2]) for r in rows]
 
@@ -375,6 +375,13 @@ class SQLiteStore(Store):
         rows = await self._fetchall(
             "SELECT provider, model, status, response_time, first_token_time, prompt_tokens,"
             " completion_tokens FROM audit WHERE kind = 'chat' AND status != 'rejected'"
+        )
+        return [dict(r) for r in rows]
+
+    async def model_time(self) -> list[dict[str, Any]]:
+        rows = await self._fetchall(
+            "SELECT provider, model, kind, count(*) AS calls, coalesce(sum(response_time), 0)"
+            " AS seconds FROM audit WHERE status != 'rejected' GROUP BY provider, model, kind"
         )
         return [dict(r) for r in rows]
 

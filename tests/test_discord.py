@@ -646,8 +646,6 @@ async def test_configured_shards_run_only_those(run_bot: StartBot) -> None:
 async def test_sigterm_finishes_in_flight_and_exits_0(
         discord_api: DiscordEmulator, model_server: ModelServer, db_url: str,
         make_settings: SettingsFactory, tmp_path: Path) -> None:
-    if not (REPO / "bot" / "app.py").exists():
-        pytest.skip("python -m bot is not there yet")
     # Only what the bot needs: no settings, proxies or tokens from this machine leak in.
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
     env.update({

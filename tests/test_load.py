@@ -24,6 +24,7 @@ import aiohttp
 import pytest
 
 from bot.app import open_service
+from bot.ratelimit import MovingWindowLimiter, NoticeOnce
 from bot.service import ChatService
 from tests.conftest import SettingsFactory, ask
 from tests.fakes.model_server import ModelServer
@@ -121,7 +122,7 @@ async def test_200_users_20_messages_each_at_once_through_the_core(
         await asyncio.wait_for(asyncio.gather(*tasks.values()), 60)  # no deadlock
         took = time.monotonic() - started
         assert_state_released(svc)
-        assert svc._rate_notified == {}  # nobody went over the limit
+        assert len(svc._rate_notified) == 0  # nobody went over the limit
     # What each user saw: their own replies, to the right message.
     for (u, j), task in tasks.items():
         assert task.result() == f"You said: u{u} m{j}", (u, j)
@@ -147,7 +148,11 @@ async def test_rate_limit_state_stays_bounded(
     model_server: ModelServer, make_settings: SettingsFactory
 ) -> None:
     users = 300
+    now = [1000.0]
     async with open_service(make_settings(RATE_LIMIT_PER_MINUTE=1)) as svc:
+        # The service's own limiter and notices, on a clock the test moves.
+        svc._limiter = MovingWindowLimiter(60, clock=lambda: now[0])
+        svc._rate_notified = NoticeOnce(60, clock=lambda: now[0])
         # Three messages each, at once: one answer, one notice, then silence.
         replies = await asyncio.wait_for(asyncio.gather(*(
             ask(svc, "/help", user=str(u), platform="telegram")
@@ -156,16 +161,18 @@ async def test_rate_limit_state_stays_bounded(
         assert len(notices) == users
         assert replies.count("") == users
         assert len(svc._rate_notified) == users  # only users inside their window
+        assert len(svc._limiter) == users
         assert_state_released(svc)
-
-        # Many more users whose windows are over: the notice map forgets them
-        # once it grows past its cap, instead of keeping everyone ever seen.
-        past = time.monotonic() - 1
-        for u in range(10_001):
-            svc._rate_notified[f"telegram:gone{u}"] = past
-        for _ in range(2):
-            await ask(svc, "/help", user="late", platform="telegram")
-        assert len(svc._rate_notified) == users + 1
+        # A minute later every window is over: nothing of those users is kept.
+        now[0] += 61
+        assert await ask(svc, "/help", user="late", platform="telegram") != ""
+        assert (await ask(svc, "/help", user="late", platform="telegram")).startswith(
+            "You're sending messages too fast")
+        assert (len(svc._limiter), len(svc._rate_notified)) == (1, 1)
+        audit = await svc.store.audit_log(10_000)
+    # Refusals are audited (cut like over-long messages); answered commands are not.
+    assert Counter((r["status"], r["error"]) for r in audit) == {
+        ("rejected", "rate limited"): 2 * users + 1}
     assert model_server.requests == []  # commands and refusals never reach the model
 
 
@@ -227,7 +234,7 @@ async def test_50_users_10_messages_each_through_telegram(
                 # The last replies are on screen; their turns may still be storing.
                 await asyncio.wait_for(svc._idle.wait(), 10)
                 assert_state_released(svc)
-                assert svc._rate_notified == {}
+                assert len(svc._rate_notified) == 0
             finally:
                 stop.set()
                 await svc.shutdown(settings.SHUTDOWN_GRACE)
@@ -280,7 +287,7 @@ async def test_50_users_10_messages_each_at_once_through_discord(
                 assert not task.done()
                 await asyncio.wait_for(svc._idle.wait(), 10)
                 assert_state_released(svc)
-                assert svc._rate_notified == {}
+                assert len(svc._rate_notified) == 0
             finally:
                 stop.set()
                 await asyncio.wait_for(task, 15)

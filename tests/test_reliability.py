@@ -24,6 +24,7 @@ from bot.messages import Incoming
 from bot.providers import make_provider
 from bot.service import ChatService
 from bot.settings import Settings
+from storage import open_store
 from storage.base import TABLES
 from storage.sqlite_store import SQLiteStore
 from tests.conftest import SettingsFactory, ask
@@ -186,6 +187,23 @@ async def test_rate_limit_is_per_user_across_places_with_one_notice(
     audit = [(a[4], a[2], a[3]) for a in read_db(db_url)["audit"] if a[:2] == ("telegram", "1")]
     assert audit == [("m0", "ok", ""), ("m1", "ok", ""), ("m2", "ok", "")] + [
         (f"m{i}", "rejected", "rate limited") for i in range(3, 7)]
+
+
+async def test_refused_and_rate_limited_messages_are_audited_cut(
+    model_server: ModelServer, make_settings: SettingsFactory, db_url: str
+) -> None:
+    long = "secret diary entry " * 500  # 9,500 characters
+    settings = make_settings(ALLOWED_USERS="telegram:1", RATE_LIMIT_PER_MINUTE=1)
+    async with open_service(settings) as svc:
+        refused = await ask(svc, long, user="2", **TG)
+        assert await ask(svc, "hi", user="1", **TG) == "You said: hi"
+        limited = await ask(svc, long, user="1", **TG)
+    assert refused == "Sorry, this bot is private."
+    assert limited.startswith("You're sending messages too fast")
+    assert user_texts(model_server) == ["hi"]
+    audit = [(a[2], a[3], a[4]) for a in read_db(db_url)["audit"]]
+    assert audit == [("rejected", "not allowed", long[:200]), ("ok", "", "hi"),
+                     ("rejected", "rate limited", long[:200])]
 
 
 async def test_max_input_chars_defaults_to_4000(
@@ -575,5 +593,13 @@ async def test_a_write_failing_midway_leaves_no_half_exchange(
         ["first", "third"] + [f"other {u}" for u in range(2, 6)])
 
 
-def test_busy_timeout_default_is_five_seconds() -> None:
-    assert SQLiteStore("unused.db").busy_timeout == 5.0
+async def test_busy_timeout_default_is_five_seconds(db_url: str) -> None:
+    # The connection the bot opens waits 5 s for a lock, by SQLite's own account.
+    store = open_store(db_url)
+    await store.open()
+    try:
+        assert isinstance(store, SQLiteStore)
+        async with store.db.execute("PRAGMA busy_timeout") as cursor:
+            assert [tuple(r) for r in await cursor.fetchall()] == [(5000,)]
+    finally:
+        await store.close()

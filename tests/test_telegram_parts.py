@@ -5,8 +5,6 @@ so they have the real Bot API shapes (entities with UTF-16 offsets and all)."""
 from __future__ import annotations
 
 import asyncio
-import itertools
-import time
 from typing import Any
 
 import pytest
@@ -20,7 +18,7 @@ from adapters.telegram.menu import (
     encode_choice,
     resolve_choice,
 )
-from adapters.telegram.pacing import ChatPacer
+from adapters.telegram.pacing import BURST, ChatPacer
 from bot.commands import Commands
 from bot.reply import Choice, Choices
 from bot.service import ChatService
@@ -117,20 +115,28 @@ def test_keyboard_marks_the_current_model() -> None:
     assert choices_keyboard(7, Choices("model", ())) is None
 
 
-async def test_pacer_spaces_calls_per_chat_only() -> None:
-    pacer = ChatPacer(0.05)
-    calls: list[tuple[int, float, float]] = []
+async def test_pacer_lets_a_quiet_chat_burst_then_keeps_one_call_per_interval() -> None:
+    interval = 0.5
+    pacer = ChatPacer(interval)
+    loop = asyncio.get_running_loop()
+    starts: dict[int, list[float]] = {1: [], 2: []}
 
     async def call(chat: int) -> None:
         async with pacer.turn(chat):
-            start = time.monotonic()
-            await asyncio.sleep(0.01)  # the request's round trip
-            calls.append((chat, start, time.monotonic()))
+            starts[chat].append(loop.time())
 
-    await asyncio.gather(call(1), call(1), call(1), call(2))
-    one = [c for c in calls if c[0] == 1]
-    assert all(b[1] - a[2] >= 0.05 for a, b in itertools.pairwise(one))  # after it returned
-    assert next(c for c in calls if c[0] == 2)[1] < one[1][1]  # another chat did not queue
+    t0 = loop.time()
+    # A quick follow-up in a quiet chat goes out at once, not an interval later.
+    async with asyncio.timeout(interval / 2):
+        await asyncio.gather(*(call(1) for _ in range(BURST)))
+    async with asyncio.timeout(5 * interval):
+        await asyncio.gather(call(1), call(1), call(2))
+    one = starts[1]
+    assert len(one) == BURST + 2
+    # A really busy chat: past the burst, one call per interval.
+    assert one[BURST] - t0 >= interval * 0.9
+    assert one[BURST + 1] - one[BURST] >= interval * 0.9
+    assert starts[2][0] < one[BURST]  # another chat did not queue behind chat 1
     async with asyncio.timeout(0.01), ChatPacer(0).turn(1):
         pass
 

@@ -1,30 +1,32 @@
-"""At most one message or edit per chat per STREAM_EDIT_INTERVAL.
+"""The pace of messages and edits per Telegram chat: a leaky bucket with a small burst.
 
-The renderer paces the edits of one reply, but it lets the final edit come
-at once, and in a group several people's replies stream into the same chat
-side by side. Telegram asks for about one message a second per chat, so the
-adapter keeps one schedule per chat that every sink of that chat takes turns
-on. A turn starts `interval` after the previous call in that chat *returned*:
-Telegram counts arrivals, and a call may arrive any time before it returns.
-(Flood control proper, RetryAfter and the group and global rates, is
-AIORateLimiter's; it knows nothing of edits per chat.)
+Telegram asks for about one message a second per chat and tolerates short
+bursts, so each chat gets a bucket (aiolimiter) that lets BURST calls through
+at once and then one every STREAM_EDIT_INTERVAL: the first text of a new reply
+goes out at once unless the chat is really busy (several replies streaming
+into one group side by side share its bucket). The edits of one streaming reply
+are spaced by STREAM_EDIT_INTERVAL in the renderer. (Flood control proper,
+RetryAfter and the group and global rates, is AIORateLimiter's; it knows
+nothing of edits per chat.)
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+
+from aiolimiter import AsyncLimiter
 
 _PRUNE_AT = 4096  # chats remembered before the idle ones are forgotten
+BURST = 3  # calls a quiet chat takes at once
 
 
 @dataclass
 class _Chat:
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    free_at: float = float("-inf")
+    bucket: AsyncLimiter
+    idle_at: float  # when the bucket will have drained, so the chat can be forgotten
 
 
 TYPING_SHOWS_FOR = 4.0  # Telegram shows "typing" for about 5 s after one chat action
@@ -50,25 +52,21 @@ class ChatPacer:
 
     @contextlib.asynccontextmanager
     async def turn(self, chat_id: int) -> AsyncIterator[None]:
-        """Hold this chat's turn for one call: `async with pacer.turn(chat): await call`."""
+        """Take this chat's bucket for one call: `async with pacer.turn(chat): await call`."""
         if self._interval <= 0:
             yield
             return
         chat = self._chats.get(chat_id)
         if chat is None:
             self._prune()
-            chat = self._chats[chat_id] = _Chat()
-        async with chat.lock:
-            wait = chat.free_at - self._clock()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            try:
-                yield
-            finally:
-                chat.free_at = self._clock() + self._interval
+            chat = self._chats[chat_id] = _Chat(
+                AsyncLimiter(BURST, BURST * self._interval), float("-inf"))
+        await chat.bucket.acquire()
+        # Drained BURST intervals after the last call (a waiter keeps it later still).
+        chat.idle_at = self._clock() + BURST * self._interval
+        yield
 
     def _prune(self) -> None:
         if len(self._chats) >= _PRUNE_AT:
             now = self._clock()
-            self._chats = {c: s for c, s in self._chats.items()
-                           if s.lock.locked() or s.free_at > now}
+            self._chats = {c: s for c, s in self._chats.items() if s.idle_at > now}
