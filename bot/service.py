@@ -25,11 +25,12 @@ from bot.models import ModelCatalog
 from bot.ordering import ConversationOrder
 from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
+from bot.records import AuditRecord, ConversationRef, StorageError
 from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
 from bot.stats import compute_stats, format_stats
+from bot.store import Store
 from bot.tokens import Calibration, count_tokens
-from storage.base import AuditRecord, ConversationRef, StorageError, Store
 
 log = logging.getLogger(__name__)
 exchange_log = logging.getLogger("bot.exchange")

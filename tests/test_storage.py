@@ -9,9 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from storage.base import AuditRecord, ConversationRef
-from storage.sqlite_migrations import MIGRATIONS
-from storage.sqlite_store import SQLiteStore, _statements
+from bot.records import AuditRecord, ConversationRef
+from storage.dialect import SQLITE
+from storage.migrations import MIGRATIONS
+from storage.queries import SQLITE_QUERIES
+from storage.sqlite_store import SQLiteStore
 
 REF = ConversationRef(key="telegram:1@dm", platform="telegram", user_id="1", place="dm")
 
@@ -28,8 +30,8 @@ async def test_old_database_is_upgraded_not_dropped(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at TEXT)")
-    name, sql = MIGRATIONS[0]
-    for stmt in _statements(sql):
+    name, statements = MIGRATIONS[0]
+    for stmt in statements(SQLITE):
         db.execute(stmt)
     db.execute("INSERT INTO _migrations VALUES (?, 'then')", (name,))
     db.execute("INSERT INTO conversations VALUES (1, 'telegram:1@dm', 'telegram', '1', 'dm', 't')")
@@ -154,8 +156,7 @@ async def test_ids_are_never_reused_after_reset_or_forget(tmp_path: Path) -> Non
 
 
 async def test_turn_context_is_one_query_served_by_the_index(tmp_path: Path) -> None:
-    from storage.base import Store
-    from storage.sqlite_store import _TURN_CONTEXT
+    from bot.store import Store
 
     store = SQLiteStore(str(tmp_path / "a.db"))
     await store.open()
@@ -174,8 +175,8 @@ async def test_turn_context_is_one_query_served_by_the_index(tmp_path: Path) -> 
         assert ctx.model_choice == "qwen2.5" and ctx.summary is not None
         assert [m.content for m in ctx.history] == ["a3", "q4", "a4", "q5", "a5"]
         plan = await store.db.execute_fetchall(
-            "EXPLAIN QUERY PLAN " + _TURN_CONTEXT,
-            {"c": conv, "p": "telegram", "u": "1", "limit": 5, "with_summary": 1})
+            "EXPLAIN QUERY PLAN " + SQLITE_QUERIES.turn_context,
+            (conv, True, conv, 5, "telegram", "1"))
         text = " ".join(str(tuple(r)) for r in plan)
         assert "messages_conversation_id" in text and "TEMP B-TREE" not in text
     finally:
