@@ -369,9 +369,9 @@ class PostgresStore(SQLStore):
 
     # -- copy-db
     async def import_rows(self, table: str, rows: list[dict[str, Any]]) -> None:
+        cols = queries.import_columns(table, rows)
         if not rows:
             return
-        cols = queries.import_columns(table, rows)
         kinds = COLUMNS[table]
         records = [tuple(_import_value(kinds[c], r[c]) for c in cols) for r in rows]
         async with self.pool.acquire() as conn, conn.transaction():

@@ -166,7 +166,7 @@ def export_batch(d: Dialect, table: str, first: bool) -> str:
 def import_columns(table: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
     """The columns of rows to copy into `table`, checked against the schema."""
     kinds = COLUMNS[_known(table)]
-    cols = list(rows[0])
+    cols = list(rows[0]) if rows else []
     unknown = [c for c in cols if c not in kinds]
     if unknown:
         raise StorageError(f"table {table} has no column(s) {', '.join(unknown)}")

@@ -261,9 +261,9 @@ class SQLiteStore(SQLStore):
 
     # -- copy-db
     async def import_rows(self, table: str, rows: list[dict[str, Any]]) -> None:
+        cols = queries.import_columns(table, rows)
         if not rows:
             return
-        cols = queries.import_columns(table, rows)
         sql = (f"INSERT INTO {table} ({', '.join(map(queries.quoted, cols))}) "
                f"VALUES ({', '.join('?' * len(cols))})")
         async with self._transaction() as db:

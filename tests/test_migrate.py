@@ -104,6 +104,16 @@ async def raw(url: str) -> AsyncIterator[Raw]:
             await conn._pg.close()
 
 
+async def applied_on_open(url: str) -> list[str]:
+    """The steps recorded once the store has opened (and migrated) the database."""
+    store = open_store(url, pool_size=2)
+    await store.open()
+    try:
+        return await store.applied_migrations()
+    finally:
+        await store.close()
+
+
 async def fill(db: Raw, upto: int) -> None:
     """Rows in every table the schema has after step `upto`, as the bot of then wrote them."""
     has = set(NAMES[:upto])
@@ -179,13 +189,7 @@ async def test_each_past_version_upgrades_with_no_row_lost(db_url: str, upto: in
     finally:
         await store.close()
 
-    # Opening again applies nothing twice.
-    store = open_store(db_url, pool_size=2)
-    await store.open()
-    try:
-        assert await store.applied_migrations() == NAMES
-    finally:
-        await store.close()
+    assert await applied_on_open(db_url) == NAMES  # opening again applies nothing twice
 
 
 async def test_schema_matches_the_copy_db_columns(db_url: str) -> None:
@@ -244,9 +248,4 @@ async def test_step_that_fails_leaves_nothing(db_url: str) -> None:
                          " error) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", *("x" * 11))
         (row,) = await db.rows("audit")
     assert first == [] and "half" not in row
-    store = open_store(db_url, pool_size=2)
-    await store.open()
-    try:
-        assert await store.applied_migrations() == NAMES
-    finally:
-        await store.close()
+    assert await applied_on_open(db_url) == NAMES

@@ -26,7 +26,7 @@ from storage import open_store
 from storage.dialect import POSTGRES
 from storage.migrations import MIGRATIONS, MIGRATIONS_TABLE
 from storage.postgres_store import PostgresStore
-from storage.queries import COLUMNS, POSTGRES_QUERIES, PRIMARY_KEYS
+from storage.queries import POSTGRES_QUERIES, PRIMARY_KEYS
 from storage.sqlite_store import SQLiteStore
 from tests.pg import ServerUnreachable, drop_database, fresh_database
 from tests.pg import pg_url as pg_url  # the fixture
@@ -112,26 +112,6 @@ async def test_migrations_applied_and_recorded(store: PostgresStore, pg_url: str
     assert all(r["applied_at"].endswith("Z") for r in rows)
     assert {"conversations_user", "messages_conversation_id", "audit_user",
             "rate_events_user"} <= indexes
-
-
-async def test_columns_match_sqlite(store: PostgresStore, pg_url: str, tmp_path: Path) -> None:
-    """Same tables, same column names in the same order: rows move both ways."""
-    lite = SQLiteStore(str(tmp_path / "bot.db"))
-    await lite.open()
-    conn = await asyncpg.connect(pg_url)
-    try:
-        for table in TABLES:
-            pg_cols = [r[0] for r in await conn.fetch(
-                "SELECT column_name FROM information_schema.columns"
-                " WHERE table_schema = 'public' AND table_name = $1 ORDER BY ordinal_position",
-                table)]
-            async with lite.db.execute(f"PRAGMA table_info({table})") as cur:
-                lite_cols = [r[1] for r in await cur.fetchall()]
-            assert pg_cols == lite_cols == list(COLUMNS[table]), table
-    finally:
-        await conn.close()
-        await lite.close()
-    assert set(PRIMARY_KEYS) == set(COLUMNS) == set(TABLES)
 
 
 async def test_reopen_is_a_no_op(store: PostgresStore, pg_url: str) -> None:
