@@ -18,7 +18,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from storage.sqlite_migrations import MIGRATIONS
+from storage.dialect import SQLITE
+from storage.migrations import MIGRATIONS
 from storage.sqlite_store import SQLiteStore
 
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
@@ -45,8 +46,9 @@ def conversation_key(uid: str, platform: str = PLATFORM) -> str:
 
 def schema_key() -> str:
     """Changes whenever a migration is added or edited."""
-    digest = hashlib.sha256(repr(MIGRATIONS).encode()).hexdigest()[:10]
-    return f"{MIGRATIONS[-1][0]}-{digest}"
+    steps = [(m.name, m.statements(SQLITE)) for m in MIGRATIONS]
+    digest = hashlib.sha256(repr(steps).encode()).hexdigest()[:10]
+    return f"{MIGRATIONS[-1].name}-{digest}"
 
 
 def chat_texts(count: int, seed: int = 7) -> list[str]:

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 @contextlib.asynccontextmanager
 async def open_service(settings: Settings) -> AsyncIterator[ChatService]:
     """A ready service: store opened and migrated, provider built."""
-    store = open_store(settings.DATABASE_URL, pool_size=settings.DB_POOL_SIZE)
+    store = open_store(settings.DATABASE_URL, pool_size=settings.DB_POOL_SIZE,
+                       sqlite_synchronous=settings.SQLITE_SYNCHRONOUS)
     await store.open()
     try:
         service = ChatService(settings, store, make_provider(settings))

@@ -52,8 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from bot.records import StorageError
     from bot.settings import SettingsError, load_settings
-    from storage.base import StorageError
 
     try:
         settings = load_settings()

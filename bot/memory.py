@@ -18,12 +18,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from bot.llm_call import CallLimits, stream_reply
 from bot.prompt import build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
+from bot.records import AuditRecord, ConversationRef, StoredMessage
 from bot.sanitize import storable
 from bot.settings import Settings
 from bot.slots import ModelSlots
+from bot.store import Store
 from bot.text_fit import longest_prefix
 from bot.tokens import MESSAGE_OVERHEAD, PROMPT_OVERHEAD, Calibration, count_tokens
-from storage.base import AuditRecord, ConversationRef, Store, StoredMessage
 
 log = logging.getLogger(__name__)
 

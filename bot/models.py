@@ -7,7 +7,7 @@ import time
 
 from bot.providers.base import Provider, ProviderError
 from bot.settings import Settings
-from storage.base import Store
+from bot.store import Store
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,11 @@ import json
 import sys
 from typing import Any
 
+from bot.records import StorageError
 from bot.settings import Settings
 from bot.stats import compute_stats, format_model_time, format_stats, with_model_time
+from bot.store import TABLES, Store
 from storage import open_store
-from storage.base import TABLES, StorageError, Store
 
 
 async def _opened(url: str, settings: Settings | None = None) -> Store:

@@ -6,8 +6,8 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from bot.records import StoredMessage
 from bot.tokens import MESSAGE_OVERHEAD, PROMPT_OVERHEAD, count_tokens
-from storage.base import StoredMessage
 
 SUMMARY_HEADER = "Summary of the earlier conversation with this user:"
 

@@ -28,13 +28,14 @@ from bot.ordering import ConversationOrder
 from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
 from bot.ratelimit import MovingWindowLimiter, NoticeOnce
+from bot.records import AuditRecord, ConversationRef, StorageError, StoredMessage
 from bot.reply import Choice, Choices, Outcome, Reply
 from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
 from bot.slots import ModelSlots
 from bot.stats import compute_stats, format_model_time, format_stats
+from bot.store import Store
 from bot.tokens import Calibration, count_tokens
-from storage.base import AuditRecord, ConversationRef, StorageError, Store, StoredMessage
 
 log = logging.getLogger(__name__)
 exchange_log = logging.getLogger("bot.exchange")

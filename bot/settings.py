@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from bot.store import redact_url
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, friendly assistant in a chat. Answer in the language the user "
     "writes in. Be concise. Use Markdown sparingly."
@@ -116,6 +118,9 @@ class Settings(BaseSettings):
     SHUTDOWN_GRACE: float = Field(5.0, ge=0, description="seconds in-flight replies may finish "
                                                          "at shutdown")
     DB_POOL_SIZE: int = Field(10, ge=1, description="PostgreSQL connection pool size")
+    SQLITE_SYNCHRONOUS: Literal["NORMAL", "FULL"] = Field(
+        "NORMAL", description="NORMAL: a commit survives the process being killed, not a power "
+                              "cut; FULL: both, each commit waiting for the disk")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="DEBUG, INFO, WARNING or ERROR")
     LOG_FORMAT: Literal["text", "json"] = Field("text", description="json: one JSON object a "
@@ -169,7 +174,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("LOG_LEVEL", "LOG_FORMAT", "MEMORY_SCOPE", "MEMORY_STRATEGY",
-                     "LLM_PROVIDER", mode="before")
+                     "LLM_PROVIDER", "SQLITE_SYNCHRONOUS", mode="before")
     @classmethod
     def _fold_case(cls, value: object) -> object:
         return value.strip() if isinstance(value, str) else value
@@ -251,7 +256,12 @@ def _one_line(exc: ValidationError) -> str:
     value = err.get("input")
     if not name:  # a rule across settings: the message names them itself
         return f"bad setting: {msg}"
-    shown = "<hidden>" if name in SECRET_FIELDS else repr(value)
+    if name in SECRET_FIELDS:
+        shown = "<hidden>"
+    elif name == "DATABASE_URL" and isinstance(value, str):
+        shown = repr(redact_url(value))  # its password, if any, is a secret too
+    else:
+        shown = repr(value)
     return f"bad setting {name}={shown}: {msg}"
 
 

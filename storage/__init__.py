@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-from storage.base import (
-    AuditRecord,
-    ConversationRef,
-    StorageError,
-    Store,
-    StoredMessage,
-    Summary,
-    TurnContext,
-)
+from bot.records import StorageError
+from bot.store import Store
 
 
-def open_store(url: str, *, pool_size: int = 10) -> Store:
+def open_store(url: str, *, pool_size: int = 10, sqlite_synchronous: str = "NORMAL") -> Store:
     """A store for DATABASE_URL; call `await store.open()` before use."""
     if url.startswith("sqlite:///"):
         from storage.sqlite_store import SQLiteStore
 
-        return SQLiteStore(url.removeprefix("sqlite:///"))
+        return SQLiteStore(url.removeprefix("sqlite:///"),
+                           synchronous=sqlite_synchronous)  # type: ignore[arg-type]
     if url.startswith(("postgresql://", "postgres://")):
         from storage.postgres_store import PostgresStore
 
@@ -26,13 +20,4 @@ def open_store(url: str, *, pool_size: int = 10) -> Store:
     raise StorageError(f"unsupported DATABASE_URL scheme: {url.split(':', 1)[0]}")
 
 
-__all__ = [
-    "AuditRecord",
-    "ConversationRef",
-    "StorageError",
-    "Store",
-    "StoredMessage",
-    "Summary",
-    "TurnContext",
-    "open_store",
-]
+__all__ = ["open_store"]

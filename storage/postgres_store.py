@@ -30,25 +30,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from storage.base import (
-    AUDIT_COLUMNS,
-    TABLES,
-    AuditRecord,
-    ConversationRef,
-    StorageError,
-    Store,
-    StoredMessage,
-    Summary,
-    TurnContext,
-    utcnow,
-)
-from storage.postgres_migrations import MIGRATION_LOCK, MIGRATIONS, MIGRATIONS_TABLE
+from bot.records import AuditRecord, ConversationRef, StorageError, utcnow
+from bot.store import redact_url
+from storage import queries
+from storage.dialect import POSTGRES
+from storage.migrations import MIGRATIONS, MIGRATIONS_TABLE, Migration
+from storage.queries import COLUMNS, POSTGRES_QUERIES, SERIAL_TABLES
+from storage.sql_store import SQLStore
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the server at open
 COMMAND_TIMEOUT = 60.0  # default bound on one statement (the lock wait sets its own)
@@ -56,91 +50,15 @@ CLOSE_TIMEOUT = 10.0  # seconds close() waits for borrowed connections
 UNLOCK_TIMEOUT = 5.0
 RATE_HORIZON = 3600.0  # rate events older than this (and the window) are garbage
 RATE_PRUNE_EVERY = 500  # hits between sweeps of every user's old rate events
-
-
-# Every copied table's columns in table order, with the Python type they hold.
-# copy-db column names become SQL identifiers, so they are checked against this.
-COLUMNS: dict[str, dict[str, type]] = {
-    "conversations": {"id": int, "key": str, "platform": str, "user_id": str, "place": str,
-                      "created_at": str},
-    "messages": {"id": int, "conversation_id": int, "role": str, "content": str,
-                 "created_at": str},
-    "summaries": {"conversation_id": int, "text": str, "upto_id": int, "updated_at": str},
-    "user_settings": {"platform": str, "user_id": str, "model": str, "updated_at": str},
-    "audit": {
-        "id": int, "timestamp": str, "platform": str, "user_id": str, "chat_id": str,
-        "conversation": str, "provider": str, "model": str, "user_input": str,
-        "model_response": str, "status": str, "error": str, "response_time": float,
-        "first_token_time": float, "prompt_tokens": int, "completion_tokens": int,
-        "history_messages": int, "kind": str, "summary_used": bool,
-    },
-}
-PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
-    "conversations": ("id",),
-    "messages": ("id",),
-    "summaries": ("conversation_id",),
-    "user_settings": ("platform", "user_id"),
-    "audit": ("id",),
-}
-SERIAL_TABLES = ("conversations", "messages", "audit")  # their `id` is a BIGSERIAL
-
-
-def _q(name: str) -> str:
-    """A quoted identifier (several columns are named like SQL types)."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-_AUDIT_INSERT = (
-    f"INSERT INTO audit ({', '.join(_q(c) for c in AUDIT_COLUMNS)}) "
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(AUDIT_COLUMNS) + 1))}) RETURNING id"
-)
-_AUDIT_SELECT = f"SELECT id, {', '.join(_q(c) for c in AUDIT_COLUMNS)} FROM audit"
-# Served by messages_conversation_id (conversation_id, id), scanned backwards.
-# The user's model pick, the summary, and the newest messages after it: one query.
-_TURN_CONTEXT = """
-WITH s AS (
-    SELECT text, upto_id, updated_at FROM summaries
-    WHERE conversation_id = $1 AND $2::boolean
-)
-(SELECT 0, id, role, content, NULL::text FROM messages
- WHERE conversation_id = $1 AND id > coalesce((SELECT upto_id FROM s), 0)
- ORDER BY id DESC LIMIT $3)
-UNION ALL SELECT 1, upto_id, NULL, text, updated_at FROM s
-UNION ALL SELECT 2, 0, NULL, model, NULL FROM user_settings WHERE platform = $4 AND user_id = $5
-"""
-
-RECENT_MESSAGES = (
-    "SELECT id, role, content FROM messages WHERE conversation_id = $1 AND id > $2"
-    " ORDER BY id DESC LIMIT $3"
-)
+# Any fixed 64-bit number will do; it only has to be the same in every process.
+MIGRATION_LOCK = 0x6D656D6F72796231  # "memoryb1"
 _LOCK_KEY = "hashtextextended($1, 0)"  # 64-bit advisory lock key of a text
-
 
 
 def _rowcount(status: str) -> int:
     """Rows affected, from a command tag such as 'DELETE 3' or 'INSERT 0 1'."""
     tail = status.rsplit(" ", 1)[-1]
     return int(tail) if tail.isdigit() else 0
-
-
-def _limit(n: int) -> int | None:
-    # SQLite reads a negative LIMIT as "no limit"; PostgreSQL rejects it.
-    return None if n < 0 else n
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password replaced by ***, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url.split("://", 1)[0] + "://***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}{':***' if colon else ''}@{hostport}"
-    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _secrets(url: str) -> list[str]:
@@ -162,11 +80,6 @@ def _describe(exc: BaseException, url: str) -> str:
     for secret in _secrets(url):
         text = text.replace(secret, "***")
     return f"{type(exc).__name__}: {text}"
-
-
-def _export_row(record: asyncpg.Record) -> dict[str, Any]:
-    # Rows leave as SQLite's do (summary_used 0/1), so exports compare equal.
-    return {k: int(v) if isinstance(v, bool) else v for k, v in record.items()}
 
 
 def _import_value(kind: type, value: Any) -> Any:
@@ -195,8 +108,29 @@ async def _release_lock_connection(
             await pool.release(conn)
 
 
-class PostgresStore(Store):
+async def migrate(conn: asyncpg.Connection, steps: Sequence[Migration] = MIGRATIONS) -> None:
+    """Apply the steps not yet recorded, each in its own transaction."""
+    q = POSTGRES_QUERIES
+    # The advisory lock makes a second process starting at once wait, then
+    # find each step recorded (CREATE ... IF NOT EXISTS alone races in PG).
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+        await conn.execute(MIGRATIONS_TABLE)
+    for name, statements in steps:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
+            if await conn.fetchval(q.migration_done, name):
+                continue
+            for statement in statements(POSTGRES):
+                await conn.execute(statement)
+            await conn.execute(q.insert_migration, name, utcnow())
+
+
+class PostgresStore(SQLStore):
     """Memory, audit log and cross-process coordination in one PostgreSQL database."""
+
+    dialect = POSTGRES
+    q = POSTGRES_QUERIES
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         self.url = url
@@ -235,7 +169,7 @@ class PostgresStore(Store):
                         f"database {where} uses encoding {encoding}; the bot needs UTF8 to "
                         "keep any text (create it with ENCODING 'UTF8')"
                     )
-                await self._migrate(conn)
+                await migrate(conn)
                 await self._prune_rate_events(conn, RATE_HORIZON)
         except StorageError:
             await self.close()
@@ -262,37 +196,22 @@ class PostgresStore(Store):
             if not isinstance(exc, Exception):
                 raise
 
-    async def _migrate(self, conn: asyncpg.Connection) -> None:
-        # The advisory lock makes a second process starting at once wait, then
-        # find each step recorded (CREATE ... IF NOT EXISTS alone races in PG).
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-            await conn.execute(MIGRATIONS_TABLE)
-        for name, sql in MIGRATIONS:
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-                if await conn.fetchval("SELECT 1 FROM _migrations WHERE name = $1", name):
-                    continue
-                await conn.execute(sql)  # no arguments: several statements are allowed
-                await conn.execute(
-                    "INSERT INTO _migrations (name, applied_at) VALUES ($1, $2)", name, utcnow()
-                )
+    async def _fetch(self, sql: str, *args: Any) -> Sequence[Any]:
+        return await self.pool.fetch(sql, *args)
 
-    async def applied_migrations(self) -> list[str]:
-        rows = await self.pool.fetch("SELECT name FROM _migrations ORDER BY name")
-        return [r["name"] for r in rows]
+    async def _write(self, sql: str, *args: Any) -> Sequence[Any]:
+        return await self.pool.fetch(sql, *args)
 
     # -- conversations and messages
     async def conversation_id(self, ref: ConversationRef) -> int:
         # Not cached: another process (or `memorybot forget`) may delete it.
         async with self.pool.acquire() as conn:
             for _ in range(3):
-                found = await conn.fetchval("SELECT id FROM conversations WHERE key = $1", ref.key)
+                found = await conn.fetchval(self.q.conversation_by_key, ref.key)
                 if found is not None:
                     return int(found)
                 found = await conn.fetchval(
-                    "INSERT INTO conversations (key, platform, user_id, place, created_at)"
-                    " VALUES ($1, $2, $3, $4, $5) ON CONFLICT (key) DO NOTHING RETURNING id",
+                    self.q.conversation_insert,
                     ref.key, ref.platform, ref.user_id, ref.place, utcnow(),
                 )
                 if found is not None:
@@ -300,168 +219,47 @@ class PostgresStore(Store):
                 # Another process inserted it meanwhile: the next SELECT sees it.
         raise StorageError(f"conversation {ref.key!r} keeps disappearing; is it being forgotten?")
 
-    async def turn_context(
-        self, conversation_id: int, platform: str, user_id: str, limit: int,
-        with_summary: bool,
-    ) -> TurnContext:
-        # One round trip instead of three (each would also take a connection
-        # from the pool and reset it on the way back).
-        rows = await self.pool.fetch(_TURN_CONTEXT, conversation_id, with_summary,
-                                     _limit(limit), platform, user_id)
-        choice: str | None = None
-        summary: Summary | None = None
-        history: list[StoredMessage] = []
-        for kind, ident, role, content, updated in rows:
-            if kind == 0:
-                history.append(StoredMessage(int(ident), role, content))
-            elif kind == 1:
-                summary = Summary(content, int(ident), updated)
-            else:
-                choice = content
-        history.reverse()
-        return TurnContext(choice, summary, history)
-
-    async def recent_messages(
-        self, conversation_id: int, limit: int, after_id: int = 0
-    ) -> list[StoredMessage]:
-        rows = await self.pool.fetch(RECENT_MESSAGES, conversation_id, after_id, _limit(limit))
-        return [StoredMessage(r[0], r[1], r[2]) for r in reversed(rows)]
-
-    async def messages_range(
-        self, conversation_id: int, after_id: int, upto_id: int, limit: int | None = None
-    ) -> list[StoredMessage]:
-        rows = await self.pool.fetch(
-            "SELECT id, role, content FROM messages WHERE conversation_id = $1"
-            " AND id > $2 AND id <= $3 ORDER BY id LIMIT $4",
-            conversation_id, after_id, upto_id, limit,
-        )
-        return [StoredMessage(r[0], r[1], r[2]) for r in rows]
-
-    async def count_messages(self, conversation_id: int) -> int:
-        return int(await self.pool.fetchval(
-            "SELECT count(*) FROM messages WHERE conversation_id = $1", conversation_id
-        ))
-
     async def save_exchange(
         self, conversation_id: int, user_text: str, reply_text: str, audit: AuditRecord
     ) -> int:
         now = audit.timestamp
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.executemany(
-                "INSERT INTO messages (conversation_id, role, content, created_at)"
-                " VALUES ($1, $2, $3, $4)",
-                [(conversation_id, "user", user_text, now),
-                 (conversation_id, "assistant", reply_text, now)],
-            )
-            return int(await conn.fetchval(_AUDIT_INSERT, *audit.values()))
-
-    async def save_audit(self, audit: AuditRecord) -> int:
-        return int(await self.pool.fetchval(_AUDIT_INSERT, *audit.values()))
+            await conn.executemany(self.q.message_insert, [
+                (conversation_id, "user", user_text, now),
+                (conversation_id, "assistant", reply_text, now)])
+            return int(await conn.fetchval(self.q.audit_insert, *audit.values()))
 
     async def reset_conversation(self, conversation_id: int) -> int:
         async with self.pool.acquire() as conn, conn.transaction():
             # The row lock makes a summary being saved meanwhile finish first
             # (then it is deleted here) or wait and find the messages gone.
-            await conn.execute(
-                "SELECT 1 FROM conversations WHERE id = $1 FOR UPDATE", conversation_id
-            )
-            status = await conn.execute(
-                "DELETE FROM messages WHERE conversation_id = $1", conversation_id
-            )
-            await conn.execute("DELETE FROM summaries WHERE conversation_id = $1", conversation_id)
+            await conn.execute(self.q.lock_conversation, conversation_id)
+            status = await conn.execute(self.q.delete_messages, conversation_id)
+            await conn.execute(self.q.delete_summary, conversation_id)
         return _rowcount(status)
 
     # -- summaries
-    async def summary(self, conversation_id: int) -> Summary | None:
-        row = await self.pool.fetchrow(
-            "SELECT text, upto_id, updated_at FROM summaries WHERE conversation_id = $1",
-            conversation_id,
-        )
-        return Summary(row[0], int(row[1]), row[2]) if row else None
-
     async def save_summary(self, conversation_id: int, text: str, upto_id: int) -> bool:
         async with self.pool.acquire() as conn, conn.transaction():
             # Wait for a /reset or forget in flight (they lock this row first).
             # SQLite serialises writers; here each statement's fresh snapshot
             # then sees their deletions, so the reset wins the same way.
-            if await conn.fetchval(
-                "SELECT 1 FROM conversations WHERE id = $1 FOR SHARE", conversation_id
-            ) is None:
+            if await conn.fetchval(self.q.share_conversation, conversation_id) is None:
                 return False
             status = await conn.execute(
-                "INSERT INTO summaries (conversation_id, text, upto_id, updated_at)"
-                " SELECT $1::bigint, $2::text, $3::bigint, $4::text WHERE EXISTS"
-                " (SELECT 1 FROM messages WHERE id = $3 AND conversation_id = $1)"
-                " ON CONFLICT (conversation_id) DO UPDATE SET text = excluded.text,"
-                " upto_id = excluded.upto_id, updated_at = excluded.updated_at",
-                conversation_id, text, upto_id, utcnow(),
-            )
+                self.q.save_summary,
+                conversation_id, text, upto_id, utcnow(), upto_id, conversation_id)
         return _rowcount(status) > 0
 
-    # -- per-user settings
-    async def user_model(self, platform: str, user_id: str) -> str | None:
-        value: str | None = await self.pool.fetchval(
-            "SELECT model FROM user_settings WHERE platform = $1 AND user_id = $2",
-            platform, user_id,
-        )
-        return value
-
-    async def set_user_model(self, platform: str, user_id: str, model: str) -> None:
-        await self.pool.execute(
-            "INSERT INTO user_settings (platform, user_id, model, updated_at)"
-            " VALUES ($1, $2, $3, $4) ON CONFLICT (platform, user_id)"
-            " DO UPDATE SET model = excluded.model, updated_at = excluded.updated_at",
-            platform, user_id, model, utcnow(),
-        )
-
     # -- operators
-    async def audit_log(self, limit: int, user: str | None = None) -> list[dict[str, Any]]:
-        if user:
-            platform, _, user_id = user.partition(":")
-            rows = await self.pool.fetch(
-                f"{_AUDIT_SELECT} WHERE platform = $1 AND user_id = $2 ORDER BY id DESC LIMIT $3",
-                platform, user_id, _limit(limit),
-            )
-        else:
-            rows = await self.pool.fetch(
-                f"{_AUDIT_SELECT} ORDER BY id DESC LIMIT $1", _limit(limit)
-            )
-        return [dict(r.items()) for r in reversed(rows)]
-
-    async def audit_rows_for_stats(self) -> list[dict[str, Any]]:
-        rows = await self.pool.fetch(
-            "SELECT provider, model, status, response_time, first_token_time, prompt_tokens,"
-            " completion_tokens FROM audit WHERE kind = 'chat' AND status != 'rejected'"
-        )
-        return [dict(r.items()) for r in rows]
-
-    async def model_time(self) -> list[dict[str, Any]]:
-        rows = await self.pool.fetch(
-            "SELECT provider, model, kind, count(*) AS calls, coalesce(sum(response_time), 0)"
-            " AS seconds FROM audit WHERE status != 'rejected' GROUP BY provider, model, kind"
-        )
-        return [dict(r.items()) for r in rows]
-
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         counts: dict[str, int] = {}
         async with self.pool.acquire() as conn, conn.transaction():
-            # Lock the user's conversations first (in id order, so two forgets
-            # cannot deadlock): a summary being saved finishes or gives up.
-            await conn.execute(
-                "SELECT 1 FROM conversations WHERE platform = $1 AND user_id = $2"
-                " ORDER BY id FOR UPDATE",
-                platform, user_id,
-            )
-            where = ("conversation_id IN (SELECT id FROM conversations"
-                     " WHERE platform = $1 AND user_id = $2)")
-            for table in ("messages", "summaries"):
-                status = await conn.execute(f"DELETE FROM {table} WHERE {where}", platform, user_id)
-                counts[table] = _rowcount(status)
-            for table in ("conversations", "user_settings", "audit"):
-                status = await conn.execute(
-                    f"DELETE FROM {table} WHERE platform = $1 AND user_id = $2", platform, user_id
-                )
-                counts[table] = _rowcount(status)
+            # Lock the user's conversations first: a summary being saved
+            # finishes or gives up.
+            await conn.execute(self.q.lock_user_conversations, platform, user_id)
+            for table, sql in queries.forget(self.dialect):
+                counts[table] = _rowcount(await conn.execute(sql, platform, user_id))
             # Not counted: the keys stay those of SQLite, which keeps no such rows.
             await conn.execute(
                 "DELETE FROM rate_events WHERE user_key = $1", f"{platform}:{user_id}"
@@ -572,51 +370,12 @@ class PostgresStore(Store):
         )
 
     # -- copy-db
-    async def table_counts(self) -> dict[str, int]:
-        async with self.pool.acquire() as conn:
-            return {t: int(await conn.fetchval(f"SELECT count(*) FROM {t}")) for t in TABLES}
-
-    async def export_rows(
-        self, table: str, batch: int = 1000
-    ) -> AsyncIterator[list[dict[str, Any]]]:
-        if table not in TABLES:
-            raise StorageError(f"unknown table {table}")
-        cols = ", ".join(_q(c) for c in COLUMNS[table])
-        pk = PRIMARY_KEYS[table]
-        order = ", ".join(_q(c) for c in pk)
-        after = ", ".join(f"${i}" for i in range(2, len(pk) + 2))
-        last: tuple[Any, ...] | None = None
-        while True:
-            # Keyset pagination: each batch is an index range scan, however deep.
-            if last is None:
-                rows = await self.pool.fetch(
-                    f"SELECT {cols} FROM {table} ORDER BY {order} LIMIT $1", batch)
-            else:
-                rows = await self.pool.fetch(
-                    f"SELECT {cols} FROM {table} WHERE ({order}) > ({after})"
-                    f" ORDER BY {order} LIMIT $1",
-                    batch, *last,
-                )
-            if not rows:
-                return
-            last = tuple(rows[-1][c] for c in pk)
-            yield [_export_row(r) for r in rows]
-
     async def import_rows(self, table: str, rows: list[dict[str, Any]]) -> None:
-        if table not in TABLES:
-            raise StorageError(f"unknown table {table}")
+        cols = queries.import_columns(table, rows)
         if not rows:
             return
         kinds = COLUMNS[table]
-        cols = list(rows[0])
-        unknown = [c for c in cols if c not in kinds]
-        if unknown:
-            raise StorageError(f"table {table} has no column(s) {', '.join(unknown)}")
-        records = []
-        for r in rows:
-            if r.keys() != rows[0].keys():
-                raise StorageError(f"rows of {table} differ in their columns")
-            records.append(tuple(_import_value(kinds[c], r[c]) for c in cols))
+        records = [tuple(_import_value(kinds[c], r[c]) for c in cols) for r in rows]
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.copy_records_to_table(table, records=records, columns=cols)
 

@@ -6,48 +6,22 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiosqlite
 
-from storage.base import (
-    AUDIT_COLUMNS,
-    TABLES,
-    AuditRecord,
-    ConversationRef,
-    StorageError,
-    Store,
-    StoredMessage,
-    Summary,
-    TurnContext,
-    utcnow,
-)
-from storage.sqlite_migrations import MIGRATIONS
+from bot.records import AuditRecord, ConversationRef, StorageError, utcnow
+from storage import queries
+from storage.dialect import SQLITE
+from storage.migrations import MIGRATIONS, MIGRATIONS_TABLE, Migration
+from storage.queries import AUDIT_ROW, MESSAGE_ROW, SQLITE_QUERIES
+from storage.sql_store import SQLStore
 
-_AUDIT_ROW = f"({', '.join('?' * len(AUDIT_COLUMNS))})"
-_AUDIT_INSERT_HEAD = f"INSERT INTO audit ({', '.join(AUDIT_COLUMNS)}) VALUES "
-_AUDIT_INSERT = _AUDIT_INSERT_HEAD + _AUDIT_ROW
-MAX_BATCH = 200  # exchanges per commit: 200 × 18 parameters, far below SQLite's 32,766
-
-# The user's model pick, the summary, and the newest messages after it: one query.
-_TURN_CONTEXT = """
-WITH s AS (
-    SELECT text, upto_id, updated_at FROM summaries
-    WHERE conversation_id = :c AND :with_summary
-)
-SELECT * FROM (
-    SELECT 0, id, role, content, NULL FROM messages
-    WHERE conversation_id = :c AND id > coalesce((SELECT upto_id FROM s), 0)
-    ORDER BY id DESC LIMIT :limit
-)
-UNION ALL SELECT 1, upto_id, NULL, text, updated_at FROM s
-UNION ALL SELECT 2, 0, NULL, model, NULL FROM user_settings
-    WHERE platform = :p AND user_id = :u
-"""
-
+MAX_BATCH = 200  # exchanges per commit: 200 × 29 parameters, far below SQLite's 32,766
+Synchronous = Literal["NORMAL", "FULL"]
 
 
 @dataclass(slots=True)
@@ -68,13 +42,50 @@ def _prepare_file(path: str) -> None:
         os.close(fd)
 
 
-class SQLiteStore(Store):
+async def migrate(db: aiosqlite.Connection, steps: Sequence[Migration] = MIGRATIONS) -> None:
+    """Apply the steps not yet recorded, each in its own transaction."""
+    q = SQLITE_QUERIES
+    await db.execute(MIGRATIONS_TABLE)
+    # A table rebuild needs foreign keys off (it can't change inside a
+    # transaction); they are checked, then turned back on, afterwards.
+    await db.execute("PRAGMA foreign_keys = OFF")
+    for name, statements in steps:
+        # BEGIN IMMEDIATE takes the write lock first, so two processes
+        # starting at once apply each step exactly once.
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            async with db.execute(q.migration_done, (name,)) as c:
+                done = await c.fetchone()
+            if not done:
+                for statement in statements(SQLITE):
+                    await db.execute(statement)
+                await db.execute(q.insert_migration, (name, utcnow()))
+            async with db.execute("PRAGMA foreign_key_check") as c:
+                broken = await c.fetchall()
+            if broken:
+                raise StorageError(f"migration {name} broke {len(broken)} references")
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+    await db.execute("PRAGMA foreign_keys = ON")
+
+
+class SQLiteStore(SQLStore):
     """Memory and audit log in one SQLite file."""
 
-    def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
+    dialect = SQLITE
+    q = SQLITE_QUERIES
+
+    def __init__(self, path: str, *, busy_timeout: float = 5.0,
+                 synchronous: Synchronous = "NORMAL") -> None:
         self.path = path
         # Seconds a statement waits for another connection's write lock.
         self.busy_timeout = busy_timeout
+        # NORMAL in WAL survives a process kill, not a power cut; FULL both.
+        if synchronous not in ("NORMAL", "FULL"):
+            raise StorageError(f"SQLITE_SYNCHRONOUS must be NORMAL or FULL, not {synchronous!r}")
+        self.synchronous = synchronous
         self._db: aiosqlite.Connection | None = None
         self._conv_ids: dict[str, int] = {}
         self._pending: list[_PendingExchange] = []
@@ -96,12 +107,12 @@ class SQLiteStore(Store):
             self._db.row_factory = aiosqlite.Row
             await self._db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
             await self._db.execute("PRAGMA journal_mode = WAL")
-            await self._db.execute("PRAGMA synchronous = NORMAL")
+            await self._db.execute(f"PRAGMA synchronous = {self.synchronous}")
             # One user's rows spread over many pages in a big file: a larger
             # cache and memory-mapped reads keep history loads flat as it grows.
             await self._db.execute("PRAGMA cache_size = -32768")
             await self._db.execute("PRAGMA mmap_size = 268435456")
-            await self._migrate()
+            await migrate(self._db)
         except (OSError, sqlite3.Error) as exc:
             await self.close()
             raise StorageError(f"cannot use database {self.path!r}: {exc}") from None
@@ -115,44 +126,6 @@ class SQLiteStore(Store):
             with contextlib.suppress(Exception):
                 await db.close()
 
-    async def _migrate(self) -> None:
-        db = self.db
-        await db.execute(
-            "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
-        )
-        # A table rebuild needs foreign keys off (it can't change inside a
-        # transaction); they are checked, then turned back on, afterwards.
-        await db.execute("PRAGMA foreign_keys = OFF")
-        for name, sql in MIGRATIONS:
-            # BEGIN IMMEDIATE takes the write lock first, so two processes
-            # starting at once apply each step exactly once.
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                async with db.execute("SELECT 1 FROM _migrations WHERE name = ?", (name,)) as c:
-                    done = await c.fetchone()
-                if not done:
-                    for statement in _statements(sql):
-                        await db.execute(statement)
-                    await db.execute(
-                        "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)",
-                        (name, utcnow()),
-                    )
-                async with db.execute("PRAGMA foreign_key_check") as c:
-                    broken = await c.fetchall()
-                if broken:
-                    raise StorageError(f"migration {name} broke {len(broken)} references")
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-        await db.execute("PRAGMA foreign_keys = ON")
-
-    async def applied_migrations(self) -> list[str]:
-        async with self._lock, self.db.execute(
-            "SELECT name FROM _migrations ORDER BY name"
-        ) as cur:
-            return [r[0] for r in await cur.fetchall()]
-
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._lock:
@@ -165,11 +138,14 @@ class SQLiteStore(Store):
                 raise
             await self.db.execute("COMMIT")
 
-    async def _fetchall(self, sql: str, args: tuple[Any, ...] | dict[str, Any] = ()
-                        ) -> list[sqlite3.Row]:
+    async def _fetch(self, sql: str, *args: Any) -> Sequence[Any]:
         # One trip to aiosqlite's thread instead of execute + fetchall + close.
         async with self._lock:
-            return list(await self.db.execute_fetchall(sql, args))
+            return await self.db.execute_fetchall(sql, args)
+
+    async def _write(self, sql: str, *args: Any) -> Sequence[Any]:
+        async with self._transaction() as db:
+            return await db.execute_fetchall(sql, args)
 
     # -- conversations and messages
     async def conversation_id(self, ref: ConversationRef) -> int:
@@ -179,73 +155,22 @@ class SQLiteStore(Store):
         cached = self._conv_ids.get(ref.key)
         if cached is not None:
             return cached
-        rows = await self._fetchall("SELECT id FROM conversations WHERE key = ?", (ref.key,))
-        if rows:
-            return self._remember(ref.key, int(rows[0][0]))
-        async with self._transaction() as db:
-            await db.execute(
-                "INSERT OR IGNORE INTO conversations (key, platform, user_id, place, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (ref.key, ref.platform, ref.user_id, ref.place, utcnow()),
-            )
-            async with db.execute("SELECT id FROM conversations WHERE key = ?", (ref.key,)) as c:
-                row = await c.fetchone()
-        assert row is not None
-        return self._remember(ref.key, int(row[0]))
+        rows = await self._fetch(self.q.conversation_by_key, ref.key)
+        if not rows:
+            # The one writer: nobody can insert it between the two statements.
+            async with self._transaction() as db:
+                rows = await db.execute_fetchall(
+                    self.q.conversation_insert,
+                    (ref.key, ref.platform, ref.user_id, ref.place, utcnow()))
+                if not rows:
+                    rows = await db.execute_fetchall(self.q.conversation_by_key, (ref.key,))
+        return self._remember(ref.key, int(rows[0][0]))
 
     def _remember(self, key: str, conversation_id: int) -> int:
         if len(self._conv_ids) >= 50_000:  # a cache, not a registry of every user
             self._conv_ids.clear()
         self._conv_ids[key] = conversation_id
         return conversation_id
-
-    async def recent_messages(
-        self, conversation_id: int, limit: int, after_id: int = 0
-    ) -> list[StoredMessage]:
-        rows = await self._fetchall(
-            "SELECT id, role, content FROM messages WHERE conversation_id = ? AND id > ?"
-            " ORDER BY id DESC LIMIT ?",
-            (conversation_id, after_id, limit),
-        )
-        return [StoredMessage(r[0], r[1], r[2]) for r in reversed(rows)]
-
-    async def turn_context(
-        self, conversation_id: int, platform: str, user_id: str, limit: int,
-        with_summary: bool,
-    ) -> TurnContext:
-        # One trip to the database thread instead of three: each trip costs
-        # a thread wake-up, which is most of a turn's storage time when idle.
-        rows = await self._fetchall(_TURN_CONTEXT, {
-            "c": conversation_id, "p": platform, "u": user_id, "limit": limit,
-            "with_summary": int(with_summary)})
-        choice: str | None = None
-        summary: Summary | None = None
-        history: list[StoredMessage] = []
-        for kind, ident, role, content, updated in rows:
-            if kind == 0:
-                history.append(StoredMessage(ident, role, content))
-            elif kind == 1:
-                summary = Summary(content, int(ident), updated)
-            else:
-                choice = content
-        history.reverse()
-        return TurnContext(choice, summary, history)
-
-    async def messages_range(
-        self, conversation_id: int, after_id: int, upto_id: int, limit: int | None = None
-    ) -> list[StoredMessage]:
-        rows = await self._fetchall(
-            "SELECT id, role, content FROM messages WHERE conversation_id = ?"
-            " AND id > ? AND id <= ? ORDER BY id LIMIT ?",
-            (conversation_id, after_id, upto_id, -1 if limit is None else limit),
-        )
-        return [StoredMessage(r[0], r[1], r[2]) for r in rows]
-
-    async def count_messages(self, conversation_id: int) -> int:
-        rows = await self._fetchall(
-            "SELECT count(*) FROM messages WHERE conversation_id = ?", (conversation_id,)
-        )
-        return int(rows[0][0])
 
     async def save_exchange(
         self, conversation_id: int, user_text: str, reply_text: str, audit: AuditRecord
@@ -295,108 +220,35 @@ class SQLiteStore(Store):
             audits += e.audit.values()
         async with self._transaction() as db:
             await db.execute(
-                "INSERT INTO messages (conversation_id, role, content, created_at) VALUES "
-                + ", ".join(["(?, ?, ?, ?)"] * (2 * len(batch))), messages)
+                self.q.message_insert_head + ", ".join([MESSAGE_ROW] * (2 * len(batch))),
+                messages)
             cur = await db.execute(
-                _AUDIT_INSERT_HEAD + ", ".join([_AUDIT_ROW] * len(batch)), audits)
+                self.q.audit_insert_head + ", ".join([AUDIT_ROW] * len(batch)), audits)
             # Rows inserted by one statement take consecutive rowids.
             last = int(cur.lastrowid or 0)
         return list(range(last - len(batch) + 1, last + 1))
 
-    async def save_audit(self, audit: AuditRecord) -> int:
-        async with self._transaction() as db:
-            cur = await db.execute(_AUDIT_INSERT, audit.values())
-            return int(cur.lastrowid or 0)
-
     async def reset_conversation(self, conversation_id: int) -> int:
         async with self._transaction() as db:
-            cur = await db.execute(
-                "DELETE FROM messages WHERE conversation_id = ?", (conversation_id,)
-            )
-            await db.execute("DELETE FROM summaries WHERE conversation_id = ?", (conversation_id,))
+            cur = await db.execute(self.q.delete_messages, (conversation_id,))
+            await db.execute(self.q.delete_summary, (conversation_id,))
             return int(cur.rowcount or 0)
 
     # -- summaries
-    async def summary(self, conversation_id: int) -> Summary | None:
-        rows = await self._fetchall(
-            "SELECT text, upto_id, updated_at FROM summaries WHERE conversation_id = ?",
-            (conversation_id,),
-        )
-        return Summary(rows[0][0], int(rows[0][1]), rows[0][2]) if rows else None
-
     async def save_summary(self, conversation_id: int, text: str, upto_id: int) -> bool:
-        # Conditional on the covered message still existing: a /reset while
-        # the summary was being written must win.
+        # The single writer serialises this with a /reset: whichever is first.
         async with self._transaction() as db:
             cur = await db.execute(
-                "INSERT INTO summaries (conversation_id, text, upto_id, updated_at)"
-                " SELECT ?, ?, ?, ? WHERE EXISTS"
-                " (SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?)"
-                " ON CONFLICT (conversation_id) DO UPDATE SET text = excluded.text,"
-                " upto_id = excluded.upto_id, updated_at = excluded.updated_at",
-                (conversation_id, text, upto_id, utcnow(), upto_id, conversation_id),
-            )
+                self.q.save_summary,
+                (conversation_id, text, upto_id, utcnow(), upto_id, conversation_id))
             return (cur.rowcount or 0) > 0
 
-    # -- per-user settings
-    async def user_model(self, platform: str, user_id: str) -> str | None:
-        rows = await self._fetchall(
-            "SELECT model FROM user_settings WHERE platform = ? AND user_id = ?",
-            (platform, user_id),
-        )
-        return rows[0][0] if rows else None
-
-    async def set_user_model(self, platform: str, user_id: str, model: str) -> None:
-        async with self._transaction() as db:
-            await db.execute(
-                "INSERT INTO user_settings (platform, user_id, model, updated_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (platform, user_id)"
-                " DO UPDATE SET model = excluded.model, updated_at = excluded.updated_at",
-                (platform, user_id, model, utcnow()),
-            )
-
     # -- operators
-    async def audit_log(self, limit: int, user: str | None = None) -> list[dict[str, Any]]:
-        cols = ", ".join(AUDIT_COLUMNS)
-        if user:
-            platform, _, user_id = user.partition(":")
-            rows = await self._fetchall(
-                f"SELECT id, {cols} FROM audit WHERE platform = ? AND user_id = ?"
-                " ORDER BY id DESC LIMIT ?",
-                (platform, user_id, limit),
-            )
-        else:
-            rows = await self._fetchall(
-                f"SELECT id, {cols} FROM audit ORDER BY id DESC LIMIT ?", (limit,)
-            )
-        return [_audit_dict(r) for r in reversed(rows)]
-
-    async def audit_rows_for_stats(self) -> list[dict[str, Any]]:
-        rows = await self._fetchall(
-            "SELECT provider, model, status, response_time, first_token_time, prompt_tokens,"
-            " completion_tokens FROM audit WHERE kind = 'chat' AND status != 'rejected'"
-        )
-        return [dict(r) for r in rows]
-
-    async def model_time(self) -> list[dict[str, Any]]:
-        rows = await self._fetchall(
-            "SELECT provider, model, kind, count(*) AS calls, coalesce(sum(response_time), 0)"
-            " AS seconds FROM audit WHERE status != 'rejected' GROUP BY provider, model, kind"
-        )
-        return [dict(r) for r in rows]
-
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         counts: dict[str, int] = {}
         async with self._transaction() as db:
-            where = "conversation_id IN (SELECT id FROM conversations WHERE platform = ?" \
-                    " AND user_id = ?)"
-            for table in ("messages", "summaries"):
-                cur = await db.execute(f"DELETE FROM {table} WHERE {where}", (platform, user_id))
-                counts[table] = int(cur.rowcount or 0)
-            for table in ("conversations", "user_settings", "audit"):
-                cur = await db.execute(
-                    f"DELETE FROM {table} WHERE platform = ? AND user_id = ?", (platform, user_id)
-                )
+            for table, sql in queries.forget(self.dialect):
+                cur = await db.execute(sql, (platform, user_id))
                 counts[table] = int(cur.rowcount or 0)
         self._conv_ids.clear()
         return counts
@@ -408,67 +260,18 @@ class SQLiteStore(Store):
         yield
 
     # -- copy-db
-    async def table_counts(self) -> dict[str, int]:
-        out = {}
-        for table in TABLES:
-            rows = await self._fetchall(f"SELECT count(*) FROM {table}")
-            out[table] = int(rows[0][0])
-        return out
-
-    async def export_rows(
-        self, table: str, batch: int = 1000
-    ) -> AsyncIterator[list[dict[str, Any]]]:
-        if table not in TABLES:
-            raise StorageError(f"unknown table {table}")
-        order = "rowid"
-        last = 0
-        while True:
-            rows = await self._fetchall(
-                f"SELECT rowid AS _rowid, * FROM {table} WHERE rowid > ? ORDER BY {order}"
-                " LIMIT ?",
-                (last, batch),
-            )
-            if not rows:
-                return
-            last = rows[-1]["_rowid"]
-            out = []
-            for r in rows:
-                d = dict(r)
-                d.pop("_rowid")
-                out.append(d)
-            yield out
-
     async def import_rows(self, table: str, rows: list[dict[str, Any]]) -> None:
-        if table not in TABLES:
-            raise StorageError(f"unknown table {table}")
+        cols = queries.import_columns(table, rows)
         if not rows:
             return
-        cols = list(rows[0])
-        sql = (f"INSERT INTO {table} ({', '.join(cols)}) "
+        sql = (f"INSERT INTO {table} ({', '.join(map(queries.quoted, cols))}) "
                f"VALUES ({', '.join('?' * len(cols))})")
         async with self._transaction() as db:
             await db.executemany(sql, [tuple(_to_sqlite(r[c]) for c in cols) for r in rows])
 
     async def finish_import(self) -> None:
-        """SQLite's INTEGER PRIMARY KEY continues after the largest id by itself."""
+        """SQLite's AUTOINCREMENT continues after the largest id by itself."""
 
 
 def _to_sqlite(value: Any) -> Any:
     return int(value) if isinstance(value, bool) else value
-
-
-def _audit_dict(row: sqlite3.Row) -> dict[str, Any]:
-    d = dict(row)
-    d["summary_used"] = bool(d.get("summary_used"))
-    return d
-
-
-def _statements(sql: str) -> list[str]:
-    """Split a migration into statements (they hold no semicolons in strings)."""
-    out = []
-    for part in sql.split(";"):
-        lines = [ln for ln in part.splitlines() if not ln.strip().startswith("--")]
-        stmt = "\n".join(lines).strip()
-        if stmt:
-            out.append(stmt)
-    return out

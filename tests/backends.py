@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.pg import admin_connection, admin_url
+from tests.pg import admin_execute, admin_url
 
 
 @pytest.fixture(params=["sqlite", "postgres"], name="db_url")
@@ -25,17 +25,9 @@ async def db_url_both_backends(request: pytest.FixtureRequest,
         yield f"sqlite:///{tmp_path / 'data' / 'bot.db'}"
         return
     schema = f"bot_test_{os.getpid()}_{secrets.token_hex(4)}"
-    conn = await admin_connection()
-    try:
-        await conn.execute(f'CREATE SCHEMA "{schema}"')
-    finally:
-        await conn.close()
+    await admin_execute(f'CREATE SCHEMA "{schema}"')
     try:
         # asyncpg passes unknown URL parameters on as server settings.
         yield f"{admin_url()}?search_path={schema}"
     finally:
-        conn = await admin_connection()
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
+        await admin_execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

@@ -54,25 +54,25 @@ async def admin_connection() -> asyncpg.Connection:
         ) from exc
 
 
+async def admin_execute(sql: str) -> None:
+    """Run one statement as the admin, on a connection of its own."""
+    conn = await admin_connection()
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
 async def fresh_database() -> str:
     """Create an empty, uniquely named database; return its URL."""
     name = f"bot_test_{os.getpid()}_{secrets.token_hex(4)}"
-    conn = await admin_connection()
-    try:
-        await conn.execute(f'CREATE DATABASE "{name}" ENCODING \'UTF8\' TEMPLATE template0')
-    finally:
-        await conn.close()
+    await admin_execute(f'CREATE DATABASE "{name}" ENCODING \'UTF8\' TEMPLATE template0')
     return _with_database(admin_url(), name)
 
 
 async def drop_database(url: str) -> None:
     """Drop a database made by `fresh_database`, ending any session still in it."""
-    name = _database_of(url)
-    conn = await admin_connection()
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    await admin_execute(f'DROP DATABASE IF EXISTS "{_database_of(url)}" WITH (FORCE)')
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from bot.app import open_service
-from storage.sqlite_migrations import MIGRATIONS
+from storage.migrations import MIGRATIONS
 from tests.conftest import SettingsFactory, ask
 from tests.crash_driver import turn_text
 from tests.fakes.model_server import ModelServer

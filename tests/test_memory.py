@@ -13,9 +13,9 @@ import pytest
 from bot import operator_commands
 from bot.app import open_service
 from bot.memory import SUMMARY_INSTRUCTIONS
+from bot.records import AuditRecord
 from bot.service import ChatService
 from bot.tokens import count_messages, count_tokens
-from storage.base import AuditRecord
 from tests.backends import db_url_both_backends  # noqa: F401  (SQLite and PostgreSQL)
 from tests.conftest import SettingsFactory, ask, incoming
 from tests.fakes.model_server import ModelServer, Recorded, echo_reply, prompt_tokens

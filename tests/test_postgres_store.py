@@ -20,19 +20,13 @@ import pytest
 
 import storage.postgres_store as pgs
 from bot.operator_commands import copy_db
+from bot.records import AUDIT_COLUMNS, AuditRecord, ConversationRef, StorageError, StoredMessage
+from bot.store import TABLES, Store
 from storage import open_store
-from storage.base import AUDIT_COLUMNS as SQLITE_AUDIT_COLUMNS
-from storage.base import (
-    TABLES,
-    AuditRecord,
-    ConversationRef,
-    StorageError,
-    Store,
-    StoredMessage,
-)
-from storage.postgres_migrations import MIGRATIONS, MIGRATIONS_TABLE
-from storage.postgres_store import COLUMNS, PRIMARY_KEYS, RECENT_MESSAGES, PostgresStore
-from storage.sqlite_migrations import MIGRATIONS as SQLITE_MIGRATIONS
+from storage.dialect import POSTGRES
+from storage.migrations import MIGRATIONS, MIGRATIONS_TABLE
+from storage.postgres_store import PostgresStore
+from storage.queries import POSTGRES_QUERIES, PRIMARY_KEYS
 from storage.sqlite_store import SQLiteStore
 from tests.pg import ServerUnreachable, drop_database, fresh_database
 from tests.pg import pg_url as pg_url  # the fixture
@@ -106,9 +100,6 @@ async def advisory_locks_held(url: str) -> int:
 async def test_migrations_applied_and_recorded(store: PostgresStore, pg_url: str) -> None:
     names = [n for n, _ in MIGRATIONS]
     assert await store.applied_migrations() == names
-    # Both backends carry the same names (a step one of them needs is a no-op
-    # in the other), so an operator reads one history.
-    assert names == [n for n, _ in SQLITE_MIGRATIONS]
     assert names[:3] == ["001_initial", "002_summaries", "003_rate_events"]
     conn = await asyncpg.connect(pg_url)
     try:
@@ -121,26 +112,6 @@ async def test_migrations_applied_and_recorded(store: PostgresStore, pg_url: str
     assert all(r["applied_at"].endswith("Z") for r in rows)
     assert {"conversations_user", "messages_conversation_id", "audit_user",
             "rate_events_user"} <= indexes
-
-
-async def test_columns_match_sqlite(store: PostgresStore, pg_url: str, tmp_path: Path) -> None:
-    """Same tables, same column names in the same order: rows move both ways."""
-    lite = SQLiteStore(str(tmp_path / "bot.db"))
-    await lite.open()
-    conn = await asyncpg.connect(pg_url)
-    try:
-        for table in TABLES:
-            pg_cols = [r[0] for r in await conn.fetch(
-                "SELECT column_name FROM information_schema.columns"
-                " WHERE table_schema = 'public' AND table_name = $1 ORDER BY ordinal_position",
-                table)]
-            async with lite.db.execute(f"PRAGMA table_info({table})") as cur:
-                lite_cols = [r[1] for r in await cur.fetchall()]
-            assert pg_cols == lite_cols == list(COLUMNS[table]), table
-    finally:
-        await conn.close()
-        await lite.close()
-    assert set(PRIMARY_KEYS) == set(COLUMNS) == set(TABLES)
 
 
 async def test_reopen_is_a_no_op(store: PostgresStore, pg_url: str) -> None:
@@ -160,7 +131,8 @@ async def test_old_database_is_upgraded_not_dropped(pg_url: str) -> None:
     conn = await asyncpg.connect(pg_url)
     try:
         await conn.execute(MIGRATIONS_TABLE)
-        await conn.execute(MIGRATIONS[0][1])
+        for statement in MIGRATIONS[0].statements(POSTGRES):
+            await conn.execute(statement)
         await conn.execute("INSERT INTO _migrations VALUES ($1, 'then')", MIGRATIONS[0][0])
         await conn.execute(
             "INSERT INTO conversations VALUES (1, 'telegram:1@dm', 'telegram', '1', 'dm', 't');"
@@ -363,7 +335,7 @@ async def test_audit_log_order_limit_filter(store: PostgresStore) -> None:
     await store.save_audit(audit(user_input="four", kind="summary"))
     rows = await store.audit_log(10)
     assert [r["user_input"] for r in rows] == ["one", "two", "three", "four"]
-    assert list(rows[0]) == ["id", *SQLITE_AUDIT_COLUMNS]
+    assert list(rows[0]) == ["id", *AUDIT_COLUMNS]
     assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)
     two = rows[1]
     assert two["summary_used"] is True and rows[0]["summary_used"] is False
@@ -591,7 +563,8 @@ async def test_recent_messages_uses_the_index(store: PostgresStore) -> None:
             " SELECT 1 + g % 200, 'user', repeat('m', 50), 'x' FROM generate_series(1, 20000) g;"
             "ANALYZE conversations; ANALYZE messages;"
         )
-        plan = await conn.fetchval("EXPLAIN (FORMAT JSON) " + RECENT_MESSAGES, 7, 0, 50)
+        plan = await conn.fetchval(
+            "EXPLAIN (FORMAT JSON) " + POSTGRES_QUERIES.recent_messages, 7, 0, 50)
     text = plan if isinstance(plan, str) else json.dumps(plan)
     assert '"Index Name": "messages_conversation_id"' in text, text
     assert '"Seq Scan"' not in text and '"Sort"' not in text, text
@@ -763,7 +736,7 @@ async def test_same_behaviour_as_sqlite(store: PostgresStore, tmp_path: Path) ->
 
 
 async def test_turn_context_in_one_query_matches_separate_reads(store: PostgresStore) -> None:
-    from storage.base import Store
+    from bot.store import Store
 
     conv = await store.conversation_id(REF)
     for i in range(6):

@@ -24,8 +24,8 @@ from bot.messages import Incoming
 from bot.providers import make_provider
 from bot.service import ChatService
 from bot.settings import Settings
+from bot.store import TABLES
 from storage import open_store
-from storage.base import TABLES
 from storage.sqlite_store import SQLiteStore
 from tests.conftest import SettingsFactory, ask
 from tests.fakes.model_server import ModelServer, closed_port_url

@@ -23,7 +23,7 @@ import pytest
 import tests.fakes.model_server as fake_models
 from bot.app import open_service
 from bot.settings import load_settings
-from storage.base import TABLES
+from bot.store import TABLES
 from tests.conftest import ask, incoming
 from tests.fakes.discord_api import DiscordEmulator
 from tests.fakes.model_server import ModelServer, closed_port_url

@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from storage.base import AuditRecord, ConversationRef
-from storage.sqlite_migrations import MIGRATIONS
-from storage.sqlite_store import SQLiteStore, _statements
+from bot.records import AuditRecord, ConversationRef
+from bot.settings import SettingsError, load_settings
+from storage.dialect import SQLITE
+from storage.migrations import MIGRATIONS
+from storage.queries import SQLITE_QUERIES
+from storage.sqlite_store import SQLiteStore
+from tests.conftest import SettingsFactory, ask
 
 REF = ConversationRef(key="telegram:1@dm", platform="telegram", user_id="1", place="dm")
 
@@ -28,8 +32,8 @@ async def test_old_database_is_upgraded_not_dropped(tmp_path: Path) -> None:
     path = tmp_path / "old.db"
     db = sqlite3.connect(path)
     db.execute("CREATE TABLE _migrations (name TEXT PRIMARY KEY, applied_at TEXT)")
-    name, sql = MIGRATIONS[0]
-    for stmt in _statements(sql):
+    name, statements = MIGRATIONS[0]
+    for stmt in statements(SQLITE):
         db.execute(stmt)
     db.execute("INSERT INTO _migrations VALUES (?, 'then')", (name,))
     db.execute("INSERT INTO conversations VALUES (1, 'telegram:1@dm', 'telegram', '1', 'dm', 't')")
@@ -154,8 +158,7 @@ async def test_ids_are_never_reused_after_reset_or_forget(tmp_path: Path) -> Non
 
 
 async def test_turn_context_is_one_query_served_by_the_index(tmp_path: Path) -> None:
-    from storage.base import Store
-    from storage.sqlite_store import _TURN_CONTEXT
+    from bot.store import Store
 
     store = SQLiteStore(str(tmp_path / "a.db"))
     await store.open()
@@ -174,9 +177,45 @@ async def test_turn_context_is_one_query_served_by_the_index(tmp_path: Path) -> 
         assert ctx.model_choice == "qwen2.5" and ctx.summary is not None
         assert [m.content for m in ctx.history] == ["a3", "q4", "a4", "q5", "a5"]
         plan = await store.db.execute_fetchall(
-            "EXPLAIN QUERY PLAN " + _TURN_CONTEXT,
-            {"c": conv, "p": "telegram", "u": "1", "limit": 5, "with_summary": 1})
+            "EXPLAIN QUERY PLAN " + SQLITE_QUERIES.turn_context,
+            (conv, True, conv, 5, "telegram", "1"))
         text = " ".join(str(tuple(r)) for r in plan)
         assert "messages_conversation_id" in text and "TEMP B-TREE" not in text
     finally:
         await store.close()
+
+
+@pytest.mark.parametrize(("setting", "pragma"), [(None, 1), ("NORMAL", 1), ("FULL", 2)])
+async def test_sqlite_synchronous_setting_reaches_the_database(
+    make_settings: SettingsFactory, setting: str | None, pragma: int
+) -> None:
+    from bot.app import open_service
+
+    settings = make_settings(**({"SQLITE_SYNCHRONOUS": setting} if setting else {}))
+    async with open_service(settings) as service:
+        assert await ask(service, "hi")  # the user is answered either way
+        db = service.store.db  # type: ignore[attr-defined]
+        # 1 is NORMAL, 2 is FULL.
+        assert (await db.execute_fetchall("PRAGMA synchronous"))[0][0] == pragma
+        assert (await db.execute_fetchall("SELECT count(*) FROM messages"))[0][0] == 2
+
+
+def test_sqlite_synchronous_refuses_other_values() -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(None, SQLITE_SYNCHRONOUS="OFF")
+    assert str(err.value).startswith("bad setting SQLITE_SYNCHRONOUS='OFF':")
+    assert "NORMAL" in str(err.value) and "FULL" in str(err.value)
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql+asyncpg://bot:hunter2secret@db.example:5432/bot",
+    "mysql://bot:hunter2secret@db/bot",
+    "postgres+psycopg://db/bot?password=hunter2secret&sslmode=require",
+])
+def test_bad_database_url_error_hides_the_password(url: str) -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(None, DATABASE_URL=url)
+    msg = str(err.value)
+    assert msg.startswith("bad setting DATABASE_URL=") and "\n" not in msg
+    assert "hunter2secret" not in msg and "***" in msg
+    assert "allowed: sqlite:///" in msg  # still says what is wrong

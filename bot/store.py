@@ -1,97 +1,35 @@
-"""The storage interface every backend implements, and the records it holds."""
+"""The store's contract: what the core asks of memory and the audit log."""
 
 from __future__ import annotations
 
 import abc
+import re
 from collections.abc import AsyncIterator
-from contextlib import AbstractAsyncContextManager
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from contextlib import AbstractAsyncContextManager, suppress
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from bot.records import AuditRecord, ConversationRef, StoredMessage, Summary, TurnContext
 
 # Tables in the order copy-db must fill them (parents before children).
 TABLES = ("conversations", "messages", "summaries", "user_settings", "audit")
 
 
-# The audit table's columns after `id`, in the order both backends store them.
-AUDIT_COLUMNS = (
-    "timestamp", "platform", "user_id", "chat_id", "conversation", "provider", "model",
-    "user_input", "model_response", "status", "error", "response_time", "first_token_time",
-    "prompt_tokens", "completion_tokens", "history_messages", "kind", "summary_used",
-)
-
-
-class StorageError(Exception):
-    """The database cannot be used; the message is one line for the operator."""
-
-
-def utcnow() -> str:
-    """UTC timestamp, ISO 8601 with milliseconds."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass(frozen=True, slots=True)
-class ConversationRef:
-    """Who a conversation belongs to; `key` is stable and human-readable."""
-
-    key: str
-    platform: str
-    user_id: str
-    place: str  # "dm", a server/group id, or "*" with MEMORY_SCOPE=user
-
-
-@dataclass(frozen=True, slots=True)
-class StoredMessage:
-    id: int
-    role: str  # "user" or "assistant"
-    content: str
-
-
-@dataclass(frozen=True, slots=True)
-class Summary:
-    text: str
-    upto_id: int  # the newest message the summary covers
-    updated_at: str
-
-
-@dataclass(frozen=True, slots=True)
-class TurnContext:
-    """What one turn reads before the model call."""
-
-    model_choice: str | None  # the user's /model pick, if any
-    summary: Summary | None
-    history: list[StoredMessage]  # newest messages after the summary, oldest first
-
-
-@dataclass(slots=True)
-class AuditRecord:
-    """One row of the audit log: an exchange, a refusal, or a summary call."""
-
-    platform: str
-    user_id: str
-    chat_id: str
-    conversation: str
-    user_input: str
-    status: str = "ok"  # ok, error, rejected, cancelled
-    kind: str = "chat"  # chat or summary
-    provider: str = ""
-    model: str = ""
-    model_response: str = ""
-    error: str = ""
-    response_time: float | None = None
-    first_token_time: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    history_messages: int = 0
-    summary_used: bool = False
-    timestamp: str = field(default_factory=utcnow)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def values(self) -> tuple[Any, ...]:
-        """The record as a row, in AUDIT_COLUMNS order."""
-        return tuple(getattr(self, column) for column in AUDIT_COLUMNS)
+def redact_url(url: str) -> str:
+    """A database URL with any password replaced by ***, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, _, hostport = netloc.rpartition("@")
+            user, colon, _ = userinfo.partition(":")
+            netloc = f"{user}{':***' if colon else ''}@{hostport}"
+    except ValueError:
+        return url.split("://", 1)[0] + "://***"
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    with suppress(ValueError):
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    return url.split("://", 1)[0] + "://***"
 
 
 class Store(abc.ABC):

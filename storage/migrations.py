@@ -1,0 +1,165 @@
+"""The schema: one ordered list of named steps, applied to every backend.
+
+A step is a function of the dialect returning its statements; its name is
+recorded in `_migrations` in the same transaction, so it runs once, whole or
+not at all (each store's `migrate` runs the list). Never edit or rename a step
+that has shipped (databases in the field know it by name): add one at the end
+with `@migration("NNN_what")`. A step one backend does not need returns [] there
+and is still recorded, so both keep one history.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from storage.dialect import Dialect
+
+MIGRATIONS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+)
+
+
+class Migration(NamedTuple):
+    name: str
+    statements: Callable[[Dialect], list[str]]
+
+
+MIGRATIONS: list[Migration] = []
+
+
+def migration(name: str) -> Callable[[Callable[[Dialect], list[str]]],
+                                     Callable[[Dialect], list[str]]]:
+    """Append the decorated step to MIGRATIONS under `name`."""
+    def add(step: Callable[[Dialect], list[str]]) -> Callable[[Dialect], list[str]]:
+        if MIGRATIONS and name <= MIGRATIONS[-1].name:
+            raise ValueError(f"migration {name} must sort after {MIGRATIONS[-1].name}")
+        MIGRATIONS.append(Migration(name, step))
+        return step
+    return add
+
+
+def _conversations_and_messages(pk: str, d: Dialect, suffix: str = "") -> list[str]:
+    return [
+        f"""CREATE TABLE conversations{suffix} (
+            id {pk},
+            key TEXT NOT NULL UNIQUE,
+            platform TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            place TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+        f"""CREATE TABLE messages{suffix} (
+            id {pk},
+            conversation_id {d.bigint} NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            role TEXT NOT NULL CHECK (role IN ('user', 'assistant')),
+            content TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+    ]
+
+
+_HISTORY_INDEXES = [
+    "CREATE INDEX conversations_user ON conversations(platform, user_id)",
+    # serves "newest N messages of one conversation" from the index alone
+    "CREATE INDEX messages_conversation_id ON messages(conversation_id, id)",
+]
+
+
+@migration("001_initial")
+def _initial(d: Dialect) -> list[str]:
+    # SQLite's first ids were plain rowids (reusable); 004 rebuilds them.
+    pk = "INTEGER PRIMARY KEY" if d.is_sqlite else d.serial
+    return [
+        *_conversations_and_messages(pk, d),
+        *_HISTORY_INDEXES,
+        """CREATE TABLE user_settings (
+            platform TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            model TEXT,
+            updated_at TEXT NOT NULL,
+            PRIMARY KEY (platform, user_id)
+        )""",
+        f"""CREATE TABLE audit (
+            id {pk},
+            timestamp TEXT NOT NULL,
+            platform TEXT NOT NULL,
+            user_id TEXT NOT NULL,
+            chat_id TEXT NOT NULL,
+            conversation TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            model TEXT NOT NULL,
+            user_input TEXT NOT NULL,
+            model_response TEXT NOT NULL,
+            status TEXT NOT NULL,
+            error TEXT NOT NULL,
+            response_time {d.real},
+            first_token_time {d.real},
+            prompt_tokens {d.bigint},
+            completion_tokens {d.bigint},
+            history_messages {d.bigint} NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX audit_user ON audit(platform, user_id, id)",
+    ]
+
+
+@migration("002_summaries")
+def _summaries(d: Dialect) -> list[str]:
+    return [
+        f"""CREATE TABLE summaries (
+            conversation_id {d.bigint} PRIMARY KEY
+                REFERENCES conversations(id) ON DELETE CASCADE,
+            text TEXT NOT NULL,
+            upto_id {d.bigint} NOT NULL,
+            updated_at TEXT NOT NULL
+        )""",
+        "ALTER TABLE audit ADD COLUMN kind TEXT NOT NULL DEFAULT 'chat'",
+        f"ALTER TABLE audit ADD COLUMN summary_used {d.boolean} NOT NULL DEFAULT {d.false}",
+    ]
+
+
+@migration("003_rate_events")
+def _rate_events(d: Dialect) -> list[str]:
+    # A rate limit shared by several PostgreSQL processes; one SQLite process
+    # keeps its moving window in memory.
+    if d.is_sqlite:
+        return []
+    return [
+        f"CREATE TABLE rate_events (user_key TEXT NOT NULL, at {d.real} NOT NULL)",
+        "CREATE INDEX rate_events_user ON rate_events(user_key, at)",
+    ]
+
+
+@migration("004_never_reuse_ids")
+def _never_reuse_ids(d: Dialect) -> list[str]:
+    # Ids must never be reused: a summary or cache that names an id from
+    # before a /reset or forget must not find someone else's rows. BIGSERIAL
+    # never reuses them; SQLite rebuilds its tables with AUTOINCREMENT, with
+    # foreign keys off (see sqlite_store.migrate), as its documented table
+    # rebuild requires.
+    if not d.is_sqlite:
+        return []
+    return [
+        *_conversations_and_messages(d.serial, d, suffix="_v4"),
+        "INSERT INTO conversations_v4 SELECT id, key, platform, user_id, place, created_at"
+        " FROM conversations",
+        "INSERT INTO messages_v4 SELECT id, conversation_id, role, content, created_at"
+        " FROM messages",
+        "DROP TABLE messages",
+        "DROP TABLE conversations",
+        "ALTER TABLE conversations_v4 RENAME TO conversations",
+        "ALTER TABLE messages_v4 RENAME TO messages",
+        *_HISTORY_INDEXES,
+    ]
+
+
+@migration("005_audit_fields")
+def _audit_fields(d: Dialect) -> list[str]:
+    # Recall, personas and images; and the indexes `logs` reads by.
+    return [
+        f"ALTER TABLE audit ADD COLUMN recalled {d.bigint} NOT NULL DEFAULT 0",
+        "ALTER TABLE audit ADD COLUMN persona TEXT NOT NULL DEFAULT ''",
+        f"ALTER TABLE audit ADD COLUMN images {d.bigint} NOT NULL DEFAULT 0",
+        'CREATE INDEX IF NOT EXISTS audit_timestamp ON audit("timestamp")',
+        "CREATE INDEX IF NOT EXISTS audit_user ON audit(platform, user_id, id)",
+    ]

@@ -1,0 +1,223 @@
+"""Every SQL statement the stores run, written once, and the decoding of their rows.
+
+Statements are written with `?` placeholders; `Queries.for_dialect` renders
+them for a backend (`$1, $2…` on PostgreSQL). A new query: one field here,
+then `self.q.<field>` in the store. They differ by dialect only where the SQL
+must: RETURNING vs the cursor's lastrowid on SQLite's batched inserts, and row
+locks (PostgreSQL; SQLite's single writer already serialises).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from bot.records import AUDIT_COLUMNS, StorageError, StoredMessage, Summary, TurnContext
+from bot.store import TABLES
+from storage.dialect import POSTGRES, SQLITE, Dialect
+
+# Every copied table's columns in table order, with the Python type they hold
+# (a new table or column: here too; tests compare this with both schemas).
+# copy-db column names become SQL identifiers, so they are checked against this.
+_AUDIT_KINDS: dict[str, type] = {
+    "timestamp": str, "platform": str, "user_id": str, "chat_id": str, "conversation": str,
+    "provider": str, "model": str, "user_input": str, "model_response": str, "status": str,
+    "error": str, "response_time": float, "first_token_time": float, "prompt_tokens": int,
+    "completion_tokens": int, "history_messages": int, "kind": str, "summary_used": bool,
+    "recalled": int, "persona": str, "images": int,
+}
+COLUMNS: dict[str, dict[str, type]] = {
+    "conversations": {"id": int, "key": str, "platform": str, "user_id": str, "place": str,
+                      "created_at": str},
+    "messages": {"id": int, "conversation_id": int, "role": str, "content": str,
+                 "created_at": str},
+    "summaries": {"conversation_id": int, "text": str, "upto_id": int, "updated_at": str},
+    "user_settings": {"platform": str, "user_id": str, "model": str, "updated_at": str},
+    "audit": {"id": int, **{c: _AUDIT_KINDS[c] for c in AUDIT_COLUMNS}},
+}
+PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
+    "conversations": ("id",),
+    "messages": ("id",),
+    "summaries": ("conversation_id",),
+    "user_settings": ("platform", "user_id"),
+    "audit": ("id",),
+}
+SERIAL_TABLES = ("conversations", "messages", "audit")  # their `id` never repeats
+
+
+def quoted(name: str) -> str:
+    """A quoted identifier (several columns are named like SQL types)."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+_AUDIT_COLS = ", ".join(quoted(c) for c in AUDIT_COLUMNS)
+AUDIT_ROW = f"({', '.join('?' * len(AUDIT_COLUMNS))})"
+MESSAGE_ROW = "(?, ?, ?, ?)"
+# Rows a user leaves behind, per table, in the order `forget` deletes them.
+_OF_USER = "platform = ? AND user_id = ?"
+_FORGET = {
+    "messages": f"conversation_id IN (SELECT id FROM conversations WHERE {_OF_USER})",
+    "summaries": f"conversation_id IN (SELECT id FROM conversations WHERE {_OF_USER})",
+    "conversations": _OF_USER,
+    "user_settings": _OF_USER,
+    "audit": _OF_USER,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Queries:
+    """The statements, in one dialect (build with `for_dialect`)."""
+
+    conversation_by_key: str = "SELECT id FROM conversations WHERE key = ?"
+    conversation_insert: str = (
+        "INSERT INTO conversations (key, platform, user_id, place, created_at)"
+        " VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO NOTHING RETURNING id")
+    # Served by messages_conversation_id (conversation_id, id), scanned backwards.
+    recent_messages: str = (
+        "SELECT id, role, content FROM messages WHERE conversation_id = ? AND id > ?"
+        " ORDER BY id DESC LIMIT ?")
+    messages_range: str = (
+        "SELECT id, role, content FROM messages WHERE conversation_id = ?"
+        " AND id > ? AND id <= ? ORDER BY id LIMIT ?")
+    count_messages: str = "SELECT count(*) FROM messages WHERE conversation_id = ?"
+    # The user's model pick, the summary, and the newest messages after it, in
+    # one query. Arguments: conversation, with_summary, conversation, limit,
+    # platform, user_id.
+    turn_context: str = """
+WITH s AS (
+    SELECT text, upto_id, updated_at FROM summaries WHERE conversation_id = ? AND ?
+)
+SELECT * FROM (
+    SELECT 0 AS kind, id, role, content, CAST(NULL AS TEXT) AS updated FROM messages
+    WHERE conversation_id = ? AND id > coalesce((SELECT upto_id FROM s), 0)
+    ORDER BY id DESC LIMIT ?
+) AS recent
+UNION ALL SELECT 1, upto_id, NULL, text, updated_at FROM s
+UNION ALL SELECT 2, 0, NULL, model, NULL FROM user_settings WHERE platform = ? AND user_id = ?
+"""
+    message_insert_head: str = (
+        "INSERT INTO messages (conversation_id, role, content, created_at) VALUES ")
+    message_insert: str = message_insert_head + MESSAGE_ROW
+    audit_insert_head: str = f"INSERT INTO audit ({_AUDIT_COLS}) VALUES "
+    audit_insert: str = audit_insert_head + AUDIT_ROW + " RETURNING id"
+    delete_messages: str = "DELETE FROM messages WHERE conversation_id = ?"
+    delete_summary: str = "DELETE FROM summaries WHERE conversation_id = ?"
+    summary: str = "SELECT text, upto_id, updated_at FROM summaries WHERE conversation_id = ?"
+    # Written only if message `upto_id` still exists: a /reset meanwhile wins.
+    # Arguments: conversation, text, upto_id, now, upto_id, conversation.
+    save_summary: str = (
+        "INSERT INTO summaries (conversation_id, text, upto_id, updated_at)"
+        " SELECT CAST(? AS BIGINT), CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS TEXT)"
+        " WHERE EXISTS (SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?)"
+        " ON CONFLICT (conversation_id) DO UPDATE SET text = excluded.text,"
+        " upto_id = excluded.upto_id, updated_at = excluded.updated_at")
+    user_model: str = "SELECT model FROM user_settings WHERE platform = ? AND user_id = ?"
+    set_user_model: str = (
+        "INSERT INTO user_settings (platform, user_id, model, updated_at)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT (platform, user_id)"
+        " DO UPDATE SET model = excluded.model, updated_at = excluded.updated_at")
+    audit_log: str = f"SELECT id, {_AUDIT_COLS} FROM audit ORDER BY id DESC LIMIT ?"
+    audit_log_of_user: str = (
+        f"SELECT id, {_AUDIT_COLS} FROM audit WHERE {_OF_USER} ORDER BY id DESC LIMIT ?")
+    audit_for_stats: str = (
+        "SELECT provider, model, status, response_time, first_token_time, prompt_tokens,"
+        " completion_tokens FROM audit WHERE kind = 'chat' AND status != 'rejected'")
+    # Model time per kind (chat, summary) for `stats`.
+    model_time: str = (
+        "SELECT provider, model, kind, count(*) AS calls, coalesce(sum(response_time), 0)"
+        " AS seconds FROM audit WHERE status != 'rejected' GROUP BY provider, model, kind")
+    # Row locks, PostgreSQL only: a summary being saved waits for a /reset or
+    # forget in flight (they lock first, forget in id order so two cannot
+    # deadlock).
+    lock_conversation: str = "SELECT 1 FROM conversations WHERE id = ? FOR UPDATE"
+    share_conversation: str = "SELECT 1 FROM conversations WHERE id = ? FOR SHARE"
+    lock_user_conversations: str = (
+        f"SELECT 1 FROM conversations WHERE {_OF_USER} ORDER BY id FOR UPDATE")
+    insert_migration: str = "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)"
+    migration_done: str = "SELECT 1 FROM _migrations WHERE name = ?"
+    applied_migrations: str = "SELECT name FROM _migrations ORDER BY name"
+
+    @classmethod
+    def for_dialect(cls, d: Dialect) -> Queries:
+        base = cls()
+        return replace(base, **{f.name: d.sql(getattr(base, f.name)) for f in fields(cls)})
+
+
+SQLITE_QUERIES = Queries.for_dialect(SQLITE)
+POSTGRES_QUERIES = Queries.for_dialect(POSTGRES)
+
+
+def forget(d: Dialect) -> list[tuple[str, str]]:
+    """(table, DELETE) for every row a user leaves; arguments: platform, user_id."""
+    return [(t, d.sql(f"DELETE FROM {t} WHERE {where}")) for t, where in _FORGET.items()]
+
+
+def count_rows(table: str) -> str:
+    return f"SELECT count(*) FROM {_known(table)}"
+
+
+def export_batch(d: Dialect, table: str, first: bool) -> str:
+    """One batch of a table in primary-key order: keyset pagination, an index range
+    scan however deep. Arguments: (unless first) the last key, then the limit."""
+    cols = ", ".join(quoted(c) for c in COLUMNS[_known(table)])
+    pk = ", ".join(quoted(c) for c in PRIMARY_KEYS[table])
+    after = "" if first else \
+        f" WHERE ({pk}) > ({', '.join('?' * len(PRIMARY_KEYS[table]))})"
+    return d.sql(f"SELECT {cols} FROM {table}{after} ORDER BY {pk} LIMIT ?")
+
+
+def import_columns(table: str, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The columns of rows to copy into `table`, checked against the schema."""
+    kinds = COLUMNS[_known(table)]
+    cols = list(rows[0]) if rows else []
+    unknown = [c for c in cols if c not in kinds]
+    if unknown:
+        raise StorageError(f"table {table} has no column(s) {', '.join(unknown)}")
+    if any(r.keys() != rows[0].keys() for r in rows):
+        raise StorageError(f"rows of {table} differ in their columns")
+    return cols
+
+
+def _known(table: str) -> str:
+    if table not in TABLES:
+        raise StorageError(f"unknown table {table}")
+    return table
+
+
+# -- rows → records
+
+
+def messages(rows: Iterable[Sequence[Any]]) -> list[StoredMessage]:
+    return [StoredMessage(int(r[0]), r[1], r[2]) for r in rows]
+
+
+def summary(row: Sequence[Any] | None) -> Summary | None:
+    return Summary(row[0], int(row[1]), row[2]) if row else None
+
+
+def turn_context(rows: Iterable[Sequence[Any]]) -> TurnContext:
+    choice: str | None = None
+    found: Summary | None = None
+    history: list[StoredMessage] = []
+    for kind, ident, role, content, updated in rows:
+        if kind == 0:
+            history.append(StoredMessage(int(ident), role, content))
+        elif kind == 1:
+            found = Summary(content, int(ident), updated)
+        else:
+            choice = content
+    history.reverse()
+    return TurnContext(choice, found, history)
+
+
+def audit_row(row: Any) -> dict[str, Any]:
+    """An audit row (sqlite3.Row or asyncpg.Record) as `logs` shows it."""
+    d = {k: row[k] for k in row.keys()}
+    d["summary_used"] = bool(d["summary_used"])  # SQLite keeps 0/1
+    return d
+
+
+def export_row(row: Any) -> dict[str, Any]:
+    # Rows leave as SQLite's do (summary_used 0/1), so exports compare equal.
+    return {k: int(v) if isinstance(v := row[k], bool) else v for k in row.keys()}

@@ -1,0 +1,107 @@
+"""The Store methods both backends answer alike: one query, its rows decoded once.
+
+A backend supplies `_fetch` (a read) and `_write` (one statement in its own
+transaction) and keeps to itself only what its engine does differently:
+transactions, locks, batching, copying in bulk.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from bot.records import AuditRecord, StoredMessage, Summary, TurnContext, utcnow
+from bot.store import TABLES, Store
+from storage import queries
+from storage.dialect import Dialect
+from storage.queries import Queries
+
+
+class SQLStore(Store):
+    """A Store over SQL in one dialect."""
+
+    dialect: Dialect
+    q: Queries
+
+    @abc.abstractmethod
+    async def _fetch(self, sql: str, *args: Any) -> Sequence[Any]:
+        """The rows of one read."""
+
+    @abc.abstractmethod
+    async def _write(self, sql: str, *args: Any) -> Sequence[Any]:
+        """One statement in its own transaction; the rows it returns (RETURNING)."""
+
+    async def applied_migrations(self) -> list[str]:
+        return [r[0] for r in await self._fetch(self.q.applied_migrations)]
+
+    async def recent_messages(
+        self, conversation_id: int, limit: int, after_id: int = 0
+    ) -> list[StoredMessage]:
+        rows = await self._fetch(self.q.recent_messages, conversation_id, after_id,
+                                 self.dialect.limit(limit))
+        return queries.messages(reversed(rows))
+
+    async def turn_context(
+        self, conversation_id: int, platform: str, user_id: str, limit: int,
+        with_summary: bool,
+    ) -> TurnContext:
+        # One round trip instead of three: each costs a thread wake-up
+        # (SQLite) or a pooled connection (PostgreSQL), most of a turn's
+        # storage time when idle.
+        return queries.turn_context(await self._fetch(
+            self.q.turn_context, conversation_id, with_summary, conversation_id,
+            self.dialect.limit(limit), platform, user_id))
+
+    async def messages_range(
+        self, conversation_id: int, after_id: int, upto_id: int, limit: int | None = None
+    ) -> list[StoredMessage]:
+        return queries.messages(await self._fetch(
+            self.q.messages_range, conversation_id, after_id, upto_id,
+            self.dialect.limit(-1 if limit is None else limit)))
+
+    async def count_messages(self, conversation_id: int) -> int:
+        return int((await self._fetch(self.q.count_messages, conversation_id))[0][0])
+
+    async def save_audit(self, audit: AuditRecord) -> int:
+        return int((await self._write(self.q.audit_insert, *audit.values()))[0][0])
+
+    async def summary(self, conversation_id: int) -> Summary | None:
+        rows = await self._fetch(self.q.summary, conversation_id)
+        return queries.summary(rows[0] if rows else None)
+
+    async def user_model(self, platform: str, user_id: str) -> str | None:
+        rows = await self._fetch(self.q.user_model, platform, user_id)
+        return rows[0][0] if rows else None
+
+    async def set_user_model(self, platform: str, user_id: str, model: str) -> None:
+        await self._write(self.q.set_user_model, platform, user_id, model, utcnow())
+
+    async def audit_log(self, limit: int, user: str | None = None) -> list[dict[str, Any]]:
+        n = self.dialect.limit(limit)
+        if user:
+            platform, _, user_id = user.partition(":")
+            rows = await self._fetch(self.q.audit_log_of_user, platform, user_id, n)
+        else:
+            rows = await self._fetch(self.q.audit_log, n)
+        return [queries.audit_row(r) for r in reversed(rows)]
+
+    async def audit_rows_for_stats(self) -> list[dict[str, Any]]:
+        return [{k: r[k] for k in r.keys()} for r in await self._fetch(self.q.audit_for_stats)]
+
+    async def model_time(self) -> list[dict[str, Any]]:
+        return [{k: r[k] for k in r.keys()} for r in await self._fetch(self.q.model_time)]
+
+    async def table_counts(self) -> dict[str, int]:
+        return {t: int((await self._fetch(queries.count_rows(t)))[0][0]) for t in TABLES}
+
+    async def export_rows(
+        self, table: str, batch: int = 1000
+    ) -> AsyncIterator[list[dict[str, Any]]]:
+        first = queries.export_batch(self.dialect, table, first=True)
+        after = queries.export_batch(self.dialect, table, first=False)
+        key = queries.PRIMARY_KEYS[table]
+        rows = await self._fetch(first, batch)
+        while rows:
+            yield [queries.export_row(r) for r in rows]
+            rows = await self._fetch(after, *(rows[-1][c] for c in key), batch)
