@@ -19,6 +19,7 @@ AUDIT_COLUMNS = (
     "timestamp", "platform", "user_id", "chat_id", "conversation", "provider", "model",
     "user_input", "model_response", "status", "error", "response_time", "first_token_time",
     "prompt_tokens", "completion_tokens", "history_messages", "kind", "summary_used",
+    "est_prompt_tokens", "est_completion_tokens",
 )
 
 
@@ -85,6 +86,10 @@ class AuditRecord:
     completion_tokens: int | None = None
     history_messages: int = 0
     summary_used: bool = False
+    # The bot's own estimate, only where the server reported no counts (its
+    # prompt_tokens / completion_tokens then stay None: unknown).
+    est_prompt_tokens: int | None = None
+    est_completion_tokens: int | None = None
     timestamp: str = field(default_factory=utcnow)
 
     def as_dict(self) -> dict[str, Any]:
@@ -170,6 +175,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def set_user_model(self, platform: str, user_id: str, model: str) -> None: ...
+
+    # -- what the bot learned about each model (its window, its token counts)
+    @abc.abstractmethod
+    async def model_info(self, model: str) -> dict[str, Any] | None:
+        """context_length, learned_window, token_factor, cjk_factor; None if nothing yet."""
+
+    @abc.abstractmethod
+    async def save_model_info(self, model: str, **fields: float | int | None) -> None:
+        """Set the named fields (others are kept); creates the row if needed."""
 
     # -- operators
     @abc.abstractmethod

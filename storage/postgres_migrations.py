@@ -102,4 +102,21 @@ MIGRATIONS: list[tuple[str, str]] = [
         "004_never_reuse_ids",
         "SELECT 1",
     ),
+    (
+        # What the bot learned per model: its real window (reported, or
+        # learned from a too-long error) and the token-count correction.
+        "005_model_info",
+        """
+        CREATE TABLE model_info (
+            model TEXT PRIMARY KEY,
+            context_length BIGINT,
+            learned_window BIGINT,
+            token_factor DOUBLE PRECISION,
+            cjk_factor DOUBLE PRECISION,
+            updated_at TEXT NOT NULL
+        );
+        ALTER TABLE audit ADD COLUMN est_prompt_tokens BIGINT;
+        ALTER TABLE audit ADD COLUMN est_completion_tokens BIGINT;
+        """,
+    ),
 ]

@@ -73,6 +73,7 @@ COLUMNS: dict[str, dict[str, type]] = {
         "model_response": str, "status": str, "error": str, "response_time": float,
         "first_token_time": float, "prompt_tokens": int, "completion_tokens": int,
         "history_messages": int, "kind": str, "summary_used": bool,
+        "est_prompt_tokens": int, "est_completion_tokens": int,
     },
 }
 PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
@@ -414,6 +415,22 @@ class PostgresStore(Store):
             platform, user_id, model, utcnow(),
         )
 
+    async def model_info(self, model: str) -> dict[str, Any] | None:
+        row = await self.pool.fetchrow(
+            "SELECT context_length, learned_window, token_factor, cjk_factor"
+            " FROM model_info WHERE model = $1", model)
+        return dict(row) if row is not None else None
+
+    async def save_model_info(self, model: str, **fields: float | int | None) -> None:
+        cols = [c for c in _MODEL_INFO_FIELDS if c in fields]
+        names = ", ".join(["model", *cols, "updated_at"])
+        marks = ", ".join(f"${i}" for i in range(1, len(cols) + 3))
+        sets = ", ".join(f"{c} = excluded.{c}" for c in [*cols, "updated_at"])
+        await self.pool.execute(
+            f"INSERT INTO model_info ({names}) VALUES ({marks})"
+            f" ON CONFLICT (model) DO UPDATE SET {sets}",
+            model, *(fields[c] for c in cols), utcnow())
+
     # -- operators
     async def audit_log(self, limit: int, user: str | None = None) -> list[dict[str, Any]]:
         if user:
@@ -431,7 +448,8 @@ class PostgresStore(Store):
     async def audit_rows_for_stats(self) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
             "SELECT provider, model, status, response_time, first_token_time, prompt_tokens,"
-            " completion_tokens FROM audit WHERE kind = 'chat' AND status != 'rejected'"
+            " completion_tokens, est_prompt_tokens, est_completion_tokens"
+            " FROM audit WHERE kind = 'chat' AND status != 'rejected'"
         )
         return [dict(r.items()) for r in rows]
 
@@ -619,3 +637,6 @@ class PostgresStore(Store):
                     f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
                     f" COALESCE((SELECT max(id) FROM {table}), 0) + 1, false)"
                 )
+
+
+_MODEL_INFO_FIELDS = ("context_length", "learned_window", "token_factor", "cjk_factor")

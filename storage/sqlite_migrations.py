@@ -112,4 +112,21 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX messages_conversation_id ON messages(conversation_id, id);
         """,
     ),
+    (
+        # What the bot learned per model: its real window (reported, or
+        # learned from a too-long error) and the token-count correction.
+        "005_model_info",
+        """
+        CREATE TABLE model_info (
+            model TEXT PRIMARY KEY,
+            context_length INTEGER,
+            learned_window INTEGER,
+            token_factor REAL,
+            cjk_factor REAL,
+            updated_at TEXT NOT NULL
+        );
+        ALTER TABLE audit ADD COLUMN est_prompt_tokens INTEGER;
+        ALTER TABLE audit ADD COLUMN est_completion_tokens INTEGER;
+        """,
+    ),
 ]

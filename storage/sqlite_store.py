@@ -355,6 +355,26 @@ class SQLiteStore(Store):
                 (platform, user_id, model, utcnow()),
             )
 
+    async def model_info(self, model: str) -> dict[str, Any] | None:
+        rows = await self._fetchall(
+            "SELECT context_length, learned_window, token_factor, cjk_factor"
+            " FROM model_info WHERE model = ?", (model,))
+        if not rows:
+            return None
+        keys = ("context_length", "learned_window", "token_factor", "cjk_factor")
+        return dict(zip(keys, tuple(rows[0]), strict=True))
+
+    async def save_model_info(self, model: str, **fields: float | int | None) -> None:
+        cols = [c for c in _MODEL_INFO_FIELDS if c in fields]
+        names = ", ".join(["model", *cols, "updated_at"])
+        marks = ", ".join("?" * (len(cols) + 2))
+        sets = ", ".join(f"{c} = excluded.{c}" for c in [*cols, "updated_at"])
+        async with self._transaction() as db:
+            await db.execute(
+                f"INSERT INTO model_info ({names}) VALUES ({marks})"
+                f" ON CONFLICT (model) DO UPDATE SET {sets}",
+                (model, *(fields[c] for c in cols), utcnow()))
+
     # -- operators
     async def audit_log(self, limit: int, user: str | None = None) -> list[dict[str, Any]]:
         cols = ", ".join(AUDIT_COLUMNS)
@@ -374,7 +394,8 @@ class SQLiteStore(Store):
     async def audit_rows_for_stats(self) -> list[dict[str, Any]]:
         rows = await self._fetchall(
             "SELECT provider, model, status, response_time, first_token_time, prompt_tokens,"
-            " completion_tokens FROM audit WHERE kind = 'chat' AND status != 'rejected'"
+            " completion_tokens, est_prompt_tokens, est_completion_tokens"
+            " FROM audit WHERE kind = 'chat' AND status != 'rejected'"
         )
         return [dict(r) for r in rows]
 
@@ -465,3 +486,6 @@ def _statements(sql: str) -> list[str]:
         if stmt:
             out.append(stmt)
     return out
+
+
+_MODEL_INFO_FIELDS = ("context_length", "learned_window", "token_factor", "cjk_factor")
