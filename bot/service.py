@@ -372,8 +372,8 @@ class ChatService:
             audit.error = exc.detail
             log.warning("model call failed for %s: %s", ref.key, exc.detail)
             if exc.kind == "too_long":
-                yield ("⚠️ This conversation has grown past what the model can read at once "
-                       f"(about {win.num_ctx:,} tokens), and even trimmed it did not fit. "
+                yield (f"⚠️ That is more than the model `{model}` can read at once (about "
+                       f"{win.num_ctx:,} tokens), even with older messages left out. "
                        "Please send a shorter message, or /reset to start over.")
             elif exc.kind == "reply_timeout":
                 yield ("\n\n" if parts else "") + f"_({exc.user_message})_"

@@ -55,6 +55,7 @@ _PIECE = re.compile(
     r"|([!-/:-@\[-`{-~])\1*"  # ASCII punctuation; a run of one mark together
     r"|[ \t]+|[\r\n]+|\s"  # whitespace runs
     r"|[^\x00-\x7f]"  # any other character, one at a time
+    r"|[\x00-\x7f]"  # control characters: one each
 )
 
 
