@@ -100,7 +100,7 @@ class OpenAIProvider:
             if not texted:
                 # llama-cpp-python answers a too-long streamed prompt with 200
                 # and an empty stream; asked without streaming it says why.
-                await self._diagnose_empty(model, messages)
+                await self._diagnose_empty(model, messages, max_tokens)
             raise cut_off(EOFError("stream ended without a finish_reason"))
         prompt, completion = usage if usage is not None else (None, None)
         yield Usage(prompt, completion, finish)
@@ -132,11 +132,15 @@ class OpenAIProvider:
             extra_body=extra,
         )
 
-    async def _diagnose_empty(self, model: str, messages: list[dict[str, Any]]) -> None:
-        """Raise the too-long error a non-streamed request gets, if it gets one."""
+    async def _diagnose_empty(self, model: str, messages: list[dict[str, Any]],
+                              max_tokens: int) -> None:
+        """Raise the too-long error a non-streamed request gets, if it gets one.
+
+        Same reply limit: llama-cpp-python refuses prompt + limit > n_ctx.
+        """
         try:
-            await self._create(model, messages, self._limit_for(model), 1, NO_OPTIONS,
-                               stream=False)
+            await self._create(model, messages, self._limit_for(model), max_tokens,
+                               NO_OPTIONS, stream=False)
         except openai.APIStatusError as exc:
             err = _status_error(model, exc)
             if err.kind == "too_long":
