@@ -99,6 +99,7 @@ class ModelWindows:
         self._info: dict[str, ModelInfo] = {}
         self._learned: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._saved: dict[str, TokenFactors] = {}  # what the database has
 
     async def _load(self, model: str) -> ModelInfo:
         if model in self._info:
@@ -116,8 +117,10 @@ class ModelWindows:
                 if row.get("learned_window"):
                     self._learned[model] = int(row["learned_window"])
                 if row.get("token_factor") and not self.calibration.known(model):
-                    self.calibration.set(model, TokenFactors(
-                        float(row["token_factor"]), float(row.get("cjk_factor") or CJK_DEFAULT)))
+                    stored = TokenFactors(float(row["token_factor"]),
+                                          float(row.get("cjk_factor") or CJK_DEFAULT))
+                    self.calibration.set(model, stored)
+                    self._saved[model] = stored
             info = await self._provider.model_info(model)
             if len(self._info) < 1000:
                 self._info[model] = info
@@ -153,8 +156,15 @@ class ModelWindows:
                       reported: int | None) -> None:
         """Correct the token estimate from the server's count, and keep it."""
         moved = self.calibration.observe(model, messages, reported)
-        if moved is not None:
-            await self._save(model, token_factor=moved.factor, cjk_factor=moved.cjk)
+        if moved is None:
+            return
+        # Written when it moved by more than 2% since the last write, not every turn.
+        saved = self._saved.get(model)
+        if saved is not None and abs(moved.factor - saved.factor) <= 0.02 * saved.factor \
+                and abs(moved.cjk - saved.cjk) <= 0.02 * saved.cjk:
+            return
+        self._saved[model] = moved
+        await self._save(model, token_factor=moved.factor, cjk_factor=moved.cjk)
 
     async def _save(self, model: str, **fields: float | int | None) -> None:
         try:

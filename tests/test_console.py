@@ -158,7 +158,7 @@ async def test_forget_erases_a_user(tmp_path: Path, model_server: ModelServer) -
 async def test_migrate_command(tmp_path: Path, model_server: ModelServer) -> None:
     code, out, err = await run_bot(["migrate"], bot_env(tmp_path, model_server))
     assert code == 0, err
-    assert "004_never_reuse_ids" in out
+    assert "005_model_info" in out
 
 
 async def test_unwritable_database_path_is_one_line(tmp_path: Path,
