@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from bot.providers.base import ModelInfo, Provider, ProviderError
 from bot.settings import Settings
@@ -100,6 +101,9 @@ class ModelWindows:
         self._learned: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._saved: dict[str, TokenFactors] = {}  # what the database has
+        self._saved_at: dict[str, float] = {}
+        self._writes: set[asyncio.Task[None]] = set()
+        self.save_every = 10.0  # seconds
 
     async def _load(self, model: str) -> ModelInfo:
         if model in self._info:
@@ -108,11 +112,10 @@ class ModelWindows:
         async with lock:  # one look-up per model, however many turns wait
             if model in self._info:
                 return self._info[model]
-            row = None
-            try:
-                row = await self._store.model_info(model)
-            except Exception:
-                log.warning("cannot read what is known about %s", model, exc_info=True)
+            # The database and the server are asked at once: this is on the
+            # first turn's path.
+            row, info = await asyncio.gather(self._stored(model),
+                                             self._provider.model_info(model))
             if row:
                 if row.get("learned_window"):
                     self._learned[model] = int(row["learned_window"])
@@ -121,13 +124,30 @@ class ModelWindows:
                                           float(row.get("cjk_factor") or CJK_DEFAULT))
                     self.calibration.set(model, stored)
                     self._saved[model] = stored
-            info = await self._provider.model_info(model)
             if len(self._info) < 1000:
                 self._info[model] = info
             if info.context_length and (not row or row.get("context_length")
                                         != info.context_length):
-                await self._save(model, context_length=info.context_length)
+                self._save_later(model, context_length=info.context_length)
             return info
+
+    async def _stored(self, model: str) -> dict[str, Any] | None:
+        try:
+            return await self._store.model_info(model)
+        except Exception:
+            log.warning("cannot read what is known about %s", model, exc_info=True)
+            return None
+
+    def _save_later(self, model: str, **fields: float | int | None) -> None:
+        """Write beside the turn, not in its way (a cache: losing one write is harmless)."""
+        task = asyncio.create_task(self._save(model, **fields))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def flush(self) -> None:
+        """Wait for the writes in flight (before the store closes)."""
+        if self._writes:
+            await asyncio.gather(*self._writes, return_exceptions=True)
 
     async def window(self, model: str) -> Window:
         info = await self._load(model)
@@ -158,13 +178,17 @@ class ModelWindows:
         moved = self.calibration.observe(model, messages, reported)
         if moved is None:
             return
-        # Written when it moved by more than 2% since the last write, not every turn.
+        # Written when it moved by more than 2% since the last write, and at
+        # most every SAVE_EVERY seconds: a turn's own writes come first.
         saved = self._saved.get(model)
         if saved is not None and abs(moved.factor - saved.factor) <= 0.02 * saved.factor \
                 and abs(moved.cjk - saved.cjk) <= 0.02 * saved.cjk:
             return
-        self._saved[model] = moved
-        await self._save(model, token_factor=moved.factor, cjk_factor=moved.cjk)
+        now = time.monotonic()
+        if now - self._saved_at.get(model, float("-inf")) < self.save_every:
+            return
+        self._saved[model], self._saved_at[model] = moved, now
+        self._save_later(model, token_factor=moved.factor, cjk_factor=moved.cjk)
 
     async def _save(self, model: str, **fields: float | int | None) -> None:
         try:

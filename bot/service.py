@@ -120,6 +120,7 @@ class ChatService:
     async def aclose(self) -> None:
         """Stop background work and release the provider's connections."""
         await self.memory.cancel_all()
+        await self.windows.flush()
         with contextlib.suppress(Exception):
             await self.provider.close()
 
