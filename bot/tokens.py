@@ -6,8 +6,8 @@ character in one vocabulary, two in another). So text is counted by class,
 each class at a cost that no common byte-level BPE or SentencePiece
 vocabulary exceeds by more than 10%:
 
-* an English-like word: one token up to five letters, then about one per
-  three letters; long letter soups (base64, hashes) 0.6 a letter;
+* an English-like word: one token up to seven letters, two up to twelve;
+  long letter soups (base64, hashes) 0.6 a letter;
 * each digit one token (Gemma and Llama 2 split digits one by one);
 * ASCII punctuation one a mark (a run of one repeated mark merges);
 * every other non-ASCII character by its UTF-8 bytes (what byte-level BPE
@@ -49,11 +49,12 @@ _CJK_RANGES = (
 )
 
 _PIECE = re.compile(
-    r"'(?:s|t|re|ve|m|ll|d)\b"  # English contractions
+    r"(?P<soup>[A-Za-z]*[0-9][A-Za-z0-9]*[A-Za-z][A-Za-z0-9]*)"  # letters and digits mixed
+    r"|'(?:s|t|re|ve|m|ll|d)\b"  # English contractions
     r"| ?[A-Za-z]+"  # an ASCII word with its leading space
     r"|[0-9]"  # one digit
     r"|([!-/:-@\[-`{-~])\1*"  # ASCII punctuation; a run of one mark together
-    r"|[ \t]+|[\r\n]+|\s"  # whitespace runs
+    r"| +|\t+|[\r\n]+|\s"  # whitespace runs, each kind apart
     r"|[^\x00-\x7f]"  # any other character, one at a time
     r"|[\x00-\x7f]"  # control characters: one each
 )
@@ -67,6 +68,9 @@ def _word(word: str) -> int:
     n = len(word)
     if not (word.islower() or word.isupper() or word[1:].islower()):
         return math.ceil(0.8 * n)  # mixed case inside: base64, identifiers, soups
+    # English-like: a word of up to seven letters is one token. (German,
+    # Finnish, Indonesian or Swahili words take about one per three letters:
+    # up to half more than this; the per-model correction learns it.)
     if n <= 7:
         return 1
     if n <= 12:
@@ -81,12 +85,17 @@ def measure(text: str) -> tuple[int, int]:
     for m in _PIECE.finditer(text):
         piece = m.group()
         first = piece[0]
-        if first == " " and len(piece) > 1 and piece[1].isalpha():
+        if m.lastgroup == "soup":  # hex, base64, ids: no word merges across digits
+            digits = sum(c.isdigit() for c in piece)
+            base += digits + math.ceil(0.8 * (len(piece) - digits))
+        elif first == " " and len(piece) > 1 and piece[1].isalpha():
             base += _word(piece[1:])
         elif (first.isascii() and first.isalpha()) or first == "'":
             base += _word(piece)
-        elif first in " \t":
+        elif first == " ":
             base += 1 + len(piece) // 8
+        elif first == "\t":
+            base += 1 + len(piece) // 4
         elif first in "\r\n":
             base += 1 + len(piece) // 4
         elif first.isascii():
