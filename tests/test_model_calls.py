@@ -275,6 +275,9 @@ async def test_httpx_request_logs_stay_out_of_the_console(
 ) -> None:
     root = logging.getLogger()
     saved = root.handlers[:], root.level
+    # setup_logging sets these; other tests in this process need them back.
+    noisy = {name: logging.getLogger(name).level for name in
+             ("httpx", "httpcore", "telegram.ext", "discord", "aiosqlite", "asyncio")}
     try:
         setup_logging("INFO", "text", [])
         async with open_service(make_settings()) as svc:
@@ -283,5 +286,7 @@ async def test_httpx_request_logs_stay_out_of_the_console(
     finally:
         root.handlers[:], level = saved
         root.setLevel(level)
+        for name, old in noisy.items():
+            logging.getLogger(name).setLevel(old)
     assert model_server.requests
     assert "HTTP Request" not in err and "/api/chat" not in err
