@@ -1,7 +1,8 @@
 """One model call: retries before any text, timeouts, and cancellation.
 
 The provider's stream runs in its own task feeding a queue, so that the
-caller can wait with a deadline (first token, then a stall limit), and so
+caller can wait with a deadline (first token, then a stall limit, and a
+limit on the whole reply), and so
 that shutdown can stop the call without tearing down the adapter's task.
 """
 
@@ -9,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from tenacity import (
     AsyncRetrying,
@@ -20,7 +23,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from bot.providers.base import Provider, ProviderError, Usage
+from bot.providers.base import NO_OPTIONS, CallOptions, Provider, ProviderError, Usage
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +38,7 @@ class CallLimits:
     stall: float  # seconds between two pieces of text
     retries: int  # attempts after the first, only before any text
     backoff: float = 0.5  # first retry delay; doubles each time
+    reply: float | None = None  # seconds the whole call may take (LLM_REPLY_TIMEOUT)
 
 
 class _End:
@@ -58,18 +62,21 @@ def _retryable(exc: BaseException) -> bool:
 async def stream_reply(
     provider: Provider,
     model: str,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     *,
     num_ctx: int,
     max_tokens: int,
     limits: CallLimits,
     running: set[asyncio.Task[None]],
+    options: CallOptions = NO_OPTIONS,
 ) -> AsyncIterator[str | Usage]:
     """Yield text deltas then one Usage; raise ProviderError or CallCancelled.
 
     `running` holds the feeding task while it runs, so that shutdown can
-    cancel it.
+    cancel it. Past `limits.reply` seconds the call stops with a
+    ProviderError of kind "reply_timeout" (the text so far stays shown).
     """
+    deadline = None if limits.reply is None else time.monotonic() + limits.reply
     queue: asyncio.Queue[object] = asyncio.Queue()
 
     async def first_of(stream: AsyncIterator[str | Usage]) -> AsyncIterator[str | Usage]:
@@ -86,7 +93,8 @@ async def stream_reply(
         return _chain(first, stream)
 
     def attempt() -> AsyncIterator[str | Usage]:
-        return provider.stream(model, messages, num_ctx=num_ctx, max_tokens=max_tokens)
+        return provider.stream(model, messages, num_ctx=num_ctx, max_tokens=max_tokens,
+                               options=options)
 
     async def open_stream() -> AsyncIterator[str | Usage]:
         try:
@@ -135,14 +143,19 @@ async def stream_reply(
     got_text = False
     try:
         while True:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _reply_timeout(limits.reply or 0.0)
             if not queue.empty():
                 item = queue.get_nowait()  # no timer for what already arrived
             else:
                 wait = limits.stall if got_text else limits.first_token
+                left = None if deadline is None else deadline - time.monotonic()
                 try:
-                    async with asyncio.timeout(wait):
+                    async with asyncio.timeout(wait if left is None else min(wait, left)):
                         item = await queue.get()
                 except TimeoutError:
+                    if deadline is not None and time.monotonic() >= deadline - 0.001:
+                        raise _reply_timeout(limits.reply or 0.0) from None
                     if got_text:
                         raise ProviderError(
                             "The model stopped responding in the middle of the reply.",
@@ -163,6 +176,14 @@ async def stream_reply(
     finally:
         if not task.done():
             task.cancel()
+
+
+def _reply_timeout(seconds: float) -> ProviderError:
+    return ProviderError(
+        f"The reply took longer than {seconds:g} seconds, so I stopped it here.",
+        detail=f"reply not finished within {seconds:g} s (LLM_REPLY_TIMEOUT)",
+        kind="reply_timeout",
+    )
 
 
 async def _chain(

@@ -329,7 +329,7 @@ class Summarizer:
                 ):
                     if isinstance(item, Usage):
                         audit.prompt_tokens = item.prompt_tokens
-                        self._calibration.observe(summary_model, round(prompt.tokens / factor),
+                        self._calibration.observe(summary_model, prompt.messages,
                                                   item.prompt_tokens)
                         audit.completion_tokens = item.completion_tokens
                     else:

@@ -12,7 +12,7 @@ AUDIT_COLUMNS = (
     "timestamp", "platform", "user_id", "chat_id", "conversation", "provider", "model",
     "user_input", "model_response", "status", "error", "response_time", "first_token_time",
     "prompt_tokens", "completion_tokens", "history_messages", "kind", "summary_used",
-    "recalled", "persona", "images",
+    "recalled", "persona", "images", "est_prompt_tokens", "est_completion_tokens",
 )
 
 
@@ -82,6 +82,10 @@ class AuditRecord:
     recalled: int = 0  # older messages recalled into the prompt
     persona: str = ""  # empty: none
     images: int = 0  # images sent to the model
+    # The bot's own estimate, only where the server reported no counts (its
+    # prompt_tokens / completion_tokens then stay None: unknown).
+    est_prompt_tokens: int | None = None
+    est_completion_tokens: int | None = None
     timestamp: str = field(default_factory=utcnow)
 
     def as_dict(self) -> dict[str, Any]:

@@ -16,14 +16,14 @@ import functools
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from bot.commands import Arg, Commands, command, help_text, parse_command
 from bot.llm_call import CallCancelled, CallLimits, stream_reply
 from bot.logging_setup import RedactSecrets
 from bot.memory import Summarizer
 from bot.messages import Incoming, ModelChoices
-from bot.models import ModelCatalog
+from bot.models import ModelCatalog, ModelWindows
 from bot.ordering import ConversationOrder
 from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
@@ -35,7 +35,7 @@ from bot.settings import Settings
 from bot.slots import ModelSlots
 from bot.stats import compute_stats, format_model_time, format_stats
 from bot.store import Store
-from bot.tokens import Calibration, count_tokens
+from bot.tokens import MESSAGE_OVERHEAD, PROMPT_OVERHEAD, Calibration, count_tokens
 
 log = logging.getLogger(__name__)
 exchange_log = logging.getLogger("bot.exchange")
@@ -53,6 +53,9 @@ def _model_options(models: ModelChoices) -> Choices:
     return Choices("model", tuple(Choice(m, m, m == models.current) for m in models.available))
 
 
+LENGTH_NOTE = "\n\n_(reply cut off at the length limit)_"
+
+
 class ChatService:
     """Thin adapters call `handle`; everything else lives below it."""
 
@@ -65,6 +68,7 @@ class ChatService:
         self.provider = provider
         self.catalog = ModelCatalog(settings, provider, store)
         self.calibration = Calibration()
+        self.windows = ModelWindows(settings, provider, store, self.calibration)
         # History is re-counted every turn; a bounded memo makes that cheap.
         self.count_tokens = functools.lru_cache(maxsize=50_000)(count_tokens)
         self._order = ConversationOrder()
@@ -163,6 +167,7 @@ class ChatService:
     async def aclose(self) -> None:
         """Stop background work and release the provider's connections."""
         await self.memory.cancel_all()
+        await self.windows.flush()
         with contextlib.suppress(Exception):
             await self.provider.close()
 
@@ -267,8 +272,13 @@ class ChatService:
         choices = await self.model_choices(msg)
         listing = ", ".join(f"`{m}`" for m in choices.available)
         if not args:
+            # Each model's own window (and size where the server says), as `ollama show`.
+            described = await asyncio.gather(*(self.windows.describe(m)
+                                               for m in choices.available[:25]))
+            lines = "\n".join(f"• `{m}`: {d}" for m, d in
+                              zip(choices.available, described, strict=False))
             return Reply.notice(
-                f"Your model: `{choices.current}`\nYou may pick: {listing}\n"
+                f"Your model: `{choices.current}`\nYou may pick:\n{lines}\n"
                 "Pick one with /model NAME", choices=_model_options(choices))
         picked = await self.catalog.resolve(args)
         if picked is None:
@@ -297,11 +307,14 @@ class ChatService:
         model = await self.catalog.current(msg.platform, msg.user_id)
         history = await self.store.recent_messages(
             conv, self._load_limit(), after_id=summary.upto_id if summary else 0)
-        prompt = build_prompt(self.settings.SYSTEM_PROMPT, history, "", self.settings.prompt_budget,
-                              summary=summary.text if summary else None,
-                              factor=self.calibration.factor(model), counter=self.count_tokens)
+        win = await self.windows.window(model)
+        factors = await self.windows.factors(model)
+        prompt = build_prompt(self.settings.SYSTEM_PROMPT, history, "", win.budget,
+                              summary=summary.text if summary else None, counter=factors.count,
+                              system_as_user=self.settings.SYSTEM_AS_USER)
         lines = [f"Stored messages in this conversation: {stored}",
-                 f"Messages that fit the context window now: {prompt.history_used}"]
+                 f"Messages that fit the context window now: {prompt.history_used} "
+                 f"(`{model}`: {win.num_ctx:,} tokens)"]
         failing = self.settings.MEMORY_STRATEGY == "summarize" \
             and await self._summary_failing(msg, ref)
         if summary:
@@ -337,7 +350,7 @@ class ChatService:
         self._turn_started()
         try:
             async with self._order.turn(ref.key), \
-                    self.store.conversation_lock(ref.key, s.LLM_TIMEOUT + s.LLM_STALL_TIMEOUT):
+                    self.store.conversation_lock(ref.key, s.LLM_TIMEOUT + s.LLM_REPLY_TIMEOUT):
                 async with contextlib.aclosing(
                         self._chat_locked(msg, text, ref, audit, received)) as deltas:
                     async for delta in deltas:
@@ -369,11 +382,16 @@ class ChatService:
             await self._audit(audit)
             yield "Sorry, I can't reach my memory right now. Please try again in a moment."
             return
-        factor = self.calibration.factor(model)
+        win = await self.windows.window(model)
+        factors = await self.windows.factors(model)
+
+        def build(budget: int) -> Prompt:
+            return build_prompt(s.SYSTEM_PROMPT, history, text, budget,
+                                summary=summary.text if summary else None,
+                                counter=factors.count, system_as_user=s.SYSTEM_AS_USER)
+
         try:
-            prompt = build_prompt(s.SYSTEM_PROMPT, history, text, self.settings.prompt_budget,
-                                  summary=summary.text if summary else None, factor=factor,
-                                  counter=self.count_tokens)
+            prompt = await self._fit(model, build, win.budget)
         except TooLong as exc:
             audit.status, audit.user_input = "rejected", text[:REJECTED_KEEP]
             audit.error = f"prompt {exc.tokens} tokens > budget"
@@ -386,29 +404,60 @@ class ChatService:
         parts: list[str] = []
         usage: Usage | None = None
         status = "ok"
+        refitted = False
         try:
-            async with self._slots:
-                if self._closing:
-                    raise CallCancelled()
-                call_started = time.monotonic()
-                async for item in stream_reply(
-                    self.provider, model, prompt.messages,
-                    num_ctx=s.CONTEXT_TOKENS, max_tokens=s.REPLY_TOKENS,
-                    limits=CallLimits(s.LLM_TIMEOUT, s.LLM_STALL_TIMEOUT, s.LLM_RETRIES),
-                    running=self._calls,
-                ):
-                    if isinstance(item, Usage):
-                        usage = item
-                        continue
-                    if not parts:
-                        audit.first_token_time = time.monotonic() - call_started
-                    parts.append(item)
-                    yield item
+            while True:
+                try:
+                    async with self._slots:
+                        if self._closing:
+                            raise CallCancelled()
+                        call_started = time.monotonic()
+                        async for item in stream_reply(
+                            self.provider, model, prompt.messages,
+                            num_ctx=win.num_ctx, max_tokens=win.reply,
+                            limits=CallLimits(s.LLM_TIMEOUT, s.LLM_STALL_TIMEOUT,
+                                              s.LLM_RETRIES, reply=s.LLM_REPLY_TIMEOUT),
+                            running=self._calls,
+                        ):
+                            if isinstance(item, Usage):
+                                usage = item
+                                continue
+                            if not parts:
+                                audit.first_token_time = time.monotonic() - call_started
+                            parts.append(item)
+                            yield item
+                    break
+                except ProviderError as exc:
+                    if exc.kind != "too_long" or parts:
+                        raise
+                    # The server's window is smaller than we thought: learn it,
+                    # refit the prompt to it and try once more.
+                    # A server that names no window: three quarters of what failed.
+                    learned = exc.window if exc.window and exc.window < win.num_ctx \
+                        else min(win.num_ctx, prompt.tokens + win.reply) * 3 // 4
+                    await self.windows.learn_window(model, learned)
+                    if refitted:
+                        raise
+                    refitted = True
+                    win = await self.windows.window(model)
+                    try:
+                        prompt = await self._fit(model, build, win.budget)
+                    except TooLong:
+                        raise exc from None
+                    audit.history_messages = prompt.history_used
+                    audit.summary_used = prompt.summary_used
         except ProviderError as exc:
             status = "error"
             audit.error = exc.detail
             log.warning("model call failed for %s: %s", ref.key, exc.detail)
-            yield ("\n\n⚠️ " if parts else "⚠️ ") + exc.user_message
+            if exc.kind == "too_long":
+                yield (f"⚠️ That is more than the model `{model}` can read at once (about "
+                       f"{win.num_ctx:,} tokens), even with older messages left out. "
+                       "Please send a shorter message, or /reset to start over.")
+            elif exc.kind == "reply_timeout":
+                yield ("\n\n" if parts else "") + f"_({exc.user_message})_"
+            else:
+                yield ("\n\n⚠️ " if parts else "⚠️ ") + exc.user_message
         except CallCancelled:
             status = "cancelled"
             audit.error = "shutdown"
@@ -427,9 +476,16 @@ class ChatService:
         if usage is not None:
             audit.prompt_tokens, audit.completion_tokens = usage.prompt_tokens, \
                 usage.completion_tokens
+        if audit.prompt_tokens is None:  # the server sent no counts: estimate, marked so
+            audit.est_prompt_tokens = prompt.tokens
+        if audit.completion_tokens is None and parts:
+            audit.est_completion_tokens = factors.count(audit.model_response)
         if status == "ok" and is_blank(audit.model_response):
             status, audit.error = "error", "empty reply"
             yield "⚠️ The model returned an empty reply. Please try again."
+        elif status == "ok" and usage is not None and usage.stop_reason == "length":
+            # Kept as history as it was; the note is only for the reader.
+            yield LENGTH_NOTE
         audit.status = status
         if status != "ok":
             await self._audit(audit)
@@ -445,8 +501,34 @@ class ChatService:
             return
         self._log_exchange(audit)
         if usage and usage.prompt_tokens:
-            self.calibration.observe(model, round(prompt.tokens / factor), usage.prompt_tokens)
+            await self.windows.observe(model, prompt.messages, usage.prompt_tokens)
         self._maybe_summarize(conv, ref, msg, model, prompt, history, text, audit.model_response)
+
+    async def _fit(self, model: str, build: Callable[[int], Prompt], budget: int) -> Prompt:
+        """The prompt within `budget` by the server's own count where it can count.
+
+        The estimate is corrected from each count, so the next turn's first
+        fit is already close; at most two refits.
+        """
+        prompt = build(budget)
+        target = budget
+        for _ in range(2):
+            exact = await self._server_count(model, prompt.messages)
+            if exact is None:
+                return prompt
+            await self.windows.observe(model, prompt.messages, exact)
+            if exact <= budget:
+                return prompt
+            target -= exact - budget + 1
+            prompt = build(target)
+        return prompt
+
+    async def _server_count(self, model: str, messages: list[dict[str, str]]) -> int | None:
+        counted = await self.provider.count_tokens(
+            model, "\n".join(m["content"] for m in messages))
+        if counted is None:
+            return None
+        return counted + PROMPT_OVERHEAD + MESSAGE_OVERHEAD * len(messages)
 
     def _maybe_summarize(self, conv: int, ref: ConversationRef, msg: Incoming, model: str,
                          prompt: Prompt, history: list[StoredMessage], text: str,

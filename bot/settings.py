@@ -109,8 +109,12 @@ class Settings(BaseSettings):
     MAX_INPUT_CHARS: int = Field(4000, ge=1, description="longer messages are refused")
     LLM_CONCURRENCY: int = Field(4, ge=1, le=1000, description="model calls running at once")
     LLM_TIMEOUT: float = Field(120.0, gt=0, description="seconds a reply may take to start")
-    LLM_STALL_TIMEOUT: float = Field(60.0, gt=0, description="seconds a started reply may go "
-                                                             "without a new token")
+    LLM_STALL_TIMEOUT: float | None = Field(None, gt=0, description="seconds a started reply "
+                                            "may go without new text; empty: LLM_TIMEOUT")
+    LLM_REPLY_TIMEOUT: float = Field(300.0, gt=0, description="seconds a whole reply may take; "
+                                     "then it is cut with a note and recorded error")
+    SYSTEM_AS_USER: bool = Field(False, description="1: send the system text at the head of the "
+                                 "first user message, for chat templates without a system role")
     LLM_RETRIES: int = Field(2, ge=0, le=10, description="retries, with backoff, of a model "
                                                          "call that failed before any text")
     STREAM_EDIT_INTERVAL: float = Field(1.0, ge=0, description="seconds between edits of a "
@@ -181,6 +185,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _budget(self) -> Settings:
+        if self.LLM_STALL_TIMEOUT is None:
+            # An operator who tightens LLM_TIMEOUT expects a stall cut as fast.
+            self.LLM_STALL_TIMEOUT = self.LLM_TIMEOUT
         if self.REPLY_TOKENS >= self.CONTEXT_TOKENS:
             raise ValueError(
                 f"REPLY_TOKENS={self.REPLY_TOKENS} must be less than "
@@ -220,6 +227,10 @@ class Settings(BaseSettings):
     @property
     def allowed_places(self) -> frozenset[str]:
         return frozenset(_csv(self.ALLOWED_PLACES))
+
+    @property
+    def stall_timeout(self) -> float:
+        return self.LLM_TIMEOUT if self.LLM_STALL_TIMEOUT is None else self.LLM_STALL_TIMEOUT
 
     @property
     def prompt_budget(self) -> int:

@@ -36,10 +36,32 @@ def compute_stats(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             "latency_p95": _percentile(latency, 0.95),
             "ttft_p50": _percentile(ttft, 0.5),
             "ttft_p95": _percentile(ttft, 0.95),
-            "tokens_in": sum(r["prompt_tokens"] or 0 for r in rs),
-            "tokens_out": sum(r["completion_tokens"] or 0 for r in rs),
+            # None where no row had a count: unknown, not 0.
+            "tokens_in": _known_sum(r["prompt_tokens"] for r in rs),
+            "tokens_out": _known_sum(r["completion_tokens"] for r in rs),
+            "tokens_unknown": sum(1 for r in rs if r["prompt_tokens"] is None),
+            # The bot's own estimates for the rows the server sent no counts for.
+            "est_tokens_in": _known_sum(r.get("est_prompt_tokens") for r in rs
+                                        if r["prompt_tokens"] is None),
+            "est_tokens_out": _known_sum(r.get("est_completion_tokens") for r in rs
+                                         if r["completion_tokens"] is None),
         })
     return out
+
+
+def _known_sum(values: Iterable[int | None]) -> int | None:
+    known = [v for v in values if v is not None]
+    return sum(known) if known else None
+
+
+def _tokens(known: int | None, estimate: int | None, unknown: int) -> str:
+    """`1234`, `unknown`, `~120 (est.)` or `1234 + ~120 (est.)`."""
+    est = f"~{estimate} (est.)" if estimate is not None else ""
+    if known is None:
+        return est or "unknown"
+    if unknown and est:
+        return f"{known} + {est}"
+    return str(known) + (" + unknown" if unknown else "")
 
 
 def _s(v: float | None) -> str:
@@ -50,12 +72,15 @@ def format_stats(stats: list[dict[str, Any]]) -> str:
     """A plain table (monospace), one model a line."""
     if not stats:
         return "No exchanges yet."
-    header = ("model", "exchanges", "errors", "p50", "p95", "ttft p50", "tokens in", "tokens out")
+    header = ("model", "exchanges", "error rate", "p50", "p95", "ttft p50", "tokens in",
+              "tokens out")
     rows = [header] + [
         (
             f"{s['provider']}/{s['model']}", str(s["exchanges"]),
             f"{s['error_rate'] * 100:.1f}%", _s(s["latency_p50"]), _s(s["latency_p95"]),
-            _s(s["ttft_p50"]), str(s["tokens_in"]), str(s["tokens_out"]),
+            _s(s["ttft_p50"]),
+            _tokens(s["tokens_in"], s["est_tokens_in"], s["tokens_unknown"]),
+            _tokens(s["tokens_out"], s["est_tokens_out"], s["tokens_unknown"]),
         )
         for s in stats
     ]

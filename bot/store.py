@@ -106,6 +106,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set_user_model(self, platform: str, user_id: str, model: str) -> None: ...
 
+    # -- what the bot learned about each model (its window, its token counts)
+    @abc.abstractmethod
+    async def model_info(self, model: str) -> dict[str, Any] | None:
+        """context_length, learned_window, token_factor, cjk_factor; None if nothing yet."""
+
+    @abc.abstractmethod
+    async def save_model_info(self, model: str, **fields: float | int | None) -> None:
+        """Set the named fields (others are kept); creates the row if needed."""
+
     # -- operators
     @abc.abstractmethod
     async def audit_log(self, limit: int, user: str | None = None) -> list[dict[str, Any]]:

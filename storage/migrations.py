@@ -163,3 +163,17 @@ def _audit_fields(d: Dialect) -> list[str]:
         'CREATE INDEX IF NOT EXISTS audit_timestamp ON audit("timestamp")',
         "CREATE INDEX IF NOT EXISTS audit_user ON audit(platform, user_id, id)",
     ]
+
+
+@migration("006_model_info")
+def _model_info(d: Dialect) -> list[str]:
+    # What the bot learned per model: its real window (reported, or learned
+    # from a too-long error) and the token-count correction; and the bot's own
+    # token estimate where a server reports no counts.
+    return [
+        f"CREATE TABLE model_info (model TEXT PRIMARY KEY, context_length {d.bigint},"
+        f" learned_window {d.bigint}, token_factor {d.real}, cjk_factor {d.real},"
+        " updated_at TEXT NOT NULL)",
+        f"ALTER TABLE audit ADD COLUMN est_prompt_tokens {d.bigint}",
+        f"ALTER TABLE audit ADD COLUMN est_completion_tokens {d.bigint}",
+    ]

@@ -387,3 +387,6 @@ class PostgresStore(SQLStore):
                     f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
                     f" COALESCE((SELECT max(id) FROM {table}), 0) + 1, false)"
                 )
+
+
+_MODEL_INFO_FIELDS = ("context_length", "learned_window", "token_factor", "cjk_factor")

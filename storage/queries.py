@@ -25,7 +25,8 @@ _AUDIT_KINDS: dict[str, type] = {
     "provider": str, "model": str, "user_input": str, "model_response": str, "status": str,
     "error": str, "response_time": float, "first_token_time": float, "prompt_tokens": int,
     "completion_tokens": int, "history_messages": int, "kind": str, "summary_used": bool,
-    "recalled": int, "persona": str, "images": int,
+    "recalled": int, "persona": str, "images": int, "est_prompt_tokens": int,
+    "est_completion_tokens": int,
 }
 COLUMNS: dict[str, dict[str, type]] = {
     "conversations": {"id": int, "key": str, "platform": str, "user_id": str, "place": str,
@@ -122,7 +123,12 @@ UNION ALL SELECT 2, 0, NULL, model, NULL FROM user_settings WHERE platform = ? A
         f"SELECT id, {_AUDIT_COLS} FROM audit WHERE {_OF_USER} ORDER BY id DESC LIMIT ?")
     audit_for_stats: str = (
         "SELECT provider, model, status, response_time, first_token_time, prompt_tokens,"
-        " completion_tokens FROM audit WHERE kind = 'chat' AND status != 'rejected'")
+        " completion_tokens, est_prompt_tokens, est_completion_tokens"
+        " FROM audit WHERE kind = 'chat' AND status != 'rejected'")
+    # What the bot learned per model (a cache: copy-db leaves it out).
+    model_info: str = (
+        "SELECT context_length, learned_window, token_factor, cjk_factor"
+        " FROM model_info WHERE model = ?")
     # Model time per kind (chat, summary) for `stats`.
     model_time: str = (
         "SELECT provider, model, kind, count(*) AS calls, coalesce(sum(response_time), 0)"
@@ -221,3 +227,15 @@ def audit_row(row: Any) -> dict[str, Any]:
 def export_row(row: Any) -> dict[str, Any]:
     # Rows leave as SQLite's do (summary_used 0/1), so exports compare equal.
     return {k: int(v) if isinstance(v := row[k], bool) else v for k in row.keys()}
+
+
+MODEL_INFO_FIELDS = ("context_length", "learned_window", "token_factor", "cjk_factor")
+
+
+def save_model_info(d: Dialect, fields: list[str]) -> str:
+    """The upsert of the named model_info fields (others are kept)."""
+    names = ", ".join(["model", *fields, "updated_at"])
+    sets = ", ".join(f"{c} = excluded.{c}" for c in [*fields, "updated_at"])
+    marks = ", ".join("?" * (len(fields) + 2))
+    return d.sql(f"INSERT INTO model_info ({names}) VALUES ({marks})"
+                 f" ON CONFLICT (model) DO UPDATE SET {sets}")

@@ -89,6 +89,17 @@ class SQLStore(Store):
     async def audit_rows_for_stats(self) -> list[dict[str, Any]]:
         return [{k: r[k] for k in r.keys()} for r in await self._fetch(self.q.audit_for_stats)]
 
+    async def model_info(self, model: str) -> dict[str, Any] | None:
+        rows = await self._fetch(self.q.model_info, model)
+        if not rows:
+            return None
+        return dict(zip(queries.MODEL_INFO_FIELDS, tuple(rows[0]), strict=True))
+
+    async def save_model_info(self, model: str, **fields: float | int | None) -> None:
+        cols = [c for c in queries.MODEL_INFO_FIELDS if c in fields]
+        await self._write(queries.save_model_info(self.dialect, cols),
+                          model, *(fields[c] for c in cols), utcnow())
+
     async def model_time(self) -> list[dict[str, Any]]:
         return [{k: r[k] for k in r.keys()} for r in await self._fetch(self.q.model_time)]
 

@@ -353,7 +353,8 @@ async def test_audit_log_order_limit_filter(store: PostgresStore) -> None:
     stats = await store.audit_rows_for_stats()
     assert sorted(r["model"] for r in stats) == ["llama3.2", "llama3.2"]  # chats, not rejected
     assert set(stats[0]) == {"provider", "model", "status", "response_time",
-                             "first_token_time", "prompt_tokens", "completion_tokens"}
+                             "first_token_time", "prompt_tokens", "completion_tokens",
+                             "est_prompt_tokens", "est_completion_tokens"}
 
 
 async def test_forget_user(store: PostgresStore) -> None:

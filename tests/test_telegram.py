@@ -262,7 +262,9 @@ async def test_model_by_argument_and_by_button_is_per_user(
 
     tg.user_says(BOB, "/model")
     shown = await bot_says(tg, BOB, ["You said: hi from Bob", "Your model: llama3.2\nYou may "
-                                     "pick: llama3.2, qwen2.5\nPick one with /model NAME"])
+                                     "pick:\n• llama3.2: window 4,096 tokens, 3.2B, Q4_K_M\n"
+                                     "• qwen2.5: window 4,096 tokens, 3.2B, Q4_K_M\n"
+                                     "Pick one with /model NAME"])
     menu = shown[1]
     assert [(b["text"], b["callback_data"]) for b in menu.buttons] == [
         ("✓ llama3.2", f"m:{BOB}:llama3.2"), ("qwen2.5", f"m:{BOB}:qwen2.5")]

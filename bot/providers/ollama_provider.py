@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import ollama
 
-from bot.providers.base import ProviderError, Usage, cut_off, unreachable
+from bot.providers.base import (
+    NO_OPTIONS,
+    CallOptions,
+    ModelInfo,
+    ProviderError,
+    Usage,
+    cut_off,
+    unreachable,
+)
+
+log = logging.getLogger(__name__)
 
 
 class OllamaProvider:
@@ -18,7 +30,8 @@ class OllamaProvider:
         self._client = ollama.AsyncClient(host=host)
 
     async def stream(
-        self, model: str, messages: list[dict[str, str]], *, num_ctx: int, max_tokens: int
+        self, model: str, messages: list[dict[str, Any]], *, num_ctx: int, max_tokens: int,
+        options: CallOptions = NO_OPTIONS,
     ) -> AsyncIterator[str | Usage]:
         started = False
         try:
@@ -28,7 +41,7 @@ class OllamaProvider:
                 model=model,
                 messages=messages,
                 stream=True,
-                options={"num_ctx": num_ctx, "num_predict": max_tokens},
+                options={**options.ollama, "num_ctx": num_ctx, "num_predict": max_tokens},
             )
             done: Usage | None = None
             async for part in parts:
@@ -37,7 +50,7 @@ class OllamaProvider:
                 if text:
                     yield text
                 if part.done:
-                    done = Usage(part.prompt_eval_count, part.eval_count)
+                    done = Usage(part.prompt_eval_count, part.eval_count, part.done_reason)
                     # Read on to the end of the body (it ends here) so that
                     # the HTTP connection goes back to the pool for reuse.
             if done is not None:
@@ -67,6 +80,26 @@ class OllamaProvider:
         names = [m.model for m in listed.models if m.model]
         return [n.removesuffix(":latest") for n in names]
 
+    async def model_info(self, model: str) -> ModelInfo:
+        try:
+            shown = await self._client.show(model)
+        except (ollama.ResponseError, httpx.HTTPError, ConnectionError, OSError,
+                ValueError) as exc:
+            log.info("no model info for %s: %s", model, exc)
+            return ModelInfo()
+        info = shown.modelinfo or {}
+        arch = info.get("general.architecture")
+        length = info.get(f"{arch}.context_length") if arch else None
+        details = shown.details
+        return ModelInfo(
+            context_length=length if isinstance(length, int) and length > 0 else None,
+            parameter_size=details.parameter_size if details else None,
+            quantization=details.quantization_level if details else None,
+        )
+
+    async def count_tokens(self, model: str, text: str) -> int | None:
+        return None  # Ollama has no tokenize endpoint; it reports counts after a call
+
     async def close(self) -> None:
         client = getattr(self._client, "_client", None)
         if client is not None:
@@ -76,6 +109,13 @@ class OllamaProvider:
 def _response_error(model: str, exc: ollama.ResponseError) -> ProviderError:
     status = exc.status_code
     text = str(exc.error)
+    if status == 404 and "model" not in text.lower():
+        # Ollama names the model in its 404s; a bare 404 page is another server.
+        return ProviderError(
+            "The model server does not speak Ollama's API; set LLM_PROVIDER=openai "
+            "(and OPENAI_BASE_URL) for an OpenAI-compatible server.",
+            detail=f"ollama 404 without an Ollama error body: {text[:200]}",
+        )
     if status == 404 or "not found" in text.lower():
         return ProviderError(
             f"The model `{model}` is not installed on the model server. "

@@ -1,13 +1,39 @@
-"""Any OpenAI-compatible server through `openai.AsyncOpenAI`."""
+"""Any OpenAI-compatible server through `openai.AsyncOpenAI`.
+
+What differs between such servers is handled here: the reply limit's name
+(api.openai.com wants `max_completion_tokens`, reasoning models refuse
+`max_tokens`; other servers know only `max_tokens`), how a too-long prompt is
+refused (400 `context_length_exceeded`, llama.cpp's `exceed_context_size_error`,
+or llama-cpp-python's HTTP 200 with an empty stream), whether usage is sent,
+and where the window and a tokenizer are found (vLLM `max_model_len` in
+/v1/models, llama.cpp `/props` and `/tokenize`).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import openai
 
-from bot.providers.base import ProviderError, Usage, cut_off, unreachable
+from bot.providers.base import (
+    NO_OPTIONS,
+    CallOptions,
+    ModelInfo,
+    ProviderError,
+    Usage,
+    cut_off,
+    too_long_error,
+    unreachable,
+)
+
+log = logging.getLogger(__name__)
+
+_LIMIT_NAMES = ("max_tokens", "max_completion_tokens")
 
 
 class OpenAIProvider:
@@ -19,58 +45,41 @@ class OpenAIProvider:
         self._client = openai.AsyncOpenAI(
             base_url=base_url, api_key=api_key or "not-needed", max_retries=0
         )
+        host = urlsplit(str(self._client.base_url)).hostname or ""
+        self._official = host == "api.openai.com"
+        # The reply limit's name per model, once a server told us otherwise.
+        self._limit_name: dict[str, str] = {}
+        self._root = str(self._client.base_url).rstrip("/").removesuffix("/v1")
+        # Endpoints a server has shown it lacks are not asked again.
+        self._has_tokenize = not self._official
+        self._has_props = not self._official
+
+    def _limit_for(self, model: str) -> str:
+        default = "max_completion_tokens" if self._official else "max_tokens"
+        return self._limit_name.get(model, default)
 
     async def stream(
-        self, model: str, messages: list[dict[str, str]], *, num_ctx: int, max_tokens: int
+        self, model: str, messages: list[dict[str, Any]], *, num_ctx: int, max_tokens: int,
+        options: CallOptions = NO_OPTIONS,
     ) -> AsyncIterator[str | Usage]:
-        started = False
-        finished = False  # a stream without a finish_reason was cut off
-        usage: Usage | None = None
+        started = False  # any chunk arrived
+        texted = False  # any text arrived
+        finish: str | None = None  # a stream without a finish_reason was cut off
+        usage: tuple[int | None, int | None] | None = None
         try:
-            chunks = await self._client.chat.completions.create(
-                model=model,
-                messages=messages,  # type: ignore[arg-type]
-                stream=True,
-                stream_options={"include_usage": True},
-                max_tokens=max_tokens,
-            )
+            chunks = await self._open(model, messages, max_tokens, options)
             async for chunk in chunks:
                 started = True
                 if chunk.usage is not None:
-                    usage = Usage(chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                    usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 for choice in chunk.choices:
                     if choice.delta and choice.delta.content:
+                        texted = True
                         yield choice.delta.content
                     if choice.finish_reason:
-                        finished = True
-        except openai.AuthenticationError as exc:
-            raise ProviderError(
-                "The model server refused the bot's credentials. Please tell the operator.",
-                detail=f"openai 401: {exc.message}",
-            ) from None
-        except openai.PermissionDeniedError as exc:
-            raise ProviderError(
-                "The model server refused this request. Please tell the operator.",
-                detail=f"openai 403: {exc.message}",
-            ) from None
-        except openai.NotFoundError as exc:
-            raise ProviderError(
-                f"The model `{model}` is not available on the model server. "
-                "Pick another with /model.",
-                detail=f"openai 404: {exc.message}",
-            ) from None
-        except openai.RateLimitError as exc:
-            raise ProviderError(
-                "The model server is rate-limiting the bot. Please try again in a minute.",
-                detail=f"openai 429: {exc.message}",
-                retryable=True,
-            ) from None
+                        finish = choice.finish_reason
         except openai.APIStatusError as exc:
-            raise ProviderError(
-                "The model server had an error. Please try again in a moment.",
-                detail=f"openai {exc.status_code}: {exc.message}",
-                retryable=exc.status_code >= 500,
-            ) from None
+            raise _status_error(model, exc) from None
         except (openai.APIConnectionError, httpx.TransportError, OSError) as exc:
             if started:
                 raise cut_off(exc) from None
@@ -87,9 +96,57 @@ class OpenAIProvider:
                 detail=f"malformed stream: {type(exc).__name__}: {exc}",
                 retryable=not started,
             ) from None
-        if not finished:
+        if finish is None:
+            if not texted:
+                # llama-cpp-python answers a too-long streamed prompt with 200
+                # and an empty stream; asked without streaming it says why.
+                await self._diagnose_empty(model, messages, max_tokens)
             raise cut_off(EOFError("stream ended without a finish_reason"))
-        yield usage or Usage(None, None)
+        prompt, completion = usage if usage is not None else (None, None)
+        yield Usage(prompt, completion, finish)
+
+    async def _open(self, model: str, messages: list[dict[str, Any]], max_tokens: int,
+                    options: CallOptions) -> Any:
+        name = self._limit_for(model)
+        try:
+            return await self._create(model, messages, name, max_tokens, options, stream=True)
+        except openai.BadRequestError as exc:
+            other = _other_limit_name(exc, name)
+            if other is None:
+                raise
+        # That server wants the other name (reasoning models refuse
+        # max_tokens; older servers know only max_tokens): once more with it.
+        log.info("%s: the server wants %s, not %s", model, other, name)
+        self._limit_name[model] = other
+        return await self._create(model, messages, other, max_tokens, options, stream=True)
+
+    async def _create(self, model: str, messages: list[dict[str, Any]], limit_name: str,
+                      max_tokens: int, options: CallOptions, *, stream: bool) -> Any:
+        extra: dict[str, Any] = {**options.openai, limit_name: max_tokens}
+        if stream:
+            extra["stream_options"] = {"include_usage": True}
+        return await self._client.chat.completions.create(
+            model=model,
+            messages=messages,  # type: ignore[arg-type]
+            stream=stream,
+            extra_body=extra,
+        )
+
+    async def _diagnose_empty(self, model: str, messages: list[dict[str, Any]],
+                              max_tokens: int) -> None:
+        """Raise the too-long error a non-streamed request gets, if it gets one.
+
+        Same reply limit: llama-cpp-python refuses prompt + limit > n_ctx.
+        """
+        try:
+            await self._create(model, messages, self._limit_for(model), max_tokens,
+                               NO_OPTIONS, stream=False)
+        except openai.APIStatusError as exc:
+            err = _status_error(model, exc)
+            if err.kind == "too_long":
+                raise err from None
+        except (openai.APIError, httpx.HTTPError, OSError, ValueError) as exc:
+            log.info("probe after an empty stream failed: %s", exc)
 
     async def list_models(self) -> list[str]:
         try:
@@ -103,5 +160,110 @@ class OpenAIProvider:
             raise unreachable("OpenAI-compatible server", exc) from None
         return [m.id async for m in page]
 
+    async def model_info(self, model: str) -> ModelInfo:
+        length: int | None = None
+        try:
+            async for entry in await self._client.models.list():
+                if entry.id != model:
+                    continue
+                extra = entry.model_extra or {}
+                # vLLM: max_model_len; LM Studio and others: (max_)context_length.
+                for key in ("max_model_len", "context_length", "max_context_length"):
+                    if isinstance(extra.get(key), int) and extra[key] > 0:
+                        length = extra[key]
+                        break
+        except (openai.APIError, httpx.HTTPError, OSError, ValueError) as exc:
+            log.info("no model list for %s: %s", model, exc)
+        if length is None and self._has_props:
+            length = await self._props_window()
+        return ModelInfo(context_length=length)
+
+    async def _props_window(self) -> int | None:
+        """llama.cpp server's n_ctx from /props."""
+        body = await self._root_call("GET", "/props", None)
+        if body is None:
+            self._has_props = False
+            return None
+        settings = body.get("default_generation_settings") or {}
+        n = settings.get("n_ctx", body.get("n_ctx"))
+        return n if isinstance(n, int) and n > 0 else None
+
+    async def count_tokens(self, model: str, text: str) -> int | None:
+        if not self._has_tokenize:
+            return None
+        # llama.cpp reads "content", vLLM "prompt"; each ignores the other.
+        body = await self._root_call("POST", "/tokenize",
+                                     {"model": model, "content": text, "prompt": text,
+                                      "add_special": False, "add_special_tokens": False})
+        if body is None:
+            self._has_tokenize = False
+            return None
+        if isinstance(body.get("count"), int):
+            return int(body["count"])
+        tokens = body.get("tokens")
+        return len(tokens) if isinstance(tokens, list) else None
+
+    async def _root_call(self, method: str, path: str,
+                         payload: dict[str, Any] | None) -> dict[str, Any] | None:
+        """A JSON call beside /v1 (llama.cpp, vLLM); None if the server has no such route."""
+        try:
+            if method == "GET":
+                resp = await self._client.get(self._root + path, cast_to=httpx.Response)
+            else:
+                resp = await self._client.post(self._root + path, cast_to=httpx.Response,
+                                               body=payload)
+            body = resp.json()
+        except (openai.APIError, httpx.HTTPError, OSError, ValueError) as exc:
+            log.info("%s %s not available: %s", method, path, exc)
+            return None
+        return body if isinstance(body, dict) else None
+
     async def close(self) -> None:
         await self._client.close()
+
+
+def _other_limit_name(exc: openai.BadRequestError, sent: str) -> str | None:
+    """The other reply-limit name if this 400 says `sent` isn't supported."""
+    text = f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
+    if sent in text and ("unsupported" in text or "not supported" in text
+                         or "unrecognized" in text or "extra inputs" in text):
+        return _LIMIT_NAMES[1] if sent == _LIMIT_NAMES[0] else _LIMIT_NAMES[0]
+    return None
+
+
+def _status_error(model: str, exc: openai.APIStatusError) -> ProviderError:
+    status = exc.status_code
+    if status == 401:
+        return ProviderError(
+            "The model server refused the bot's credentials. Please tell the operator.",
+            detail=f"openai 401: {exc.message}",
+        )
+    if status == 403:
+        return ProviderError(
+            "The model server refused this request. Please tell the operator.",
+            detail=f"openai 403: {exc.message}",
+        )
+    if status == 404:
+        return ProviderError(
+            f"The model `{model}` is not available on the model server. "
+            "Pick another with /model.",
+            detail=f"openai 404: {exc.message}",
+        )
+    if status == 429:
+        return ProviderError(
+            "The model server is rate-limiting the bot. Please try again in a minute.",
+            detail=f"openai 429: {exc.message}",
+            retryable=True,
+        )
+    if status in (400, 413, 422):
+        body = exc.body if isinstance(exc.body, dict) else {}
+        n_ctx = body.get("n_ctx")
+        err = too_long_error(f"{exc.message} {json.dumps(exc.body, default=str)}",
+                             n_ctx if isinstance(n_ctx, int) else None)
+        if err is not None:
+            return err
+    return ProviderError(
+        "The model server had an error. Please try again in a moment.",
+        detail=f"openai {status}: {exc.message}",
+        retryable=status >= 500,
+    )

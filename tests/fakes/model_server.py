@@ -13,6 +13,16 @@ or as a subprocess (prints ``READY <url>`` once listening, stops on SIGTERM/SIGI
 
     python -m tests.fakes.model_server --port 0 [--reply-delay 0.5] [--fault http500]
 
+Real servers' quirks, each a knob: ``context_lengths`` (a model's window, reported by
+``/api/show``, by ``/v1/models`` as vLLM's ``max_model_len`` with ``report_window``, and by
+``/props`` with ``llamacpp_routes``); ``overflow`` ("openai", "llamacpp", "vllm",
+"llama_cpp_python") refuses a prompt + reply limit beyond the window the way that server
+does (llama-cpp-python: HTTP 200 and an empty stream when streaming); ``send_usage=False``
+ignores ``stream_options.include_usage`` (llama-cpp-python); ``reject_param`` refuses a
+request field (reasoning models refuse ``max_tokens``); ``strict_roles`` refuses a second
+system message or non-alternating roles (Mistral's template); ``llamacpp_routes`` adds
+``/tokenize`` and ``/props``. ``peak_active`` is the most chat requests handled at once.
+
 A subprocess can be reconfigured at runtime with ``POST /_fake/config`` (a JSON object of
 attribute names, see ``_CONFIG_KEYS``) and inspected with ``GET /_fake/requests``.
 """
@@ -55,6 +65,8 @@ FAULTS = frozenset(
     {"http500", "cut", "stall", "hang", "malformed", "rate_limit", "auth", "not_found"}
 )
 OLLAMA_VERSION = "0.12.6"
+DEFAULT_CONTEXT_LENGTH = 131072
+OVERFLOWS = frozenset({"openai", "llamacpp", "vllm", "llama_cpp_python"})
 
 # --------------------------------------------------------------------------------------------
 # Tokenizer
@@ -381,7 +393,7 @@ class _OpenAIDialect(_Dialect):
         self.created = int(time.time())
         self.fingerprint = "fp_" + hashlib.sha256(model.encode()).hexdigest()[:10]
         stream_options = body.get("stream_options") or {}
-        self.include_usage = bool(stream_options.get("include_usage"))
+        self.include_usage = bool(stream_options.get("include_usage")) and srv.send_usage
 
     def limit(self) -> int | None:
         n = self.body.get("max_completion_tokens")
@@ -490,6 +502,13 @@ _CONFIG_KEYS = (
     "tokens_per_chunk",
     "api_key",
     "retry_after",
+    "context_lengths",
+    "overflow",
+    "send_usage",
+    "reject_param",
+    "strict_roles",
+    "report_window",
+    "llamacpp_routes",
 )
 
 
@@ -518,6 +537,16 @@ class ModelServer:
         self.gate: asyncio.Event | None = None
         self.api_key: str | None = None
         self.retry_after: float = 1.0  # seconds, sent as Retry-After on "rate_limit"
+        self.context_lengths: dict[str, int] = {}  # model -> window; else the default
+        self.overflow: str | None = None
+        self.send_usage = True
+        self.reject_param: str | None = None
+        self.strict_roles = False
+        self.report_window = False
+        self.llamacpp_routes = False
+        self.tokenize_calls = 0
+        self.active = 0  # chat requests being handled now
+        self.peak_active = 0
         self._runner: web.AppRunner | None = None
         # Since 3.10 these bind to the running loop on first use, not at construction.
         self._closing = asyncio.Event()
@@ -550,6 +579,8 @@ class ModelServer:
                 web.get("/v1/models", self._openai_models),
                 web.get("/v1/models/{model}", self._openai_model),
                 web.post("/v1/chat/completions", self._openai_chat),
+                web.post("/tokenize", self._tokenize),
+                web.get("/props", self._props),
                 web.post("/_fake/config", self._fake_config),
                 web.get("/_fake/requests", self._fake_requests),
             ]
@@ -661,7 +692,20 @@ class ModelServer:
 
     # -- generic chat flow --------------------------------------------------------------------
 
+    def context_length(self, model: str) -> int:
+        return self.context_lengths.get(_strip_latest(model), DEFAULT_CONTEXT_LENGTH)
+
     async def _chat(self, request: web.Request, dialect_cls: type[_Dialect]) -> web.StreamResponse:
+        self.active += 1
+        self.peak_active = max(self.peak_active, self.active)
+        try:
+            return await self._chat_counted(request, dialect_cls)
+        finally:
+            self.active -= 1
+
+    async def _chat_counted(
+        self, request: web.Request, dialect_cls: type[_Dialect]
+    ) -> web.StreamResponse:
         try:
             body = await request.json()
         except (ValueError, UnicodeDecodeError):
@@ -694,6 +738,22 @@ class ModelServer:
             return dialect.error("model is required")
         if not self._has_model(model):
             return dialect.error("not_found")
+        stream = bool(body.get("stream", dialect.stream_default))
+        if self.reject_param and self.reject_param in body:
+            return _unsupported_param(self.reject_param)
+        if self.strict_roles and (problem := _role_problem(messages)):
+            return web.json_response({"error": {"message": problem, "type": "server_error",
+                                                "code": 400}}, status=400)
+        window = self.context_length(model)
+        asked = rec.prompt_tokens + (dialect.limit() or 0)
+        if self.overflow and asked > window:
+            if self.overflow == "llama_cpp_python" and stream:
+                # llama-cpp-python: the stream starts with 200, then ends with nothing.
+                resp = web.StreamResponse(headers={"Content-Type": dialect.stream_content_type})
+                await resp.prepare(request)
+                await resp.write_eof()
+                return resp
+            return _too_long(self.overflow, rec.prompt_tokens, asked, window)
 
         text = await self._make_reply(rec)
         tokens = tokenize(text)
@@ -703,7 +763,6 @@ class ModelServer:
             tokens, finish = tokens[:limit], "length"
         per = max(1, int(self.tokens_per_chunk))
         chunks = ["".join(tokens[i : i + per]) for i in range(0, len(tokens), per)]
-        stream = bool(body.get("stream", dialect.stream_default))
         started = time.monotonic_ns()
 
         resp: web.StreamResponse | None = None
@@ -795,7 +854,7 @@ class ModelServer:
                 "details": entry["details"],
                 "model_info": {
                     "general.architecture": family,
-                    f"{family}.context_length": 131072,
+                    f"{family}.context_length": self.context_length(name),
                 },
                 "capabilities": ["completion"],
                 "modified_at": entry["modified_at"],
@@ -821,6 +880,9 @@ class ModelServer:
         if (err := self._openai_auth_error(request)) is not None:
             return err
         data = [self._openai_model_entry(m) for m in self.models]
+        if self.report_window:  # vLLM's field
+            for entry in data:
+                entry["max_model_len"] = self.context_length(entry["id"])
         return web.json_response({"object": "list", "data": data})
 
     async def _openai_model(self, request: web.Request) -> web.Response:
@@ -833,6 +895,28 @@ class ModelServer:
 
     async def _openai_chat(self, request: web.Request) -> web.StreamResponse:
         return await self._chat(request, _OpenAIDialect)
+
+    # -- llama.cpp server routes -----------------------------------------------------------------
+
+    async def _tokenize(self, request: web.Request) -> web.Response:
+        if not self.llamacpp_routes:
+            raise web.HTTPNotFound()
+        body = await request.json()
+        text = body.get("content", body.get("prompt", ""))
+        pieces = tokenize(str(text))
+        self.tokenize_calls += 1
+        return web.json_response({"tokens": list(range(len(pieces))), "count": len(pieces)})
+
+    async def _props(self, request: web.Request) -> web.Response:
+        if not self.llamacpp_routes:
+            raise web.HTTPNotFound()
+        model = self.models[0] if self.models else ""
+        return web.json_response({
+            "default_generation_settings": {"n_ctx": self.context_length(model), "model": model},
+            "total_slots": 1,
+            "model_path": f"/models/{model}.gguf",
+            "chat_template": "{{ messages }}",
+        })
 
     # -- control routes for subprocess use ----------------------------------------------------
 
@@ -855,6 +939,57 @@ class ModelServer:
 
     async def _fake_requests(self, request: web.Request) -> web.Response:
         return web.json_response([asdict(r) for r in self.requests])
+
+
+def _unsupported_param(name: str) -> web.Response:
+    other = "max_completion_tokens" if name == "max_tokens" else "max_tokens"
+    err = {
+        "message": f"Unsupported parameter: '{name}' is not supported with this model. "
+                   f"Use '{other}' instead.",
+        "type": "invalid_request_error", "param": name, "code": "unsupported_parameter",
+    }
+    return web.json_response({"error": err}, status=400)
+
+
+def _role_problem(messages: list[dict[str, Any]]) -> str | None:
+    """What Mistral's chat template raises, or None."""
+    roles = [m.get("role") for m in messages]
+    if roles.count("system") > 1 or "system" in roles[1:]:
+        return "Only one system message is allowed, at the start"
+    turns = [r for r in roles if r != "system"]
+    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(turns))]
+    if turns != expected:
+        return "Conversation roles must alternate user/assistant/user/assistant/..."
+    return None
+
+
+def _too_long(form: str, prompt: int, asked: int, window: int) -> web.Response:
+    """A too-long prompt refused the way each server does."""
+    if form == "llamacpp":
+        err: dict[str, Any] = {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error", "n_prompt_tokens": prompt, "n_ctx": window,
+        }
+        return web.json_response({"error": err}, status=400)
+    if form == "vllm":
+        return web.json_response({
+            "object": "error",
+            "message": f"This model's maximum context length is {window} tokens. However, you "
+                       f"requested {asked} tokens ({prompt} in the messages, {asked - prompt} "
+                       "in the completion). Please reduce the length of the messages or "
+                       "completion.",
+            "type": "BadRequestError", "param": None, "code": 400,
+        }, status=400)
+    if form == "llama_cpp_python":
+        message = f"Requested tokens ({asked}) exceed context window of {window}"
+    else:
+        message = (f"This model's maximum context length is {window} tokens. However, your "
+                   f"messages resulted in {prompt} tokens. Please reduce the length of the "
+                   "messages.")
+    err = {"message": message, "type": "invalid_request_error", "param": "messages",
+           "code": "context_length_exceeded"}
+    return web.json_response({"error": err}, status=400)
 
 
 def _check_fault(value: str | None) -> str | None:
