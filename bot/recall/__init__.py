@@ -1,6 +1,6 @@
 """Recall of older turns: terms for the index, fusion of rankings, vectors, fitting."""
 
-from bot.recall.fitting import RECALL_HEADER, RecallMessage, Recalled, fit_recalled
+from bot.recall.fitting import RECALL_HEADER, Recalled, RecallMessage, fit_recalled
 from bot.recall.fusion import reciprocal_rank_fusion
 from bot.recall.terms import index_terms, query_terms
 from bot.recall.vectors import VectorCache
