@@ -57,17 +57,17 @@ def en_facts(r: random.Random) -> list[Fact]:
         Fact((f"Note to self: the garage door code is {code}.",),
              "What was the code for the garage again?"),
         Fact(("I'm allergic to peanuts, so I always check the labels.",),
-             "Which food do I have an allergy to?"),
+             "Which food am I allergic to?"),
         Fact((f"My daughter {kid} starts kindergarten in September.",),
              f"When does {kid} begin school?"),
         Fact(("I switched jobs: I'm now a data engineer at a logistics company.",),
-             "What do I do for a living these days?"),
+             "What's my job these days?"),
         Fact((f"My favourite band is {band}; I saw them live in 2017.",),
              "Which group do I like the most?"),
         Fact((f"We booked a trip to {place} for the first week of April.",),
-             "Where are we travelling to this spring?"),
+             "Where are we going on our trip in April?"),
         Fact((f"My landlord just raised the rent to {rent} a month.",),
-             "How much am I paying for the apartment now?"),
+             "How much rent am I paying now?"),
     ]
 
 
@@ -140,7 +140,7 @@ def zh_facts(r: random.Random) -> list[Fact]:
         Fact(("我換工作了，現在在一家物流公司當資料工程師。",), "我現在做什麼工作？"),
         Fact((f"我最喜歡的樂團是{band}，2017年還去看過他們的演唱會。",),
              "我最愛聽哪個樂團？"),
-        Fact((f"我們訂了四月第一週去{place}的行程。",), "我們春天要去哪裡旅行？"),
+        Fact((f"我們訂了四月第一週去{place}的行程。",), "我們四月的旅行要去哪裡？"),
         Fact((f"房東剛把房租漲到每個月{rent}元。",), "我現在每個月租金付多少？"),
     ]
 

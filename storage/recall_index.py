@@ -34,6 +34,7 @@ SQLITE_MIGRATIONS: list[tuple[str, str]] = [
         CREATE VIRTUAL TABLE recall_fts USING fts5(
             terms, conv, tokenize = "unicode61 remove_diacritics 0"
         );
+        CREATE VIRTUAL TABLE IF NOT EXISTS recall_vocab USING fts5vocab(recall_fts, 'row');
         CREATE TABLE recall_vectors (
             message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
             conversation_id INTEGER NOT NULL,
@@ -70,6 +71,11 @@ POSTGRES_MIGRATIONS: list[tuple[str, str]] = [
 ]
 
 MAX_POSITION = 16383  # PostgreSQL's largest tsvector position
+# SQLite ranks at most this many candidate matches, the newest first: bm25 costs per
+# match, and a long history must not make a turn slower. The rarest terms are kept
+# whole (terms go in rarest first while their matches fit); a term too common to
+# fit says little about any one message anyway (its idf is near zero).
+MAX_CANDIDATES = 2000
 
 
 def _is_sqlite(conn: Any) -> bool:
@@ -171,10 +177,14 @@ async def search(conn: Any, conversation_id: int, terms: Sequence[str], before_i
     if not terms or limit <= 0:
         return []
     if _is_sqlite(conn):
+        kept = await _affordable_terms(conn, terms)
+        if not kept:
+            return []
         cur = await conn.execute(
-            "SELECT rowid, -bm25(recall_fts, 1.0, 0.0) AS score FROM recall_fts "
-            "WHERE recall_fts MATCH ? AND rowid < ? ORDER BY bm25(recall_fts, 1.0, 0.0) "
-            "LIMIT ?", (_fts_query(conversation_id, terms), before_id, limit))
+            "SELECT rowid, score FROM (SELECT rowid, -bm25(recall_fts, 1.0, 0.0) AS score "
+            "FROM recall_fts WHERE recall_fts MATCH ? AND rowid < ? ORDER BY rowid DESC "
+            "LIMIT ?) ORDER BY score DESC, rowid DESC LIMIT ?",
+            (_fts_query(conversation_id, kept), before_id, MAX_CANDIDATES, limit))
         return [(int(r[0]), float(r[1])) for r in await cur.fetchall()]
     rows = await conn.fetch(
         "SELECT message_id, ts_rank_cd(terms, q, 1) AS score "
@@ -183,6 +193,20 @@ async def search(conn: Any, conversation_id: int, terms: Sequence[str], before_i
         "ORDER BY score DESC, message_id DESC LIMIT $4",
         conversation_id, tsquery_literal(terms), before_id, limit)
     return [(int(r[0]), float(r[1])) for r in rows]
+
+
+async def _affordable_terms(conn: aiosqlite.Connection, terms: Sequence[str]) -> list[str]:
+    """The terms that occur at all, rarest first, while their matches fit MAX_CANDIDATES."""
+    sql = " UNION ALL ".join(["SELECT term, doc FROM recall_vocab WHERE term = ?"] * len(terms))
+    cur = await conn.execute(sql, tuple(terms))
+    found = sorted(((int(doc), term) for term, doc in await cur.fetchall()), key=lambda x: x[0])
+    kept, total = [], 0
+    for doc, term in found:
+        if kept and total + doc > MAX_CANDIDATES:
+            break
+        kept.append(term)
+        total += doc
+    return kept
 
 
 async def vectors_since(conn: Any, conversation_id: int, model: str, after_id: int,

@@ -196,3 +196,20 @@ async def test_delete_conversation_removes_its_entries_and_no_one_elses(db: Db) 
     await db.run("DELETE FROM messages WHERE id = $1", theirs)
     await db.commit()
     assert await recall_index.vectors_since(db.conn, other, "m", 0) == []
+
+
+async def test_a_common_word_does_not_crowd_out_a_rare_one_in_a_long_history(
+        db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(recall_index, "MAX_CANDIDATES", 20)
+    conv = await db.conversation("me")
+    fact = await db.message(conv, "user", "The garage code is 4417.")
+    common = [await db.message(conv, "user", f"a code review, number {i}") for i in range(50)]
+    await db.commit()
+    hits = await recall_index.search(db.conn, conv, ["code", "garage"], 10**9, 5)
+    assert hits[0][0] == fact
+    # On SQLite the common term alone is still searched, newest matches first and bounded.
+    hits = await recall_index.search(db.conn, conv, ["code"], 10**9, 100)
+    if db.sqlite:
+        assert len(hits) == 20 and {h[0] for h in hits} <= set(common[-20:]) | {fact}
+    else:
+        assert len(hits) == 51
