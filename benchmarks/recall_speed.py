@@ -61,7 +61,8 @@ def _texts(count: int, seed: int) -> Iterator[str]:
                 for t in memory_corpus.EN_FILLER for _ in range(20)]
     everyday += [memory_corpus._fill(rng, t, memory_corpus.ZH_SLOTS)
                  for t in memory_corpus.ZH_FILLER for _ in range(20)]
-    pool = [" ".join(rng.choices(vocab, cum_weights=cum, k=rng.randint(6, 40))) for _ in range(20_000)]
+    pool = [" ".join(rng.choices(vocab, cum_weights=cum, k=rng.randint(6, 40)))
+            for _ in range(20_000)]
     for n in range(count):
         yield everyday[n % len(everyday)] if n % 3 == 0 else pool[(n * 7919) % len(pool)]
 
