@@ -63,8 +63,12 @@ def fit_recalled(
     *,
     factor: float = 1.0,
     counter: Callable[[str], int] = count_tokens,
+    paired: int = 5,
 ) -> Recalled:
     """Hits in rank order with their neighbours, within `budget` tokens as one block.
+
+    The first `paired` hits bring their neighbours at once; the rest of the hits
+    go before the rest of the neighbours.
 
     The block is one system message: its cost is the header, the lines and
     the message overhead, times the model's calibration `factor`.
@@ -99,16 +103,25 @@ def fit_recalled(
         used += c
         return True
 
-    for item in ranked:
+    def neighbours(item: Around) -> list[RecallMessage]:
+        # A user's message first brings the reply to it; a reply, its question.
+        order = (item.after, item.before) if item.hit.role == "user" else (item.before,
+                                                                          item.after)
+        return [m for m in order if m is not None]
+
+    # The best hits come with their neighbours; then the other hits alone; then,
+    # in what room is left, the other hits' neighbours.
+    for rank, item in enumerate(ranked):
         if room - used <= 0:
             break
-        if not take(item.hit, clip=True):
-            continue
-        hits.append(item.hit.id)
-        partner, other = ((item.after, item.before) if item.hit.role == "user"
-                          else (item.before, item.after))
-        for neighbour in (partner, other):
-            if neighbour is not None:
+        if take(item.hit, clip=True):
+            hits.append(item.hit.id)
+            if rank < paired:
+                for neighbour in neighbours(item):
+                    take(neighbour, clip=False)
+    for item in ranked[paired:]:
+        if item.hit.id in chosen:
+            for neighbour in neighbours(item):
                 take(neighbour, clip=False)
     if not chosen:
         return Recalled([], "", 0, [])
