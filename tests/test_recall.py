@@ -246,3 +246,20 @@ def test_fit_stays_within_budget_for_any_messages(
     if got.text:
         import math
         assert math.ceil((count_tokens(got.text) + MESSAGE_OVERHEAD) * factor) == got.tokens
+
+
+def test_lower_hits_go_in_before_the_neighbours_of_other_lower_hits() -> None:
+    def around(i: int) -> Around:
+        return Around(_msg(i, "user", f"hit number {i} " + "filler " * 10),
+                      _msg(i - 1, "assistant", "before " * 10),
+                      _msg(i + 1, "assistant", "after " * 10))
+
+    ranked = [around(i) for i in (10, 20, 30, 40)]
+    # Room for seven lines: the first hit with both neighbours, then the other hits
+    # alone (their neighbours would have taken the room of the later hits).
+    got = fit_recalled(ranked, budget=200, paired=1)
+    assert got.hit_ids == [10, 20, 30, 40]
+    assert got.ids == [9, 10, 11, 20, 30, 40]
+    assert got.tokens <= 200
+    # Paired all the way, the same room holds fewer hits.
+    assert fit_recalled(ranked, budget=200, paired=4).hit_ids == [10, 20]
