@@ -69,7 +69,8 @@ def _texts(count: int, seed: int) -> Iterator[str]:
 
 def _cache_key() -> str:
     # The words table's definition and the tokenizer decide what is stored.
-    src = inspect.getsource(terms) + recall_index.SQLITE_MIGRATIONS[0][1].split(";")[0]
+    src = (inspect.getsource(terms) + recall_index.SQLITE_MIGRATIONS[0][1].split(";")[0]
+           + inspect.getsource(recall_index.fts_terms))
     return f"{dbseed.schema_key()}-{hashlib.sha256(src.encode()).hexdigest()[:8]}"
 
 
@@ -106,8 +107,8 @@ def build(size: int, log: bool = True) -> Path:
                                "created_at) VALUES (?, ?, ?, ?, '2026-01-01T00:00:00.000Z')",
                                rows)
                 db.executemany("INSERT INTO recall_fts(rowid, terms, conv) VALUES (?, ?, ?)",
-                               [(i, " ".join(recall_index.index_terms(t)), f"c{c}")
-                                for i, c, _, t in rows])
+                               [(i, recall_index.fts_terms(c, recall_index.index_terms(t)),
+                                 f"c{c}") for i, c, _, t in rows])
                 rows = []
         db.execute("COMMIT")
         db.execute("INSERT INTO recall_fts(recall_fts) VALUES ('optimize')")

@@ -1,13 +1,13 @@
 """The recall index in the database: full-text terms and embedding vectors, both dialects.
 
-SQLite keeps the tokenizer's terms in an FTS5 table (rowid = message id, a
-`conv` column holding the conversation, ranked by `bm25()` with that column
-weighted 0); PostgreSQL keeps them as a `tsvector` with positions in a side
-table with a GIN index, ranked by `ts_rank_cd`. The terms come from
-`bot.recall.terms`, the same tokenizer on both sides and for the query, so
-neither database's own parser is involved (no 'simple' config surprises
-with Chinese). Vectors are little-endian float32 blobs / bytea, one per
-message and model.
+SQLite keeps the tokenizer's terms in an FTS5 table (rowid = message id;
+each term prefixed with its conversation, see `fts_terms`; a `conv` column
+names the conversation for deletion; ranked by `bm25()`); PostgreSQL keeps
+them as a `tsvector` with positions in a side table with a GIN index, ranked
+by `ts_rank_cd`. The terms come from `bot.recall.terms`, the same tokenizer
+on both sides and for the query, so neither database's own parser is
+involved (no 'simple' config surprises with Chinese). Vectors are
+little-endian float32 blobs / bytea, one per message and model.
 
 Every function takes a connection (aiosqlite or asyncpg, chosen by type)
 and runs inside whatever transaction the caller holds: indexing a message
@@ -86,9 +86,21 @@ def _conv_token(conversation_id: int) -> str:
     return f"c{conversation_id}"
 
 
+def fts_terms(conversation_id: int, terms: Iterable[str]) -> str:
+    """Terms as SQLite stores them: each prefixed with its conversation ("12xsister").
+
+    So every term's doclist, document frequency and bm25 idf are the
+    conversation's own: a search costs what that conversation matches, never
+    the whole table, and cannot even name another conversation's terms. The
+    prefix ends at the first "x", which no id contains, so it decodes uniquely.
+    """
+    return " ".join(f"{conversation_id}x{t}" for t in terms)
+
+
 def _fts_query(conversation_id: int, terms: Sequence[str]) -> str:
-    quoted = " OR ".join('"' + t.replace('"', '""') + '"' for t in terms)
-    return f'conv : "{_conv_token(conversation_id)}" AND terms : ({quoted})'
+    quoted = " OR ".join('"' + f"{conversation_id}x{t}".replace('"', '""') + '"'
+                         for t in terms)
+    return f"terms : ({quoted})"
 
 
 def _lexeme(term: str) -> str:
@@ -120,7 +132,7 @@ async def index_messages(conn: Any, rows: Iterable[tuple[int, int, str]]) -> int
                                [(mid,) for mid, _, _ in batch])
         await conn.executemany(
             "INSERT INTO recall_fts(rowid, terms, conv) VALUES (?, ?, ?)",
-            [(mid, " ".join(terms), _conv_token(cid)) for mid, cid, terms in batch])
+            [(mid, fts_terms(cid, terms), _conv_token(cid)) for mid, cid, terms in batch])
     else:
         await conn.executemany(
             "INSERT INTO recall_terms(message_id, conversation_id, terms) "
@@ -177,7 +189,7 @@ async def search(conn: Any, conversation_id: int, terms: Sequence[str], before_i
     if not terms or limit <= 0:
         return []
     if _is_sqlite(conn):
-        kept = await _affordable_terms(conn, terms)
+        kept = await _affordable_terms(conn, conversation_id, terms)
         if not kept:
             return []
         cur = await conn.execute(
@@ -195,12 +207,17 @@ async def search(conn: Any, conversation_id: int, terms: Sequence[str], before_i
     return [(int(r[0]), float(r[1])) for r in rows]
 
 
-async def _affordable_terms(conn: aiosqlite.Connection, terms: Sequence[str]) -> list[str]:
-    """The terms that occur at all, rarest first, while their matches fit MAX_CANDIDATES."""
-    sql = " UNION ALL ".join(["SELECT term, doc FROM recall_vocab WHERE term = ?"] * len(terms))
-    cur = await conn.execute(sql, tuple(terms))
+async def _affordable_terms(conn: aiosqlite.Connection, conversation_id: int,
+                            terms: Sequence[str]) -> list[str]:
+    """The terms that occur in the conversation, rarest first, while their matches fit
+    MAX_CANDIDATES."""
+    sql = " UNION ALL ".join(["SELECT ?, doc FROM recall_vocab WHERE term = ?"] * len(terms))
+    stored = [f"{conversation_id}x{t}" for t in terms]
+    cur = await conn.execute(sql, tuple(x for pair in zip(terms, stored, strict=True)
+                                        for x in pair))
     found = sorted(((int(doc), term) for term, doc in await cur.fetchall()), key=lambda x: x[0])
-    kept, total = [], 0
+    kept: list[str] = []
+    total = 0
     for doc, term in found:
         if kept and total + doc > MAX_CANDIDATES:
             break
