@@ -4,8 +4,9 @@ Latin (and any spaced) script: NFKC-folded, lowercased words, with a light
 English plural/possessive folding so "sisters" finds "sister". CJK text has
 no spaces, so a run of Han characters becomes its overlapping bigrams, as
 Lucene's CJKAnalyzer does (拉麵店 → 拉麵 麵店), and a lone character stands
-for itself; kana and hangul runs are bigrammed the same way. Question words
-and other function words carry no topic and are dropped from both sides.
+for itself; kana and hangul runs are bigrammed the same way. Particles (的 了
+嗎 …) end a run, so no bigram straddles one. Question words and other
+function words carry no topic and are dropped from both sides.
 """
 
 from __future__ import annotations
