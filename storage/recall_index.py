@@ -75,7 +75,7 @@ MAX_POSITION = 16383  # PostgreSQL's largest tsvector position
 # match, and a long history must not make a turn slower. The rarest terms are kept
 # whole (terms go in rarest first while their matches fit); a term too common to
 # fit says little about any one message anyway (its idf is near zero).
-MAX_CANDIDATES = 2000
+MAX_CANDIDATES = 1000
 
 
 def _is_sqlite(conn: Any) -> bool:

@@ -210,7 +210,7 @@ def test_block_keeps_date_and_speaker_oldest_first_with_neighbours() -> None:
     ]
     assert got.ids == [9, 10, 11, 50, 51]
     assert got.hit_ids == [50, 11, 10]
-    assert got.tokens == count_tokens(got.text) + MESSAGE_OVERHEAD
+    assert count_tokens(got.text) + MESSAGE_OVERHEAD <= got.tokens <= 500
 
 
 def test_budget_is_never_exceeded_and_best_hits_win() -> None:
@@ -245,7 +245,8 @@ def test_fit_stays_within_budget_for_any_messages(
     assert got.ids == sorted(set(got.ids))
     if got.text:
         import math
-        assert math.ceil((count_tokens(got.text) + MESSAGE_OVERHEAD) * factor) == got.tokens
+        # The reported cost is what the prompt is charged: never less than a recount.
+        assert math.ceil((count_tokens(got.text) + MESSAGE_OVERHEAD) * factor) <= got.tokens
 
 
 def test_lower_hits_go_in_before_the_neighbours_of_other_lower_hits() -> None:

@@ -127,16 +127,6 @@ def fit_recalled(
         return Recalled([], "", 0, [])
     ids = sorted(chosen)
     text = RECALL_HEADER + "".join("\n" + chosen[i] for i in ids)
-    total = math.ceil((counter(text) + MESSAGE_OVERHEAD) * factor)
-    # Per-line costs add up to the whole within a token or two; make sure.
-    while total > budget and ids:
-        # neighbours go first, then the lowest-ranked hits
-        worst = max(ids, key=lambda i: (i not in hits, hits.index(i) if i in hits else 0))
-        ids.remove(worst)
-        if worst in hits:
-            hits.remove(worst)
-        text = RECALL_HEADER + "".join("\n" + chosen[i] for i in ids)
-        total = math.ceil((counter(text) + MESSAGE_OVERHEAD) * factor)
-    if not ids:
-        return Recalled([], "", 0, [])
-    return Recalled([by_id[i] for i in ids], text, total, hits)
+    # The lines' costs add up to at least the whole block's: the estimate's pieces
+    # never span a line break except to merge (which only saves), so no recount.
+    return Recalled([by_id[i] for i in ids], text, fixed + used, hits)
