@@ -11,6 +11,8 @@ figures null, so the command always completes):
 6. telegram  added latency through the Telegram adapter and emulator
 7. discord   added latency through the Discord adapter and emulator
 8. postgres  exchanges/s at 100 conversations on PostgreSQL, one and two processes
+9. memory    planted turns that reach the prompt in long conversations (benchmarks/memory.py)
+10. recall   recall's time per turn at 1k / 100k / 1M stored messages (benchmarks/recall_speed.py)
 """
 
 from __future__ import annotations
@@ -32,12 +34,22 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks import baseline, core, dbseed, pgbench, platforms, standin, startup
+from benchmarks import (
+    baseline,
+    core,
+    dbseed,
+    memory,
+    pgbench,
+    platforms,
+    recall_speed,
+    standin,
+    startup,
+)
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
 SECTIONS = ("core", "paced", "baseline", "history", "rss", "startup", "telegram", "discord",
-            "postgres")
+            "postgres", "memory", "recall")
 HISTORY_USERS = 10  # one conversation per worker at 10 concurrent
 
 
@@ -95,6 +107,22 @@ ROWS: list[tuple[str, str, str, str, Check]] = [
      "", None),
     ("exchanges_per_s_c100_postgres_2proc", "PostgreSQL exchanges/s, 100 conc., 2 processes",
      "/s", "", None),
+    *((f"memory_{mode}_{ctx}_{lang}", f"memory: {label}, {ctx} tokens, {lang}", "%",
+       bar if ctx == 4096 else "", (lambda v, b=cut: v >= b) if ctx == 4096 and cut else None)
+      for mode, label, bar, cut in (("truncate", "truncate", "", 0.0),
+                                    ("summarize", "summarize", "", 0.0),
+                                    ("words", "words-only recall", "≥ 60%", 0.6),
+                                    ("words_meaning", "words + meaning recall", "≥ 80%", 0.8))
+      for ctx in memory.CONTEXTS for lang in ("en", "zh")),
+    *((f"memory_prompt_tokens_{mode}_4096", f"memory: prompt tokens used, {mode}, 4096", "tok",
+       "", None) for mode in ("truncate", "summarize", "words", "words_meaning")),
+    ("recall_p50_ms_1k", "recall per turn p50, 1,000 messages", "ms", "≤ 2", lambda v: v <= 2),
+    ("recall_p50_ms_100k", "recall per turn p50, 100,000 messages", "ms", "≤ 3",
+     lambda v: v <= 3),
+    ("recall_p50_ms_1m", "recall per turn p50, 1,000,000 messages", "ms", "≤ 5",
+     lambda v: v <= 5),
+    ("recall_ratio_1m_vs_1k", "recall p50 ratio 1,000,000 ÷ 1,000", "×", "≤ 2.5",
+     lambda v: v <= 2.5),
 ]
 # The keys the issue names: always present in results.json, null when not measured.
 REQUIRED = (
@@ -300,6 +328,22 @@ def section_postgres(run: Run) -> None:
           "LLM_CONCURRENCY = DB_POOL_SIZE - 2)", flush=True)
 
 
+def section_memory(run: Run) -> None:
+    report = memory.run(run.tmp / "memory", log=print)
+    for key, value in report.figures.items():
+        run.put(key, value)
+    if report.meaning_error:
+        run.unavailable(tuple(k for k in SECTION_KEYS["memory"] if "words_meaning" in k),
+                        f"meaning needs the bench extra: {report.meaning_error}")
+
+
+def section_recall(run: Run) -> None:
+    got = recall_speed.measure(50 if run.quick else 200)
+    for key, value in got.items():
+        run.put(key, value)
+    print("  " + ", ".join(f"{k} {v:.2f}" for k, v in got.items()), flush=True)
+
+
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "core": (*(f"{kind}_c{c}" for c in (1, 10, 100)
                for kind in ("exchanges_per_s", "overhead_p50_ms", "overhead_p99_ms")),
@@ -313,12 +357,18 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "telegram": ("added_latency_p50_ms_telegram", "added_latency_p99_ms_telegram"),
     "discord": ("added_latency_p50_ms_discord", "added_latency_p99_ms_discord"),
     "postgres": ("exchanges_per_s_c100_postgres", "exchanges_per_s_c100_postgres_2proc"),
+    "memory": tuple(f"memory_{mode}_{ctx}_{lang}"
+                    for mode in ("truncate", "summarize", "words", "words_meaning")
+                    for ctx in memory.CONTEXTS for lang in ("en", "zh", "all")),
+    "recall": ("recall_p50_ms_1k", "recall_p50_ms_100k", "recall_p50_ms_1m",
+               "recall_ratio_1m_vs_1k"),
 }
 RUNNERS: dict[str, Callable[[Run], None]] = {
     "core": section_core, "paced": section_core_paced, "baseline": section_baseline,
     "history": section_history,
     "rss": section_rss, "startup": section_startup, "telegram": section_telegram,
     "discord": section_discord, "postgres": section_postgres,
+    "memory": section_memory, "recall": section_recall,
 }
 TITLES = {
     "core": "core throughput and overhead (SQLite)",
@@ -330,6 +380,8 @@ TITLES = {
     "telegram": "added latency through Telegram (adapter + emulator)",
     "discord": "added latency through Discord (adapter + emulator)",
     "postgres": "PostgreSQL at 100 concurrent conversations",
+    "memory": "memory: planted turns in the prompt, long multi-session conversations",
+    "recall": "recall per turn at 1k / 100k / 1M stored messages (SQLite, words)",
 }
 
 
@@ -361,6 +413,10 @@ def _shown(value: float | None, unit: str) -> str:
         return f"{value:.2f} ms"
     if unit == "×":
         return f"{value:.2f}×"
+    if unit == "%":
+        return f"{value * 100:.0f}%"
+    if unit == "tok":
+        return f"{value:,.0f} tokens"
     if unit == "MB":
         return f"{value:.1f} MB"
     return f"{value:.3f} s"

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import hashlib
 import inspect
@@ -38,10 +39,11 @@ import json
 import re
 import signal
 import socket
+import struct
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -547,6 +549,7 @@ class ModelServer:
         self.tokenize_calls = 0
         self.active = 0  # chat requests being handled now
         self.peak_active = 0
+        self.embeddings = EmbeddingKnobs()  # see the embeddings block below
         self._runner: web.AppRunner | None = None
         # Since 3.10 these bind to the running loop on first use, not at construction.
         self._closing = asyncio.Event()
@@ -581,6 +584,7 @@ class ModelServer:
                 web.post("/v1/chat/completions", self._openai_chat),
                 web.post("/tokenize", self._tokenize),
                 web.get("/props", self._props),
+                *embedding_routes(self),
                 web.post("/_fake/config", self._fake_config),
                 web.get("/_fake/requests", self._fake_requests),
             ]
@@ -1047,6 +1051,119 @@ async def closed_port_url() -> str:
         port = sock.getsockname()[1]
     # The port was just released; nothing else on this host is likely to grab it right away.
     return f"http://127.0.0.1:{port}"
+
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings: Ollama /api/embed and /api/embeddings, OpenAI /v1/embeddings (recall)
+# --------------------------------------------------------------------------------------------
+
+EMBED_DIM = 32
+
+
+@dataclass
+class EmbeddingKnobs:
+    """What the embedding routes answer; change the attributes at any time.
+
+    ``phrases`` maps a phrase to a vector: a text that contains the phrase
+    (case-insensitive) gets that vector, so a test can make two texts with no
+    word in common similar on purpose. Any other text gets a deterministic
+    bag-of-hashed-words vector (texts sharing words are somewhat similar).
+    ``fault`` is None, "http500" or "hang"; ``delay`` seconds before answering.
+    """
+
+    phrases: dict[str, list[float]] = field(default_factory=dict)
+    dim: int = EMBED_DIM
+    fault: str | None = None
+    delay: float = 0.0
+    requests: list[dict[str, Any]] = field(default_factory=list)  # route, model, input
+
+    def vector(self, text: str) -> list[float]:
+        low = text.lower()
+        for phrase, vec in self.phrases.items():
+            if phrase.lower() in low:
+                return [float(x) for x in vec]
+        out = [0.0] * self.dim
+        for word in re.findall(r"\w+", low) or [low]:
+            digest = hashlib.sha256(word.encode()).digest()
+            for i in range(self.dim):
+                out[i] += 1.0 if digest[i % len(digest)] & (1 << (i // len(digest))) else -1.0
+        norm = sum(x * x for x in out) ** 0.5 or 1.0
+        return [x / norm for x in out]
+
+
+def embedding_routes(srv: ModelServer) -> list[web.RouteDef]:
+    knobs = lambda: srv.embeddings  # noqa: E731  (read at request time: tests swap it)
+
+    async def prelude(request: web.Request,
+                      route: str) -> tuple[dict[str, Any], web.Response | None]:
+        try:
+            body = await request.json()
+        except ValueError:
+            return {}, web.json_response({"error": "invalid JSON body"}, status=400)
+        k = knobs()
+        k.requests.append({"route": route, "model": body.get("model"),
+                           "input": body.get("input", body.get("prompt"))})
+        await srv._sleep(k.delay)
+        if k.fault == "hang":
+            await srv._hold_forever()
+        if k.fault == "http500":
+            return body, web.json_response({"error": "embedding backend failed"}, status=500)
+        return body, None
+
+    def inputs(value: Any) -> list[str]:
+        return [value] if isinstance(value, str) else [str(v) for v in value or []]
+
+    async def ollama_embed(request: web.Request) -> web.Response:
+        body, err = await prelude(request, "/api/embed")
+        if err is not None:
+            return err
+        model = str(body.get("model", ""))
+        if not srv._has_model(model):
+            return web.json_response(
+                {"error": f'model "{model}" not found, try pulling it first'}, status=404)
+        texts = inputs(body.get("input"))
+        return web.json_response({
+            "model": model,
+            "embeddings": [knobs().vector(t) for t in texts],
+            "total_duration": 14_143_917, "load_duration": 1_019_500,
+            "prompt_eval_count": sum(count_tokens(t) for t in texts),
+        })
+
+    async def ollama_embeddings(request: web.Request) -> web.Response:  # the legacy route
+        body, err = await prelude(request, "/api/embeddings")
+        if err is not None:
+            return err
+        model = str(body.get("model", ""))
+        if not srv._has_model(model):
+            return web.json_response(
+                {"error": f'model "{model}" not found, try pulling it first'}, status=404)
+        return web.json_response({"embedding": knobs().vector(str(body.get("prompt", "")))})
+
+    async def openai_embeddings(request: web.Request) -> web.Response:
+        if (auth := srv._openai_auth_error(request)) is not None:
+            return auth
+        body, err = await prelude(request, "/v1/embeddings")
+        if err is not None:
+            return err
+        model = str(body.get("model", ""))
+        if not srv._has_model(model):
+            return _OpenAIDialect(srv, model, {}).error("not_found")
+        texts = inputs(body.get("input"))
+        base64_wanted = body.get("encoding_format") == "base64"
+        data = []
+        for i, text in enumerate(texts):
+            vec = knobs().vector(text)
+            shown: Any = (base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode()
+                          if base64_wanted else vec)
+            data.append({"object": "embedding", "index": i, "embedding": shown})
+        tokens = sum(count_tokens(t) for t in texts)
+        return web.json_response({"object": "list", "data": data, "model": model,
+                                  "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+    return [web.post("/api/embed", ollama_embed),
+            web.post("/api/embeddings", ollama_embeddings),
+            web.post("/v1/embeddings", openai_embeddings)]
 
 
 # --------------------------------------------------------------------------------------------

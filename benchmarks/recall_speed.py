@@ -1,0 +1,162 @@
+"""Recall's cost per turn on SQLite: query terms, ranking, neighbours, fitting.
+
+`recall_p50_ms_{1k,100k,1m}`: the median time of the words-only recall step
+of a turn (bot.recall.query_terms → storage.recall_index.search →
+around → fit_recalled) with 1,000 / 100,000 / 1,000,000 stored messages in
+that one conversation, among 5 other conversations of 1,000 messages each
+(so the conversation filter has something to filter). Messages are chat-like
+text over a Zipf-distributed vocabulary of 30,000 words plus everyday
+phrases (so query words match many messages, as in a long real history);
+queries are user questions. The databases are built once with sqlite3 and
+cached under benchmarks/.cache/ (keyed by schema and tokenizer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import os
+import random
+import sqlite3
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiosqlite
+
+from benchmarks import dbseed, memory_corpus
+from bot.recall import fit_recalled, query_terms, terms
+from storage import recall_index
+
+SIZES = {"1k": 1_000, "100k": 100_000, "1m": 1_000_000}
+OTHERS = 5  # other conversations of 1,000 messages
+QUERIES = [
+    "Where does my sister live now?",
+    "What was the code for the garage again?",
+    "How much rent am I paying now?",
+    "Can you remind me what recipe we talked about for the curry dinner?",
+    "我妹妹現在住在哪個城市？",
+    "車庫的密碼是多少來著？",
+    "what did my manager say about the billing project",
+    "any tips for learning the guitar in the evenings",
+]
+RECALL_TOKENS = 896  # a quarter of 4096 - 512
+
+
+def _vocab(n: int, rng: random.Random) -> list[str]:
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return ["".join(rng.choices(letters, k=rng.randint(3, 9))) for _ in range(n)]
+
+
+def _texts(count: int, seed: int) -> Iterator[str]:
+    rng = random.Random(seed)
+    vocab = _vocab(30_000, rng)
+    cum, total = [], 0.0
+    for i in range(len(vocab)):
+        total += 1 / (i + 1)
+        cum.append(total)
+    everyday = [memory_corpus._fill(rng, t, memory_corpus.EN_SLOTS)
+                for t in memory_corpus.EN_FILLER for _ in range(20)]
+    everyday += [memory_corpus._fill(rng, t, memory_corpus.ZH_SLOTS)
+                 for t in memory_corpus.ZH_FILLER for _ in range(20)]
+    pool = [" ".join(rng.choices(vocab, cum_weights=cum, k=rng.randint(6, 40)))
+            for _ in range(20_000)]
+    for n in range(count):
+        yield everyday[n % len(everyday)] if n % 3 == 0 else pool[(n * 7919) % len(pool)]
+
+
+def _cache_key() -> str:
+    # The words table's definition and the tokenizer decide what is stored.
+    src = (inspect.getsource(terms) + recall_index.SQLITE_MIGRATIONS[0][1].split(";")[0]
+           + inspect.getsource(recall_index.fts_terms))
+    return f"{dbseed.schema_key()}-{hashlib.sha256(src.encode()).hexdigest()[:8]}"
+
+
+def build(size: int, log: bool = True) -> Path:
+    """The cached database with one conversation of `size` messages (id 1) and others."""
+    dbseed.CACHE_DIR.mkdir(exist_ok=True)
+    path = dbseed.CACHE_DIR / f"recall-{size}-{_cache_key()}.db"
+    if path.exists():
+        return path
+    for stale in dbseed.CACHE_DIR.glob(f"recall-{size}-*.db"):
+        stale.unlink()
+    t0 = time.perf_counter()
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    dbseed.create_schema(tmp)
+    db = sqlite3.connect(tmp, isolation_level=None)
+    try:
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute("PRAGMA cache_size = -262144")
+        db.executescript(recall_index.SQLITE_MIGRATIONS[0][1])
+        db.execute("BEGIN")
+        convs = [(f"telegram:r{n}@dm", f"r{n}") for n in range(OTHERS + 1)]
+        db.executemany("INSERT INTO conversations (key, platform, user_id, place, created_at) "
+                       "VALUES (?, 'telegram', ?, 'dm', '2026-01-01T00:00:00.000Z')", convs)
+        big = 1
+        # The big conversation's rows interleave with the others', as a busy bot writes them.
+        plan = [big] * size + [c for c in range(2, OTHERS + 2) for _ in range(1000)]
+        random.Random(3).shuffle(plan)
+        texts = _texts(len(plan), seed=size)
+        rows = []
+        for n, (conv, text) in enumerate(zip(plan, texts, strict=False), 1):
+            rows.append((n, conv, "user" if n % 2 else "assistant", text))
+            if len(rows) == 20_000 or n == len(plan):
+                db.executemany("INSERT INTO messages (id, conversation_id, role, content, "
+                               "created_at) VALUES (?, ?, ?, ?, '2026-01-01T00:00:00.000Z')",
+                               rows)
+                db.executemany("INSERT INTO recall_fts(rowid, terms, conv) VALUES (?, ?, ?)",
+                               [(i, recall_index.fts_terms(c, recall_index.index_terms(t)),
+                                 f"c{c}") for i, c, _, t in rows])
+                rows = []
+        db.execute("COMMIT")
+        db.execute("INSERT INTO recall_fts(recall_fts) VALUES ('optimize')")
+        db.execute("ANALYZE")
+    finally:
+        db.close()
+    tmp.replace(path)
+    if log:
+        print(f"  built {size:,} + {OTHERS * 1000:,} messages in {time.perf_counter() - t0:.0f} s"
+              f" → {path.name} (cached)", flush=True)
+    return path
+
+
+async def _measure(path: Path, reps: int) -> list[float]:
+    async with aiosqlite.connect(path) as conn:
+        # Steps of the recall migration added after the cache was built (idempotent).
+        await conn.executescript(recall_index.SQLITE_MIGRATIONS[0][1].split(";", 1)[1]
+                                 .replace("CREATE TABLE recall_vectors",
+                                          "CREATE TABLE IF NOT EXISTS recall_vectors")
+                                 .replace("CREATE INDEX recall_vectors",
+                                          "CREATE INDEX IF NOT EXISTS recall_vectors"))
+        cur = await conn.execute("SELECT max(id) FROM messages WHERE conversation_id = 1")
+        newest = int((await cur.fetchone())[0])  # type: ignore[index]
+        before = newest - 60  # the window holds the newest messages
+        times = []
+        for rep in range(reps):
+            q = QUERIES[rep % len(QUERIES)]
+            t0 = time.perf_counter()
+            hits = await recall_index.search(conn, 1, query_terms(q), before, 25)
+            arounds = await recall_index.around(conn, 1, [h[0] for h in hits], before)
+            fit_recalled(arounds, RECALL_TOKENS)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure(reps: int = 200, sizes: dict[str, int] = SIZES) -> dict[str, float]:
+    """p50 ms per size (and the 1m ÷ 1k ratio)."""
+    out: dict[str, float] = {}
+    for name, size in sizes.items():
+        path = build(size)
+        times = asyncio.run(_measure(path, reps + len(QUERIES)))[len(QUERIES):]  # warm first
+        out[f"recall_p50_ms_{name}"] = statistics.median(times) * 1000
+        out[f"recall_p99_ms_{name}"] = sorted(times)[int(len(times) * 0.99) - 1] * 1000
+    if "recall_p50_ms_1m" in out and "recall_p50_ms_1k" in out:
+        out["recall_ratio_1m_vs_1k"] = out["recall_p50_ms_1m"] / out["recall_p50_ms_1k"]
+    return out
+
+
+if __name__ == "__main__":
+    for k, v in measure().items():
+        print(f"{k}: {v:.3f}")

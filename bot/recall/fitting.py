@@ -1,0 +1,132 @@
+"""Fitting recalled messages into RECALL_TOKENS: hits with their neighbours, one block.
+
+A hit is the message a ranking found; an answer often spans two turns, so the
+message before and after it come too when they fit (a user's message first
+brings the reply to it, a reply first brings the question). The block keeps
+each message's date and speaker and lists them oldest first, under a header
+that tells the model what it is reading.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from bot.text_fit import longest_prefix
+from bot.tokens import MESSAGE_OVERHEAD, count_tokens
+
+RECALL_HEADER = ("Earlier messages from this conversation that may be relevant, oldest first "
+                 "('user' is the person you are talking to, 'you' are your own replies):")
+SPEAKERS = {"user": "user", "assistant": "you"}
+MIN_CLIP_TOKENS = 24  # a clipped hit shorter than this says too little to be worth it
+ELLIPSIS = " …"
+
+
+@dataclass(frozen=True, slots=True)
+class RecallMessage:
+    id: int
+    role: str  # "user" or "assistant"
+    content: str
+    created_at: str  # ISO 8601; the date is its first ten characters
+
+
+@dataclass(frozen=True, slots=True)
+class Around:
+    """A hit and its neighbours in the conversation (None at either end)."""
+
+    hit: RecallMessage
+    before: RecallMessage | None = None
+    after: RecallMessage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Recalled:
+    messages: list[RecallMessage]  # what went in, oldest first
+    text: str  # the block ("" when nothing fits)
+    tokens: int  # its cost, as the prompt counts it (calibrated)
+    hit_ids: list[int]  # the hits that went in, in rank order
+
+    @property
+    def ids(self) -> list[int]:
+        return [m.id for m in self.messages]
+
+
+def render_line(msg: RecallMessage, content: str | None = None) -> str:
+    speaker = SPEAKERS.get(msg.role, msg.role)
+    return f"[{msg.created_at[:10]}] {speaker}: {content if content is not None else msg.content}"
+
+
+def fit_recalled(
+    ranked: Sequence[Around],
+    budget: int,
+    *,
+    factor: float = 1.0,
+    counter: Callable[[str], int] = count_tokens,
+    paired: int = 5,
+) -> Recalled:
+    """Hits in rank order with their neighbours, within `budget` tokens as one block.
+
+    The first `paired` hits bring their neighbours at once; the rest of the hits
+    go before the rest of the neighbours.
+
+    The block is one system message: its cost is the header, the lines and
+    the message overhead, times the model's calibration `factor`.
+    """
+
+    def cost(text: str) -> int:
+        return math.ceil(counter(text) * factor)
+
+    fixed = math.ceil((counter(RECALL_HEADER) + MESSAGE_OVERHEAD) * factor)
+    room = budget - fixed
+    chosen: dict[int, str] = {}  # id → line
+    by_id: dict[int, RecallMessage] = {}
+    hits: list[int] = []
+    used = 0
+
+    def take(msg: RecallMessage, clip: bool) -> bool:
+        nonlocal used
+        if msg.id in chosen:
+            return True
+        line = render_line(msg)
+        c = cost("\n" + line)
+        if used + c > room:
+            left = room - used - cost("\n" + render_line(msg, "")) - cost(ELLIPSIS)
+            if not clip or left < MIN_CLIP_TOKENS:
+                return False
+            keep = longest_prefix(msg.content, int(left / factor), counter)
+            line = render_line(msg, msg.content[:keep].rstrip() + ELLIPSIS)
+            c = cost("\n" + line)
+            if used + c > room:
+                return False
+        chosen[msg.id], by_id[msg.id] = line, msg
+        used += c
+        return True
+
+    def neighbours(item: Around) -> list[RecallMessage]:
+        # A user's message first brings the reply to it; a reply, its question.
+        order = (item.after, item.before) if item.hit.role == "user" else (item.before,
+                                                                          item.after)
+        return [m for m in order if m is not None]
+
+    # The best hits come with their neighbours; then the other hits alone; then,
+    # in what room is left, the other hits' neighbours.
+    for rank, item in enumerate(ranked):
+        if room - used <= 0:
+            break
+        if take(item.hit, clip=True):
+            hits.append(item.hit.id)
+            if rank < paired:
+                for neighbour in neighbours(item):
+                    take(neighbour, clip=False)
+    for item in ranked[paired:]:
+        if item.hit.id in chosen:
+            for neighbour in neighbours(item):
+                take(neighbour, clip=False)
+    if not chosen:
+        return Recalled([], "", 0, [])
+    ids = sorted(chosen)
+    text = RECALL_HEADER + "".join("\n" + chosen[i] for i in ids)
+    # The lines' costs add up to at least the whole block's: the estimate's pieces
+    # never span a line break except to merge (which only saves), so no recount.
+    return Recalled([by_id[i] for i in ids], text, fixed + used, hits)

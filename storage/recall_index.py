@@ -1,0 +1,337 @@
+"""The recall index in the database: full-text terms and embedding vectors, both dialects.
+
+SQLite keeps the tokenizer's terms in an FTS5 table (rowid = message id;
+each term prefixed with its conversation, see `fts_terms`; a `conv` column
+names the conversation for deletion; ranked by `bm25()`); PostgreSQL keeps
+them as a `tsvector` with positions in a side table with a GIN index, ranked
+by `ts_rank_cd`. The terms come from `bot.recall.terms`, the same tokenizer
+on both sides and for the query, so neither database's own parser is
+involved (no 'simple' config surprises with Chinese). Vectors are
+little-endian float32 blobs / bytea, one per message and model.
+
+Every function takes a connection (aiosqlite or asyncpg, chosen by type)
+and runs inside whatever transaction the caller holds: indexing a message
+belongs in the transaction that stores it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import aiosqlite
+
+from bot.recall.fitting import Around, RecallMessage
+from bot.recall.terms import index_terms
+
+MIGRATION_NAME = "005_recall"
+
+SQLITE_MIGRATIONS: list[tuple[str, str]] = [
+    (
+        MIGRATION_NAME,
+        """
+        CREATE VIRTUAL TABLE recall_fts USING fts5(
+            terms, conv, tokenize = "unicode61 remove_diacritics 0"
+        );
+        CREATE VIRTUAL TABLE IF NOT EXISTS recall_vocab USING fts5vocab(recall_fts, 'row');
+        CREATE TABLE recall_vectors (
+            message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+            conversation_id INTEGER NOT NULL,
+            model TEXT NOT NULL,
+            vector BLOB NOT NULL
+        );
+        CREATE INDEX recall_vectors_conversation
+            ON recall_vectors(conversation_id, model, message_id);
+        """,
+    ),
+]
+
+POSTGRES_MIGRATIONS: list[tuple[str, str]] = [
+    (
+        MIGRATION_NAME,
+        """
+        CREATE TABLE recall_terms (
+            message_id BIGINT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+            conversation_id BIGINT NOT NULL,
+            terms TSVECTOR NOT NULL
+        );
+        CREATE INDEX recall_terms_terms ON recall_terms USING GIN (terms);
+        CREATE INDEX recall_terms_conversation ON recall_terms(conversation_id, message_id);
+        CREATE TABLE recall_vectors (
+            message_id BIGINT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
+            conversation_id BIGINT NOT NULL,
+            model TEXT NOT NULL,
+            vector BYTEA NOT NULL
+        );
+        CREATE INDEX recall_vectors_conversation
+            ON recall_vectors(conversation_id, model, message_id);
+        """,
+    ),
+]
+
+MAX_POSITION = 16383  # PostgreSQL's largest tsvector position
+# SQLite ranks at most this many candidate matches, the newest first: bm25 costs per
+# match, and a long history must not make a turn slower. The rarest terms are kept
+# whole (terms go in rarest first while their matches fit); a term too common to
+# fit says little about any one message anyway (its idf is near zero).
+MAX_CANDIDATES = 1000
+
+
+def _is_sqlite(conn: Any) -> bool:
+    return isinstance(conn, aiosqlite.Connection)
+
+
+def _conv_token(conversation_id: int) -> str:
+    return f"c{conversation_id}"
+
+
+def fts_terms(conversation_id: int, terms: Iterable[str]) -> str:
+    """Terms as SQLite stores them: each prefixed with its conversation ("12xsister").
+
+    So every term's doclist, document frequency and bm25 idf are the
+    conversation's own: a search costs what that conversation matches, never
+    the whole table, and cannot even name another conversation's terms. The
+    prefix ends at the first "x", which no id contains, so it decodes uniquely.
+    """
+    return " ".join(f"{conversation_id}x{t}" for t in terms)
+
+
+def _fts_query(conversation_id: int, terms: Sequence[str]) -> str:
+    quoted = " OR ".join('"' + f"{conversation_id}x{t}".replace('"', '""') + '"'
+                         for t in terms)
+    return f"terms : ({quoted})"
+
+
+def _lexeme(term: str) -> str:
+    return "'" + term.replace("\\", "\\\\").replace("'", "''") + "'"
+
+
+def tsvector_literal(terms: Sequence[str]) -> str:
+    """The tokenizer's terms as a tsvector with positions (no parser, no folding)."""
+    positions: dict[str, list[int]] = {}
+    for pos, term in enumerate(terms[:MAX_POSITION], 1):
+        positions.setdefault(term, []).append(pos)
+    return " ".join(f"{_lexeme(t)}:{','.join(map(str, p[:256]))}" for t, p in positions.items())
+
+
+def tsquery_literal(terms: Sequence[str]) -> str:
+    return " | ".join(_lexeme(t) for t in terms)
+
+
+# -- writing
+
+
+async def index_messages(conn: Any, rows: Iterable[tuple[int, int, str]]) -> int:
+    """Index (message_id, conversation_id, content) rows; an id indexed before is replaced."""
+    batch = [(mid, cid, index_terms(text)) for mid, cid, text in rows]
+    if not batch:
+        return 0
+    if _is_sqlite(conn):
+        await conn.executemany("DELETE FROM recall_fts WHERE rowid = ?",
+                               [(mid,) for mid, _, _ in batch])
+        await conn.executemany(
+            "INSERT INTO recall_fts(rowid, terms, conv) VALUES (?, ?, ?)",
+            [(mid, fts_terms(cid, terms), _conv_token(cid)) for mid, cid, terms in batch])
+    else:
+        await conn.executemany(
+            "INSERT INTO recall_terms(message_id, conversation_id, terms) "
+            "VALUES ($1, $2, $3::tsvector) ON CONFLICT (message_id) DO UPDATE "
+            "SET conversation_id = EXCLUDED.conversation_id, terms = EXCLUDED.terms",
+            [(mid, cid, tsvector_literal(terms)) for mid, cid, terms in batch])
+    return len(batch)
+
+
+async def save_vectors(conn: Any, model: str,
+                       rows: Iterable[tuple[int, int, bytes]]) -> int:
+    """Store (message_id, conversation_id, float32 blob) rows for `model`."""
+    batch = list(rows)
+    if not batch:
+        return 0
+    if _is_sqlite(conn):
+        await conn.executemany(
+            "INSERT OR REPLACE INTO recall_vectors(message_id, conversation_id, model, vector) "
+            "VALUES (?, ?, ?, ?)", [(mid, cid, model, blob) for mid, cid, blob in batch])
+    else:
+        await conn.executemany(
+            "INSERT INTO recall_vectors(message_id, conversation_id, model, vector) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT (message_id) DO UPDATE "
+            "SET model = EXCLUDED.model, vector = EXCLUDED.vector",
+            [(mid, cid, model, blob) for mid, cid, blob in batch])
+    return len(batch)
+
+
+async def delete_conversation(conn: Any, conversation_id: int) -> tuple[int, int]:
+    """Remove a conversation's index entries and vectors; (terms, vectors) removed."""
+    if _is_sqlite(conn):
+        cur = await conn.execute(
+            "DELETE FROM recall_fts WHERE rowid IN "
+            "(SELECT rowid FROM recall_fts WHERE recall_fts MATCH ?)",
+            (f'conv : "{_conv_token(conversation_id)}"',))
+        terms = cur.rowcount
+        cur = await conn.execute("DELETE FROM recall_vectors WHERE conversation_id = ?",
+                                 (conversation_id,))
+        return terms, cur.rowcount
+    terms_status = await conn.execute("DELETE FROM recall_terms WHERE conversation_id = $1",
+                                      conversation_id)
+    vectors_status = await conn.execute(
+        "DELETE FROM recall_vectors WHERE conversation_id = $1", conversation_id)
+    return int(terms_status.split()[-1]), int(vectors_status.split()[-1])
+
+
+# -- reading
+
+
+async def search(conn: Any, conversation_id: int, terms: Sequence[str], before_id: int,
+                 limit: int) -> list[tuple[int, float]]:
+    """Messages of one conversation with id < before_id matching any term: (id, score),
+    best first (higher is better)."""
+    if not terms or limit <= 0:
+        return []
+    if _is_sqlite(conn):
+        kept = await _affordable_terms(conn, conversation_id, terms)
+        if not kept:
+            return []
+        cur = await conn.execute(
+            "SELECT rowid, score FROM (SELECT rowid, -bm25(recall_fts, 1.0, 0.0) AS score "
+            "FROM recall_fts WHERE recall_fts MATCH ? AND rowid < ? ORDER BY rowid DESC "
+            "LIMIT ?) ORDER BY score DESC, rowid DESC LIMIT ?",
+            (_fts_query(conversation_id, kept), before_id, MAX_CANDIDATES, limit))
+        return [(int(r[0]), float(r[1])) for r in await cur.fetchall()]
+    rows = await conn.fetch(
+        "SELECT message_id, ts_rank_cd(terms, q, 1) AS score "
+        "FROM recall_terms, CAST($2 AS tsquery) AS q "
+        "WHERE conversation_id = $1 AND message_id < $3 AND terms @@ q "
+        "ORDER BY score DESC, message_id DESC LIMIT $4",
+        conversation_id, tsquery_literal(terms), before_id, limit)
+    return [(int(r[0]), float(r[1])) for r in rows]
+
+
+async def _affordable_terms(conn: aiosqlite.Connection, conversation_id: int,
+                            terms: Sequence[str]) -> list[str]:
+    """The terms that occur in the conversation, rarest first, while their matches fit
+    MAX_CANDIDATES."""
+    sql = " UNION ALL ".join(["SELECT ?, doc FROM recall_vocab WHERE term = ?"] * len(terms))
+    stored = [f"{conversation_id}x{t}" for t in terms]
+    cur = await conn.execute(sql, tuple(x for pair in zip(terms, stored, strict=True)
+                                        for x in pair))
+    found = sorted(((int(doc), term) for term, doc in await cur.fetchall()), key=lambda x: x[0])
+    kept: list[str] = []
+    total = 0
+    for doc, term in found:
+        if kept and total + doc > MAX_CANDIDATES:
+            break
+        kept.append(term)
+        total += doc
+    return kept
+
+
+async def vectors_since(conn: Any, conversation_id: int, model: str, after_id: int,
+                        limit: int = 1_000_000) -> list[tuple[int, bytes]]:
+    """The conversation's vectors for `model` with id > after_id, oldest first."""
+    if _is_sqlite(conn):
+        cur = await conn.execute(
+            "SELECT message_id, vector FROM recall_vectors WHERE conversation_id = ? "
+            "AND model = ? AND message_id > ? ORDER BY message_id LIMIT ?",
+            (conversation_id, model, after_id, limit))
+        return [(int(r[0]), bytes(r[1])) for r in await cur.fetchall()]
+    rows = await conn.fetch(
+        "SELECT message_id, vector FROM recall_vectors WHERE conversation_id = $1 "
+        "AND model = $2 AND message_id > $3 ORDER BY message_id LIMIT $4",
+        conversation_id, model, after_id, limit)
+    return [(int(r[0]), bytes(r[1])) for r in rows]
+
+
+_AROUND_SQLITE = """
+WITH h(id) AS (SELECT value FROM json_each(?1))
+SELECT h.id, 0, m.id, m.role, m.content, m.created_at FROM h
+    JOIN messages m ON m.id = h.id AND m.conversation_id = ?2 AND m.id < ?3
+UNION ALL
+SELECT h.id, -1, m.id, m.role, m.content, m.created_at FROM h
+    JOIN messages m ON m.id = (SELECT max(id) FROM messages
+                               WHERE conversation_id = ?2 AND id < h.id)
+UNION ALL
+SELECT h.id, 1, m.id, m.role, m.content, m.created_at FROM h
+    JOIN messages m ON m.id = (SELECT min(id) FROM messages
+                               WHERE conversation_id = ?2 AND id > h.id AND id < ?3)
+"""
+_AROUND_POSTGRES = """
+SELECT h, 0, m.id, m.role, m.content, m.created_at FROM unnest($1::bigint[]) h
+    JOIN messages m ON m.id = h AND m.conversation_id = $2 AND m.id < $3
+UNION ALL
+SELECT h, -1, p.id, p.role, p.content, p.created_at FROM unnest($1::bigint[]) h,
+    LATERAL (SELECT id, role, content, created_at FROM messages
+             WHERE conversation_id = $2 AND id < h ORDER BY id DESC LIMIT 1) p
+UNION ALL
+SELECT h, 1, n.id, n.role, n.content, n.created_at FROM unnest($1::bigint[]) h,
+    LATERAL (SELECT id, role, content, created_at FROM messages
+             WHERE conversation_id = $2 AND id > h AND id < $3 ORDER BY id LIMIT 1) n
+"""
+
+
+async def around(conn: Any, conversation_id: int, ids: Sequence[int],
+                 before_id: int) -> list[Around]:
+    """Each hit with the messages before and after it in its conversation (all below
+    before_id), in the order of `ids`; a hit not in the conversation is left out."""
+    if not ids:
+        return []
+    if _is_sqlite(conn):
+        cur = await conn.execute(_AROUND_SQLITE, (json.dumps(list(ids)), conversation_id,
+                                                  before_id))
+        rows: Sequence[Sequence[Any]] = await cur.fetchall()
+    else:
+        rows = await conn.fetch(_AROUND_POSTGRES, list(ids), conversation_id, before_id)
+    found: dict[int, dict[int, RecallMessage]] = {}
+    for hit, side, mid, role, content, created in rows:
+        found.setdefault(int(hit), {})[int(side)] = RecallMessage(int(mid), role, content,
+                                                                   created)
+    out = []
+    for i in ids:
+        sides = found.get(i)
+        if sides and 0 in sides:
+            out.append(Around(sides[0], sides.get(-1), sides.get(1)))
+    return out
+
+
+# -- backfill (python -m bot reindex)
+
+
+async def newest_indexed_id(conn: Any) -> int:
+    """The newest message id in the words index (0: empty); reindex resumes after it."""
+    if _is_sqlite(conn):
+        cur = await conn.execute("SELECT max(rowid) FROM recall_fts")
+        row = await cur.fetchone()
+        return int(row[0] or 0) if row else 0
+    return int(await conn.fetchval("SELECT coalesce(max(message_id), 0) FROM recall_terms"))
+
+
+async def messages_after(conn: Any, after_id: int, limit: int) -> list[tuple[int, int, str]]:
+    """(id, conversation_id, content) of stored messages with id > after_id, oldest first."""
+    if _is_sqlite(conn):
+        cur = await conn.execute(
+            "SELECT id, conversation_id, content FROM messages WHERE id > ? ORDER BY id "
+            "LIMIT ?", (after_id, limit))
+        return [(int(a), int(b), c) for a, b, c in await cur.fetchall()]
+    rows = await conn.fetch(
+        "SELECT id, conversation_id, content FROM messages WHERE id > $1 ORDER BY id "
+        "LIMIT $2", after_id, limit)
+    return [(int(a), int(b), c) for a, b, c in rows]
+
+
+async def messages_without_vectors(conn: Any, model: str, after_id: int,
+                                   limit: int) -> list[tuple[int, int, str]]:
+    """(id, conversation_id, content) with no vector for `model`, id > after_id, oldest
+    first: what an embedding backfill still has to do."""
+    if _is_sqlite(conn):
+        cur = await conn.execute(
+            "SELECT m.id, m.conversation_id, m.content FROM messages m "
+            "LEFT JOIN recall_vectors v ON v.message_id = m.id AND v.model = ? "
+            "WHERE m.id > ? AND v.message_id IS NULL ORDER BY m.id LIMIT ?",
+            (model, after_id, limit))
+        return [(int(a), int(b), c) for a, b, c in await cur.fetchall()]
+    rows = await conn.fetch(
+        "SELECT m.id, m.conversation_id, m.content FROM messages m "
+        "LEFT JOIN recall_vectors v ON v.message_id = m.id AND v.model = $1 "
+        "WHERE m.id > $2 AND v.message_id IS NULL ORDER BY m.id LIMIT $3",
+        model, after_id, limit)
+    return [(int(a), int(b), c) for a, b, c in rows]
