@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+from storage.base import StoredMessage
 
 from benchmarks import memory_corpus
 from benchmarks.memory_corpus import Conversation
@@ -50,7 +51,6 @@ from bot.service import ChatService
 from bot.settings import Settings, load_settings
 from bot.tokens import count_messages, count_tokens
 from storage import open_store, recall_index
-from storage.base import StoredMessage
 
 CONTEXTS = (2048, 4096, 8192)
 PLATFORM = "telegram"
