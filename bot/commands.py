@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from bot.i18n import Catalogs, Translator
+
 if TYPE_CHECKING:
     from bot.messages import Incoming
     from bot.reply import Reply
@@ -27,7 +29,7 @@ class Arg:
     """One optional argument (the rest of the line after the command's name)."""
 
     name: str
-    description: str
+    description: str  # an English msgid (mark it with N_); shown translated
     # The Choices' command whose options complete this argument ("model"), if any.
     choices: str | None = None
 
@@ -35,7 +37,7 @@ class Arg:
 @dataclass(frozen=True, slots=True)
 class Command:
     name: str
-    description: str  # one line, shown in every menu
+    description: str  # one line, shown in every menu: an English msgid (N_), translated
     handler: Handler
     args: tuple[Arg, ...] = ()
     admin: bool = False  # only ADMIN_USERS (and the console) may run it
@@ -124,13 +126,16 @@ def parse_command(text: str) -> tuple[str, str] | None:
     return name, args.strip()
 
 
-def help_text(model: str, commands: Commands) -> str:
+def help_text(model: str, commands: Commands, tr: Translator | None = None) -> str:
+    """/help in the reader's language (English without a translator)."""
+    if tr is None:
+        tr = Catalogs({}).for_language(None)
     lines = [
-        "I'm a chat assistant that remembers our conversation, here and across restarts "
-        "(each person has their own memory). 我也能用中文聊天。",
+        tr.gettext("I'm a chat assistant that remembers our conversation, here and across "
+                   "restarts (each person has their own memory). 我也能用中文聊天。"),
         "",
-        "Commands:",
+        tr.gettext("Commands:"),
     ]
-    lines += [f"/{c.name} — {c.description}" for c in commands.listed()]
-    lines += ["", f"Your model: `{model}`"]
+    lines += [f"/{c.name} — {tr.gettext(c.description)}" for c in commands.listed()]
+    lines += ["", tr.gettext("Your model: `{model}`", model=model)]
     return "\n".join(lines)

@@ -23,6 +23,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from bot.i18n import N_
 from bot.providers.base import NO_OPTIONS, CallOptions, Provider, ProviderError, Usage
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ async def stream_reply(
             first = await anext(stream)
         except StopAsyncIteration:
             raise ProviderError(
-                "The model returned an empty reply. Please try again.",
+                N_("The model returned an empty reply. Please try again."),
                 detail="stream ended before any text", retryable=True,
             ) from None
         except BaseException:
@@ -133,7 +134,7 @@ async def stream_reply(
         except Exception as exc:  # a provider bug must still end the turn clearly
             log.exception("model call failed unexpectedly")
             queue.put_nowait(ProviderError(
-                "Something went wrong talking to the model. Please try again.",
+                N_("Something went wrong talking to the model. Please try again."),
                 detail=f"{type(exc).__name__}: {exc}",
             ))
 
@@ -158,12 +159,12 @@ async def stream_reply(
                         raise _reply_timeout(limits.reply or 0.0) from None
                     if got_text:
                         raise ProviderError(
-                            "The model stopped responding in the middle of the reply.",
+                            N_("The model stopped responding in the middle of the reply."),
                             detail=f"no new token for {wait:g} s",
                         ) from None
                     raise ProviderError(
-                        f"The model didn't start replying within {wait:g} seconds. "
-                        "Please try again later.",
+                        N_("The model didn't start replying within {seconds:g} seconds. "
+                           "Please try again later."), params={"seconds": wait},
                         detail=f"no first token within {wait:g} s",
                     ) from None
             if isinstance(item, _End):
@@ -180,7 +181,8 @@ async def stream_reply(
 
 def _reply_timeout(seconds: float) -> ProviderError:
     return ProviderError(
-        f"The reply took longer than {seconds:g} seconds, so I stopped it here.",
+        N_("The reply took longer than {seconds:g} seconds, so I stopped it here."),
+        params={"seconds": seconds},
         detail=f"reply not finished within {seconds:g} s (LLM_REPLY_TIMEOUT)",
         kind="reply_timeout",
     )

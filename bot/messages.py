@@ -21,6 +21,9 @@ class Incoming:
     place_id: str | None  # the server / group; None in a direct message
     text: str  # what the model sees: mention of the bot already stripped
     raw: object = field(default=None, compare=False, repr=False)
+    # The platform's language for this user, already one of bot.i18n.LANGUAGES
+    # (Telegram's language_code, Discord's locale); None when it says none.
+    language: str | None = None
 
     @property
     def user_key(self) -> str:

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from bot.i18n import Translator
 from bot.providers.base import ModelInfo, Provider, ProviderError
 from bot.settings import Settings
 from bot.store import Store
@@ -196,10 +197,12 @@ class ModelWindows:
         except Exception:
             log.warning("cannot store what was learned about %s", model, exc_info=True)
 
-    async def describe(self, model: str) -> str:
-        """`window 8,192 tokens, 3.2B, Q4_K_M` as far as the server says."""
+    async def describe(self, model: str, tr: Translator | None = None) -> str:
+        """`window 8,192 tokens, 3.2B, Q4_K_M` as far as the server says (in `tr`'s words)."""
         w = await self.window(model)
-        parts = [f"window {w.num_ctx:,} tokens"]
+        window = tr.gettext("window {tokens:,} tokens", tokens=w.num_ctx) if tr is not None \
+            else f"window {w.num_ctx:,} tokens"
+        parts = [window]
         if w.info.parameter_size:
             parts.append(w.info.parameter_size)
         if w.info.quantization:

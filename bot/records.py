@@ -56,6 +56,7 @@ class TurnContext:
     model_choice: str | None  # the user's /model pick, if any
     summary: Summary | None
     history: list[StoredMessage]  # newest messages after the summary, oldest first
+    language_choice: str | None = None  # the user's /language pick, if any
 
 
 @dataclass(slots=True)

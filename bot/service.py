@@ -14,11 +14,21 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 
 from bot.commands import Arg, Commands, command, help_text, parse_command
+from bot.i18n import (
+    LANGUAGE_NAMES,
+    LANGUAGES,
+    N_,
+    Catalogs,
+    Translator,
+    choose_language,
+    parse_language,
+)
 from bot.llm_call import CallCancelled, CallLimits, stream_reply
 from bot.logging_setup import RedactSecrets
 from bot.memory import Summarizer
@@ -43,7 +53,8 @@ exchange_log = logging.getLogger("bot.exchange")
 HISTORY_LOAD_LIMIT = 400  # at most this many messages are loaded for one prompt
 REJECTED_KEEP = 200  # characters of a refused message the audit log keeps
 RATE_WINDOW = 60  # seconds: RATE_LIMIT_PER_MINUTE
-SHUTDOWN_NOTE = "\n\n_(reply cut off: the bot is restarting)_"
+# Notes after a reply's text (two newlines, then the catalogue's words).
+SHUTDOWN_NOTE = N_("_(reply cut off: the bot is restarting)_")
 # How a turn's audit status reads as the answer's outcome.
 _OUTCOMES = {"ok": Outcome.OK, "error": Outcome.ERROR, "cancelled": Outcome.CANCELLED,
              "rejected": Outcome.REFUSED}
@@ -53,15 +64,25 @@ def _model_options(models: ModelChoices) -> Choices:
     return Choices("model", tuple(Choice(m, m, m == models.current) for m in models.available))
 
 
-LENGTH_NOTE = "\n\n_(reply cut off at the length limit)_"
+LENGTH_NOTE = N_("_(reply cut off at the length limit)_")
+
+
+def _language_options(current: str | None) -> Choices:
+    return Choices("language", tuple(Choice(code, LANGUAGE_NAMES[code], code == current)
+                                     for code in LANGUAGES))
 
 
 class ChatService:
     """Thin adapters call `handle`; everything else lives below it."""
 
     def __init__(self, settings: Settings, store: Store, provider: Provider, *,
-                 commands: Commands | None = None) -> None:
+                 commands: Commands | None = None, catalogs: Catalogs | None = None,
+                 lang_env: str | None = None) -> None:
         self.settings = settings
+        # The bot's own words in every shipped language (read once, here).
+        self.catalogs = catalogs if catalogs is not None else Catalogs.load()
+        # The process's LANG: the last signal before English.
+        self._lang_env = lang_env if lang_env is not None else os.environ.get("LANG")
         # The chat commands: the handlers marked below, unless a caller gives others.
         self.commands = commands if commands is not None else Commands.of(type(self))
         self.store = store
@@ -100,8 +121,32 @@ class ChatService:
         key = f"{msg.platform}:{msg.user_id}@{place}"
         return ConversationRef(key=key, platform=msg.platform, user_id=msg.user_id, place=place)
 
-    def help_text(self, model: str | None = None) -> str:
-        return help_text(model or self.settings.LLM_MODEL, self.commands)
+    def help_text(self, model: str | None = None, tr: Translator | None = None) -> str:
+        return help_text(model or self.settings.LLM_MODEL, self.commands, tr)
+
+    # -- the language of the bot's own words, per user
+    def language_of(self, msg: Incoming, chosen: str | None = None) -> str:
+        """The user's language: their /language choice (`chosen`), else LANGUAGE,
+        else the platform's signal, else LANG, else English."""
+        return choose_language(chosen=chosen, setting=self.settings.LANGUAGE,
+                               platform=msg.language, lang_env=self._lang_env)
+
+    def translator_for(self, msg: Incoming, chosen: str | None = None) -> Translator:
+        """A translator without asking the store (the stored choice, if known, as `chosen`)."""
+        return self.catalogs.for_language(self.language_of(msg, chosen))
+
+    async def translator(self, msg: Incoming) -> Translator:
+        """The translator for `msg`'s sender, their stored /language choice included."""
+        return self.translator_for(msg, await self._chosen_language(msg))
+
+    async def _chosen_language(self, msg: Incoming) -> str | None:
+        try:
+            return await self.store.user_language(msg.platform, msg.user_id)
+        except Exception:
+            # Words in the platform's language beat no answer at all.
+            log.warning("could not read the language choice of %s", msg.user_key,
+                        exc_info=True)
+            return None
 
     async def model_choices(self, msg: Incoming) -> ModelChoices:
         current = await self.catalog.current(msg.platform, msg.user_id)
@@ -112,6 +157,8 @@ class ChatService:
         buttons; no rate limit or audit: nothing is run)."""
         if command == "model":
             return _model_options(await self.model_choices(msg))
+        if command == "language":
+            return _language_options(await self._chosen_language(msg))
         return None
 
     def is_admin(self, msg: Incoming) -> bool:
@@ -126,26 +173,34 @@ class ChatService:
         private = command is not None and self.commands.private(command[0])
         if not self._allowed(msg):
             await self._reject(msg, text, "not allowed")
-            return Reply.refusal("Sorry, this bot is private." if msg.is_direct else "",
-                                 private=private)
+            # No stored choice: someone not allowed could never have made one.
+            return Reply.refusal(
+                self.translator_for(msg).gettext("Sorry, this bot is private.")
+                if msg.is_direct else "", private=private)
         wait = await self._rate_wait(msg)
         if wait:
             await self._reject(msg, text, "rate limited")
             if self._first_notice(msg.user_key, wait):
-                return Reply.refusal(f"You're sending messages too fast. Please try again in "
-                                     f"{max(1, round(wait))} seconds.", private=private)
+                seconds = max(1, round(wait))
+                return Reply.refusal((await self.translator(msg)).ngettext(
+                    "You're sending messages too fast. Please try again in {seconds} second.",
+                    "You're sending messages too fast. Please try again in {seconds} seconds.",
+                    seconds, seconds=seconds), private=private)
             return Reply.refusal(private=private)
         if command is not None:
             return await self._command(msg, *command)
         if is_blank(text):
-            return Reply.notice("Send me some text and I'll answer. /help lists what I can do.")
+            return Reply.notice((await self.translator(msg)).gettext(
+                "Send me some text and I'll answer. /help lists what I can do."))
         if len(text) > self.settings.MAX_INPUT_CHARS:
             await self._reject(msg, text, f"input {len(text)} chars")
-            return Reply.refusal(
-                f"That message is {len(text):,} characters long; the limit is "
-                f"{self.settings.MAX_INPUT_CHARS:,}. Please send something shorter.")
+            return Reply.refusal((await self.translator(msg)).gettext(
+                "That message is {length:,} characters long; the limit is {limit:,}. "
+                "Please send something shorter.",
+                length=len(text), limit=self.settings.MAX_INPUT_CHARS))
         if self._closing:
-            return Reply.notice("The bot is restarting. Please send that again in a minute.")
+            return Reply.notice((await self.translator(msg)).gettext(
+                "The bot is restarting. Please send that again in a minute."))
         ref = self.conversation_ref(msg)
         audit = AuditRecord(
             platform=msg.platform, user_id=msg.user_id, chat_id=msg.chat_id,
@@ -231,30 +286,37 @@ class ChatService:
     async def _command(self, msg: Incoming, name: str, args: str) -> Reply:
         cmd = self.commands.get(name)
         if cmd is None:
-            return Reply.notice(f"I don't know /{name[:32]}. " + self.help_text())
+            tr = await self.translator(msg)
+            return Reply.notice(tr.gettext("I don't know /{command}.", command=name[:32])
+                                + " " + self.help_text(tr=tr))
         if cmd.admin and not self.is_admin(msg):
-            return Reply.refusal(f"Only the bot's admins can see /{name}.", private=cmd.private)
+            return Reply.refusal((await self.translator(msg)).gettext(
+                "Only the bot's admins can see /{command}.", command=name),
+                private=cmd.private)
         try:
             reply = await cmd.handler(self, msg, args)
         except Exception:
             log.exception("command /%s failed", name)
-            return Reply.error("Sorry, that didn't work because of a problem on my side. "
-                               "Please try again.", private=cmd.private)
+            # The store may be what failed: the platform's language then.
+            return Reply.error(self.translator_for(msg).gettext(
+                "Sorry, that didn't work because of a problem on my side. Please try again."),
+                private=cmd.private)
         if isinstance(reply, str):
             reply = Reply.notice(reply)
         reply.private = reply.private or cmd.private
         return reply
 
     # Telegram's greeting; it answers like /help and is listed in Telegram's menu only.
-    @command("start", "Start: what this bot does", platforms=("telegram",))
+    @command("start", N_("Start: what this bot does"), platforms=("telegram",))
     async def _cmd_start(self, msg: Incoming, args: str) -> Reply:
         return await self._cmd_help(msg, args)
 
-    @command("help", "What the bot does and its commands")
+    @command("help", N_("What the bot does and its commands"))
     async def _cmd_help(self, msg: Incoming, args: str) -> Reply:
-        return Reply.notice(self.help_text(await self.catalog.current(msg.platform, msg.user_id)))
+        return Reply.notice(self.help_text(await self.catalog.current(msg.platform, msg.user_id),
+                                           await self.translator(msg)))
 
-    @command("reset", "Forget this conversation", private=True)
+    @command("reset", N_("Forget this conversation"), private=True)
     async def _cmd_reset(self, msg: Incoming, args: str) -> Reply:
         ref = self.conversation_ref(msg)
         async with self._order.turn(ref.key), \
@@ -262,44 +324,84 @@ class ChatService:
             conv = await self.store.conversation_id(ref)
             await self.memory.forget(conv)  # its summary must not send what we forget
             removed = await self.store.reset_conversation(conv)
-        return Reply.notice(f"Done: I forgot this conversation ({removed} messages). "
-                            "New start!")
+        return Reply.notice((await self.translator(msg)).ngettext(
+            "Done: I forgot this conversation ({count} message). New start!",
+            "Done: I forgot this conversation ({count} messages). New start!",
+            removed, count=removed))
 
-    @command("model", "Show your model, or pick one: /model NAME", private=True,
-             args=(Arg("name", "the model to switch to; leave out to see yours",
+    @command("model", N_("Show your model, or pick one: /model NAME"), private=True,
+             args=(Arg("name", N_("the model to switch to; leave out to see yours"),
                        choices="model"),))
     async def _cmd_model(self, msg: Incoming, args: str) -> Reply:
+        tr = await self.translator(msg)
         choices = await self.model_choices(msg)
         listing = ", ".join(f"`{m}`" for m in choices.available)
         if not args:
             # Each model's own window (and size where the server says), as `ollama show`.
-            described = await asyncio.gather(*(self.windows.describe(m)
+            described = await asyncio.gather(*(self.windows.describe(m, tr)
                                                for m in choices.available[:25]))
             lines = "\n".join(f"• `{m}`: {d}" for m, d in
                               zip(choices.available, described, strict=False))
             return Reply.notice(
-                f"Your model: `{choices.current}`\nYou may pick:\n{lines}\n"
-                "Pick one with /model NAME", choices=_model_options(choices))
+                tr.gettext("Your model: `{model}`", model=choices.current) + "\n"
+                + tr.gettext("You may pick:") + f"\n{lines}\n"
+                + tr.gettext("Pick one with /model NAME"), choices=_model_options(choices))
         picked = await self.catalog.resolve(args)
         if picked is None:
             shown = args[:64].replace("`", "'")
-            return Reply.refusal(f"There's no model called `{shown}` here. You may pick: "
-                                 f"{listing}")
+            return Reply.refusal(tr.gettext(
+                "There's no model called `{name}` here. You may pick: {models}",
+                name=shown, models=listing))
         await self.store.set_user_model(msg.platform, msg.user_id, picked)
-        return Reply.notice(f"Done: your model is now `{picked}`.")
+        return Reply.notice(tr.gettext("Done: your model is now `{model}`.", model=picked))
 
-    @command("memory", "What the bot remembers of this conversation", private=True)
+    @command("memory", N_("What the bot remembers of this conversation"), private=True)
     async def _cmd_memory(self, msg: Incoming, args: str) -> Reply:
-        return Reply.notice(await self._memory_report(msg, self.conversation_ref(msg)))
+        return Reply.notice(await self._memory_report(msg, self.conversation_ref(msg),
+                                                      await self.translator(msg)))
 
-    @command("stats", "Usage figures (admins only)", admin=True, private=True)
+    @command("stats", N_("Usage figures (admins only)"), admin=True, private=True)
     async def _cmd_stats(self, msg: Incoming, args: str) -> Reply:
-        table = format_stats(compute_stats(await self.store.audit_rows_for_stats()))
+        stats = compute_stats(await self.store.audit_rows_for_stats())
+        # The table is the operator's figures (column names as in `python -m bot stats`).
+        table = format_stats(stats) if stats \
+            else (await self.translator(msg)).gettext("No exchanges yet.")
         model_time = format_model_time(await self.store.model_time())
         return Reply.notice("```\n" + table + (f"\n\n{model_time}" if model_time else "")
                             + "\n```")
 
-    async def _memory_report(self, msg: Incoming, ref: ConversationRef) -> str:
+    @command("language", N_("Show or choose my language: /language CODE"), private=True,
+             args=(Arg("code", N_("en, zh-TW or zh-CN; leave out to see yours"),
+                       choices="language"),))
+    async def _cmd_language(self, msg: Incoming, args: str) -> Reply:
+        chosen = await self.store.user_language(msg.platform, msg.user_id)
+        tr = self.translator_for(msg, chosen)
+        codes = ", ".join(LANGUAGES)
+        if not args:
+            current = self.language_of(msg, chosen)
+            shown = tr.gettext("Your language: {language}.", language=LANGUAGE_NAMES[current]) \
+                if chosen else tr.gettext(
+                    "Your language: {language} (automatic, from your app's settings).",
+                    language=LANGUAGE_NAMES[current])
+            return Reply.notice(
+                shown + "\n" + tr.gettext(
+                    "Choose with /language CODE: {codes}; /language auto follows your app.",
+                    codes=codes),
+                choices=_language_options(chosen))
+        picked = parse_language(args)
+        if picked is None:
+            return Reply.refusal(tr.gettext("I don't know the language {code}. Choose one of: "
+                                            "{codes}", code=args[:32], codes=codes))
+        new = None if picked == "auto" else picked
+        await self.store.set_user_language(msg.platform, msg.user_id, new)
+        tr = self.translator_for(msg, new)  # said in the new language
+        if new is None:
+            return Reply.notice(tr.gettext("Done: I'll follow your app's language again."))
+        return Reply.notice(tr.gettext("Done: I'll write to you in {language}.",
+                                       language=LANGUAGE_NAMES[new]))
+
+    async def _memory_report(self, msg: Incoming, ref: ConversationRef,
+                             tr: Translator) -> str:
         conv = await self.store.conversation_id(ref)
         stored = await self.store.count_messages(conv)
         summary = await self.store.summary(conv) \
@@ -312,22 +414,26 @@ class ChatService:
         prompt = build_prompt(self.settings.SYSTEM_PROMPT, history, "", win.budget,
                               summary=summary.text if summary else None, counter=factors.count,
                               system_as_user=self.settings.SYSTEM_AS_USER)
-        lines = [f"Stored messages in this conversation: {stored}",
-                 f"Messages that fit the context window now: {prompt.history_used} "
-                 f"(`{model}`: {win.num_ctx:,} tokens)"]
+        lines = [tr.gettext("Stored messages in this conversation: {count}", count=stored),
+                 tr.gettext("Messages that fit the context window now: {count} "
+                            "(`{model}`: {tokens:,} tokens)", count=prompt.history_used,
+                            model=model, tokens=win.num_ctx)]
         failing = self.settings.MEMORY_STRATEGY == "summarize" \
             and await self._summary_failing(msg, ref)
         if summary:
-            lines += [f"Summary (covers the older messages):\n{summary.text}"]
+            lines += [tr.gettext("Summary (covers the older messages):") + f"\n{summary.text}"]
             if failing:
-                lines += ["(Out of date: the last attempt to update it failed.)"]
+                lines += [tr.gettext("(Out of date: the last attempt to update it failed.)")]
         elif failing:
-            lines += ["Summary: not written: the last attempt failed. Replies still work and "
-                      "the older messages are kept; it is tried again as the history grows."]
+            lines += [tr.gettext("Summary: not written: the last attempt failed. Replies still "
+                                 "work and the older messages are kept; it is tried again as "
+                                 "the history grows.")]
         elif self.settings.MEMORY_STRATEGY == "summarize":
-            lines += ["Summary: none yet (written once the history outgrows the window)."]
+            lines += [tr.gettext(
+                "Summary: none yet (written once the history outgrows the window).")]
         else:
-            lines += ["Older messages beyond the window are dropped (MEMORY_STRATEGY=truncate)."]
+            lines += [tr.gettext(
+                "Older messages beyond the window are dropped (MEMORY_STRATEGY=truncate).")]
         return "\n".join(lines)
 
     async def _summary_failing(self, msg: Incoming, ref: ConversationRef) -> bool:
@@ -362,7 +468,8 @@ class ChatService:
             log.warning("conversation %s busy: %s", ref.key, exc)
             audit.status, audit.error = "error", f"busy: {exc}"
             await self._audit(audit)
-            yield "I'm still answering your previous message. Please try again in a moment."
+            yield (await self.translator(msg)).gettext(
+                "I'm still answering your previous message. Please try again in a moment.")
         finally:
             self._turn_ended()
 
@@ -380,8 +487,11 @@ class ChatService:
             log.exception("storage failed before the model call")
             audit.status, audit.error = "error", f"storage: {type(exc).__name__}: {exc}"
             await self._audit(audit)
-            yield "Sorry, I can't reach my memory right now. Please try again in a moment."
+            yield self.translator_for(msg).gettext(
+                "Sorry, I can't reach my memory right now. Please try again in a moment.")
             return
+        # The user's language came with the turn's one context query.
+        tr = self.translator_for(msg, context.language_choice)
         win = await self.windows.window(model)
         factors = await self.windows.factors(model)
 
@@ -396,8 +506,9 @@ class ChatService:
             audit.status, audit.user_input = "rejected", text[:REJECTED_KEEP]
             audit.error = f"prompt {exc.tokens} tokens > budget"
             await self._audit(audit)
-            yield (f"That message is about {exc.tokens:,} tokens long; the most I can take "
-                   f"is about {exc.limit:,}. Please send something shorter.")
+            yield tr.gettext("That message is about {tokens:,} tokens long; the most I can "
+                             "take is about {limit:,}. Please send something shorter.",
+                             tokens=exc.tokens, limit=exc.limit)
             return
         audit.history_messages = prompt.history_used
         audit.summary_used = prompt.summary_used
@@ -451,17 +562,19 @@ class ChatService:
             audit.error = exc.detail
             log.warning("model call failed for %s: %s", ref.key, exc.detail)
             if exc.kind == "too_long":
-                yield (f"⚠️ That is more than the model `{model}` can read at once (about "
-                       f"{win.num_ctx:,} tokens), even with older messages left out. "
-                       "Please send a shorter message, or /reset to start over.")
+                yield "⚠️ " + tr.gettext(
+                    "That is more than the model `{model}` can read at once (about "
+                    "{tokens:,} tokens), even with older messages left out. Please send a "
+                    "shorter message, or /reset to start over.", model=model, tokens=win.num_ctx)
             elif exc.kind == "reply_timeout":
-                yield ("\n\n" if parts else "") + f"_({exc.user_message})_"
+                yield ("\n\n" if parts else "") + f"_({exc.message(tr)})_"
             else:
-                yield ("\n\n⚠️ " if parts else "⚠️ ") + exc.user_message
+                yield ("\n\n⚠️ " if parts else "⚠️ ") + exc.message(tr)
         except CallCancelled:
             status = "cancelled"
             audit.error = "shutdown"
-            yield SHUTDOWN_NOTE if parts else "The bot is restarting. Please send that again."
+            yield "\n\n" + tr.gettext(SHUTDOWN_NOTE) if parts \
+                else tr.gettext("The bot is restarting. Please send that again.")
         except (GeneratorExit, asyncio.CancelledError):
             # The adapter stopped listening (shutdown, or the chat went away).
             audit.status, audit.error = "cancelled", "reply abandoned"
@@ -482,10 +595,10 @@ class ChatService:
             audit.est_completion_tokens = factors.count(audit.model_response)
         if status == "ok" and is_blank(audit.model_response):
             status, audit.error = "error", "empty reply"
-            yield "⚠️ The model returned an empty reply. Please try again."
+            yield "⚠️ " + tr.gettext("The model returned an empty reply. Please try again.")
         elif status == "ok" and usage is not None and usage.stop_reason == "length":
             # Kept as history as it was; the note is only for the reader.
-            yield LENGTH_NOTE
+            yield "\n\n" + tr.gettext(LENGTH_NOTE)
         audit.status = status
         if status != "ok":
             await self._audit(audit)
@@ -497,7 +610,7 @@ class ChatService:
             log.exception("could not store the exchange of %s", ref.key)
             audit.status, audit.error = "error", f"storage: {type(exc).__name__}: {exc}"
             await self._audit(audit)
-            yield "\n\n⚠️ I couldn't save this exchange, so I won't remember it."
+            yield "\n\n⚠️ " + tr.gettext("I couldn't save this exchange, so I won't remember it.")
             return
         self._log_exchange(audit)
         if usage and usage.prompt_tokens:

@@ -97,7 +97,8 @@ class Store(abc.ABC):
         summary = await self.summary(conversation_id) if with_summary else None
         history = await self.recent_messages(
             conversation_id, limit, after_id=summary.upto_id if summary else 0)
-        return TurnContext(await self.user_model(platform, user_id), summary, history)
+        return TurnContext(await self.user_model(platform, user_id), summary, history,
+                           await self.user_language(platform, user_id))
 
     # -- per-user settings
     @abc.abstractmethod
@@ -105,6 +106,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def set_user_model(self, platform: str, user_id: str, model: str) -> None: ...
+
+    @abc.abstractmethod
+    async def user_language(self, platform: str, user_id: str) -> str | None:
+        """The user's /language choice; None: follow the platform."""
+
+    @abc.abstractmethod
+    async def set_user_language(self, platform: str, user_id: str,
+                                language: str | None) -> None:
+        """Keep the user's /language choice (None: back to automatic)."""
 
     # -- what the bot learned about each model (its window, its token counts)
     @abc.abstractmethod

@@ -177,3 +177,9 @@ def _model_info(d: Dialect) -> list[str]:
         f"ALTER TABLE audit ADD COLUMN est_prompt_tokens {d.bigint}",
         f"ALTER TABLE audit ADD COLUMN est_completion_tokens {d.bigint}",
     ]
+
+
+@migration("007_user_language")
+def _user_language(d: Dialect) -> list[str]:
+    # The user's /language choice (NULL: follow the platform), next to their model.
+    return ["ALTER TABLE user_settings ADD COLUMN language TEXT"]

@@ -34,7 +34,8 @@ COLUMNS: dict[str, dict[str, type]] = {
     "messages": {"id": int, "conversation_id": int, "role": str, "content": str,
                  "created_at": str},
     "summaries": {"conversation_id": int, "text": str, "upto_id": int, "updated_at": str},
-    "user_settings": {"platform": str, "user_id": str, "model": str, "updated_at": str},
+    "user_settings": {"platform": str, "user_id": str, "model": str, "updated_at": str,
+                      "language": str},
     "audit": {"id": int, **{c: _AUDIT_KINDS[c] for c in AUDIT_COLUMNS}},
 }
 PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
@@ -82,9 +83,9 @@ class Queries:
         "SELECT id, role, content FROM messages WHERE conversation_id = ?"
         " AND id > ? AND id <= ? ORDER BY id LIMIT ?")
     count_messages: str = "SELECT count(*) FROM messages WHERE conversation_id = ?"
-    # The user's model pick, the summary, and the newest messages after it, in
-    # one query. Arguments: conversation, with_summary, conversation, limit,
-    # platform, user_id.
+    # The user's model and language picks (the language in `role`), the
+    # summary, and the newest messages after it, in one query. Arguments:
+    # conversation, with_summary, conversation, limit, platform, user_id.
     turn_context: str = """
 WITH s AS (
     SELECT text, upto_id, updated_at FROM summaries WHERE conversation_id = ? AND ?
@@ -95,7 +96,8 @@ SELECT * FROM (
     ORDER BY id DESC LIMIT ?
 ) AS recent
 UNION ALL SELECT 1, upto_id, NULL, text, updated_at FROM s
-UNION ALL SELECT 2, 0, NULL, model, NULL FROM user_settings WHERE platform = ? AND user_id = ?
+UNION ALL SELECT 2, 0, language, model, NULL FROM user_settings
+WHERE platform = ? AND user_id = ?
 """
     message_insert_head: str = (
         "INSERT INTO messages (conversation_id, role, content, created_at) VALUES ")
@@ -118,6 +120,11 @@ UNION ALL SELECT 2, 0, NULL, model, NULL FROM user_settings WHERE platform = ? A
         "INSERT INTO user_settings (platform, user_id, model, updated_at)"
         " VALUES (?, ?, ?, ?) ON CONFLICT (platform, user_id)"
         " DO UPDATE SET model = excluded.model, updated_at = excluded.updated_at")
+    user_language: str = "SELECT language FROM user_settings WHERE platform = ? AND user_id = ?"
+    set_user_language: str = (
+        "INSERT INTO user_settings (platform, user_id, language, updated_at)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT (platform, user_id)"
+        " DO UPDATE SET language = excluded.language, updated_at = excluded.updated_at")
     audit_log: str = f"SELECT id, {_AUDIT_COLS} FROM audit ORDER BY id DESC LIMIT ?"
     audit_log_of_user: str = (
         f"SELECT id, {_AUDIT_COLS} FROM audit WHERE {_OF_USER} ORDER BY id DESC LIMIT ?")
@@ -204,6 +211,7 @@ def summary(row: Sequence[Any] | None) -> Summary | None:
 
 def turn_context(rows: Iterable[Sequence[Any]]) -> TurnContext:
     choice: str | None = None
+    language: str | None = None
     found: Summary | None = None
     history: list[StoredMessage] = []
     for kind, ident, role, content, updated in rows:
@@ -212,9 +220,9 @@ def turn_context(rows: Iterable[Sequence[Any]]) -> TurnContext:
         elif kind == 1:
             found = Summary(content, int(ident), updated)
         else:
-            choice = content
+            choice, language = content, role
     history.reverse()
-    return TurnContext(choice, found, history)
+    return TurnContext(choice, found, history, language)
 
 
 def audit_row(row: Any) -> dict[str, Any]:

@@ -77,6 +77,14 @@ class SQLStore(Store):
     async def set_user_model(self, platform: str, user_id: str, model: str) -> None:
         await self._write(self.q.set_user_model, platform, user_id, model, utcnow())
 
+    async def user_language(self, platform: str, user_id: str) -> str | None:
+        rows = await self._fetch(self.q.user_language, platform, user_id)
+        return rows[0][0] if rows else None
+
+    async def set_user_language(self, platform: str, user_id: str,
+                                language: str | None) -> None:
+        await self._write(self.q.set_user_language, platform, user_id, language, utcnow())
+
     async def audit_log(self, limit: int, user: str | None = None) -> list[dict[str, Any]]:
         n = self.dialect.limit(limit)
         if user:

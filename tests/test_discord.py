@@ -335,7 +335,7 @@ async def test_replies_never_ping(discord_api: DiscordEmulator, run_bot: StartBo
 async def test_model_command_autocomplete_and_per_user_switch(
         discord_api: DiscordEmulator, run_bot: StartBot, model_server: ModelServer) -> None:
     await run_bot()
-    assert sorted(discord_api.commands_synced()) == ["help", "memory", "model", "reset",
+    assert sorted(discord_api.commands_synced()) == ["help", "language", "memory", "model", "reset",
                                                      "stats"]
     typed = await discord_api.autocomplete(ALICE, "model", "name", "qw")
     await discord_api.wait_for(lambda: typed.choices is not None)

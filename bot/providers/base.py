@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bot.i18n import N_, Translator
+
 
 @dataclass(frozen=True, slots=True)
 class Usage:
@@ -51,21 +53,30 @@ class ModelInfo:
 class ProviderError(Exception):
     """A model call failed.
 
-    `user_message` is what the user is told (short, nothing internal);
-    `detail` is for the operator's log and the audit record; `retryable`
+    `msgid` and `params` are what the user is told (short, nothing internal):
+    an English catalogue message (bot.i18n) with its named placeholders,
+    shown in each user's language by `message(tr)`; `user_message` is it in
+    English. `detail` is for the operator's log and the audit record; `retryable`
     says whether trying again may help. `kind` is "too_long" when the prompt
     did not fit the model's window (`window` then holds the window the
     server named, if it named one).
     """
 
-    def __init__(self, user_message: str, *, detail: str = "", retryable: bool = False,
+    def __init__(self, msgid: str, *, params: Mapping[str, Any] | None = None,
+                 detail: str = "", retryable: bool = False,
                  kind: str = "", window: int | None = None) -> None:
-        super().__init__(detail or user_message)
-        self.user_message = user_message
-        self.detail = detail or user_message
+        self.msgid = msgid
+        self.params = dict(params or {})
+        self.user_message = msgid.format(**self.params)
+        super().__init__(detail or self.user_message)
+        self.detail = detail or self.user_message
         self.retryable = retryable
         self.kind = kind
         self.window = window
+
+    def message(self, tr: Translator) -> str:
+        """What the user is told, in `tr`'s language."""
+        return tr.gettext(self.msgid, **self.params)
 
 
 class Provider(Protocol):
@@ -93,7 +104,7 @@ class Provider(Protocol):
 
 def unreachable(where: str, exc: BaseException) -> ProviderError:
     return ProviderError(
-        "The model server can't be reached right now. Please try again in a moment.",
+        N_("The model server can't be reached right now. Please try again in a moment."),
         detail=f"{where} unreachable: {type(exc).__name__}: {exc}",
         retryable=True,
     )
@@ -101,7 +112,7 @@ def unreachable(where: str, exc: BaseException) -> ProviderError:
 
 def cut_off(exc: BaseException) -> ProviderError:
     return ProviderError(
-        "The model server stopped in the middle of the reply. Please try again.",
+        N_("The model server stopped in the middle of the reply. Please try again."),
         detail=f"stream cut: {type(exc).__name__}: {exc}",
         retryable=True,
     )
@@ -129,7 +140,7 @@ def too_long_error(text: str, window: int | None = None) -> ProviderError | None
     if window is None and (m := _WINDOW.search(text)):
         window = int(m.group(1))
     return ProviderError(
-        "This conversation no longer fits the model's context window.",
+        N_("This conversation no longer fits the model's context window."),
         detail=f"prompt too long for the model's window ({window or 'size unknown'}): "
                f"{text[:300]}",
         kind="too_long", window=window,

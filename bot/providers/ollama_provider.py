@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import ollama
 
+from bot.i18n import N_
 from bot.providers.base import (
     NO_OPTIONS,
     CallOptions,
@@ -64,7 +65,7 @@ class OllamaProvider:
             raise unreachable("Ollama", exc) from None
         except (json.JSONDecodeError, ValueError, KeyError, TypeError) as exc:
             raise ProviderError(
-                "The model server sent a reply I couldn't read. Please try again.",
+                N_("The model server sent a reply I couldn't read. Please try again."),
                 detail=f"malformed stream: {type(exc).__name__}: {exc}",
                 retryable=not started,
             ) from None
@@ -112,23 +113,24 @@ def _response_error(model: str, exc: ollama.ResponseError) -> ProviderError:
     if status == 404 and "model" not in text.lower():
         # Ollama names the model in its 404s; a bare 404 page is another server.
         return ProviderError(
-            "The model server does not speak Ollama's API; set LLM_PROVIDER=openai "
-            "(and OPENAI_BASE_URL) for an OpenAI-compatible server.",
+            N_("The model server does not speak Ollama's API; set LLM_PROVIDER=openai "
+               "(and OPENAI_BASE_URL) for an OpenAI-compatible server."),
             detail=f"ollama 404 without an Ollama error body: {text[:200]}",
         )
     if status == 404 or "not found" in text.lower():
         return ProviderError(
-            f"The model `{model}` is not installed on the model server. "
-            "Pick another with /model (or ask the operator to `ollama pull` it).",
+            N_("The model `{model}` is not installed on the model server. "
+               "Pick another with /model (or ask the operator to `ollama pull` it)."),
+            params={"model": model},
             detail=f"ollama {status}: {text}",
         )
     if status == 429:
         return ProviderError(
-            "The model server is busy. Please try again in a moment.",
+            N_("The model server is busy. Please try again in a moment."),
             detail=f"ollama 429: {text}", retryable=True,
         )
     return ProviderError(
-        "The model server had an error. Please try again in a moment.",
+        N_("The model server had an error. Please try again in a moment."),
         detail=f"ollama {status}: {text}",
         retryable=status is None or status >= 500 or status < 0,
     )

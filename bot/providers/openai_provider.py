@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 
+from bot.i18n import N_
 from bot.providers.base import (
     NO_OPTIONS,
     CallOptions,
@@ -86,13 +87,13 @@ class OpenAIProvider:
             raise unreachable("OpenAI-compatible server", exc) from None
         except openai.APIError as exc:  # e.g. an error event or a malformed chunk
             raise ProviderError(
-                "The model server sent a reply I couldn't read. Please try again.",
+                N_("The model server sent a reply I couldn't read. Please try again."),
                 detail=f"openai error: {type(exc).__name__}: {exc}",
                 retryable=not started,
             ) from None
         except (ValueError, KeyError, TypeError) as exc:
             raise ProviderError(
-                "The model server sent a reply I couldn't read. Please try again.",
+                N_("The model server sent a reply I couldn't read. Please try again."),
                 detail=f"malformed stream: {type(exc).__name__}: {exc}",
                 retryable=not started,
             ) from None
@@ -153,7 +154,7 @@ class OpenAIProvider:
             page = await self._client.models.list()
         except openai.APIStatusError as exc:
             raise ProviderError(
-                "The model server had an error listing models.",
+                N_("The model server had an error listing models."),
                 detail=f"openai {exc.status_code}: {exc.message}",
             ) from None
         except (openai.APIConnectionError, httpx.TransportError, OSError) as exc:
@@ -235,23 +236,24 @@ def _status_error(model: str, exc: openai.APIStatusError) -> ProviderError:
     status = exc.status_code
     if status == 401:
         return ProviderError(
-            "The model server refused the bot's credentials. Please tell the operator.",
+            N_("The model server refused the bot's credentials. Please tell the operator."),
             detail=f"openai 401: {exc.message}",
         )
     if status == 403:
         return ProviderError(
-            "The model server refused this request. Please tell the operator.",
+            N_("The model server refused this request. Please tell the operator."),
             detail=f"openai 403: {exc.message}",
         )
     if status == 404:
         return ProviderError(
-            f"The model `{model}` is not available on the model server. "
-            "Pick another with /model.",
+            N_("The model `{model}` is not available on the model server. "
+               "Pick another with /model."),
+            params={"model": model},
             detail=f"openai 404: {exc.message}",
         )
     if status == 429:
         return ProviderError(
-            "The model server is rate-limiting the bot. Please try again in a minute.",
+            N_("The model server is rate-limiting the bot. Please try again in a minute."),
             detail=f"openai 429: {exc.message}",
             retryable=True,
         )
@@ -263,7 +265,7 @@ def _status_error(model: str, exc: openai.APIStatusError) -> ProviderError:
         if err is not None:
             return err
     return ProviderError(
-        "The model server had an error. Please try again in a moment.",
+        N_("The model server had an error. Please try again in a moment."),
         detail=f"openai {status}: {exc.message}",
         retryable=status >= 500,
     )
