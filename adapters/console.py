@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import os
 import sys
 import threading
 from typing import TextIO
 
 from adapters.base import Adapter
+from bot.i18n import from_lang_env
 from bot.messages import Incoming
 from bot.reply import Choices, Reply
 from bot.service import ChatService
@@ -46,6 +48,7 @@ class ConsoleAdapter(Adapter[None]):
         self._stdout = stdout or sys.stdout
         self._user = user_id or _local_user()
         self._offered: Choices | None = None  # the numbered choices last shown
+        self._language = from_lang_env(os.environ.get("LANG"))  # the terminal's language
 
     async def connect(self) -> None:
         self._connected = True  # the terminal is always there
@@ -61,7 +64,9 @@ class ConsoleAdapter(Adapter[None]):
                          daemon=True, name="console-stdin").start()
         interactive = self._stdin.isatty()
         if interactive:
-            self._write(f"Chatting as {self._user}. /help for commands, Ctrl-D to quit.\n> ")
+            tr = await service.translator(self._incoming(""))
+            self._write(tr.gettext("Chatting as {user}. /help for commands, Ctrl-D to quit.",
+                                   user=self._user) + "\n> ")
         stopping = asyncio.create_task(stop.wait())
         try:
             while not stop.is_set():
@@ -84,10 +89,12 @@ class ConsoleAdapter(Adapter[None]):
         if offered is not None and line.strip().isdigit() \
                 and 0 < int(line) <= len(offered.options):
             line = offered.pick_line(offered.options[int(line) - 1])
-        msg = Incoming(platform="console", user_id=self._user, display_name=self._user,
-                       chat_id="console", place_id=None, text=line)
         with self.tracked():
-            await self.send(await service.handle(msg), None)
+            await self.send(await service.handle(self._incoming(line)), None)
+
+    def _incoming(self, line: str) -> Incoming:
+        return Incoming(platform="console", user_id=self._user, display_name=self._user,
+                        chat_id="console", place_id=None, text=line, language=self._language)
 
     async def send(self, reply: Reply, to: None) -> None:
         wrote = False
@@ -99,8 +106,9 @@ class ConsoleAdapter(Adapter[None]):
             self._write("\n")
         if reply.choices is not None and reply.choices.options:
             self._offered = reply.choices
+            tr = await self.service.translator(self._incoming(""))
             for number, choice in enumerate(reply.choices.options, 1):
-                mark = " (yours)" if choice.current else ""
+                mark = " " + tr.gettext("(yours)") if choice.current else ""
                 self._write(f"  {number}. {choice.label}{mark}\n")
 
     def _write(self, text: str) -> None:

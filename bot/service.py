@@ -128,8 +128,12 @@ class ChatService:
     def language_of(self, msg: Incoming, chosen: str | None = None) -> str:
         """The user's language: their /language choice (`chosen`), else LANGUAGE,
         else the platform's signal, else LANG, else English."""
+        return self.pick_language(msg.language, chosen)
+
+    def pick_language(self, platform: str | None, chosen: str | None = None) -> str:
+        """As language_of, from the platform's signal alone (already mapped)."""
         return choose_language(chosen=chosen, setting=self.settings.LANGUAGE,
-                               platform=msg.language, lang_env=self._lang_env)
+                               platform=platform, lang_env=self._lang_env)
 
     def translator_for(self, msg: Incoming, chosen: str | None = None) -> Translator:
         """A translator without asking the store (the stored choice, if known, as `chosen`)."""

@@ -126,7 +126,8 @@ def test_declared_commands_and_their_flags() -> None:
         "start", "help", "reset", "model", "memory", "stats", "language"]
     assert [c.name for c in commands.menu("discord")] == [
         "help", "reset", "model", "memory", "stats", "language"]
-    assert {c.name for c in commands if c.private} == {"reset", "model", "memory", "stats", "language"}
+    assert {c.name for c in commands if c.private} == {
+        "reset", "model", "memory", "stats", "language"}
     assert [c.name for c in commands if c.admin] == ["stats"]
     assert commands.names == {"start", "help", "reset", "model", "memory", "stats", "language"}
     text = help_text("llama3.2", commands)

@@ -36,7 +36,7 @@ from adapters.discord.inbound import (
     text_for_model,
 )
 from adapters.discord.settings import bot_token, shard_ids
-from adapters.discord.sink import MESSAGE_LIMIT, ChannelSink
+from adapters.discord.sink import APOLOGY, MESSAGE_LIMIT, ChannelSink
 from bot.reply import Reply
 from bot.settings import Settings
 
@@ -171,7 +171,9 @@ class DiscordAdapter(Adapter[discord.Message]):
         self._endpoints.__enter__()
         client = self._client = self._make_client()
         self._tree = app_commands.CommandTree(client)
-        SlashCommands(self.service, self.tracked).install(self._tree)
+        slash = SlashCommands(self.service, self.tracked)
+        slash.install(self._tree)
+        await self._tree.set_translator(slash.translator())
         self._connection = None
         try:
             await client.login(self._token)
@@ -247,13 +249,14 @@ class DiscordAdapter(Adapter[discord.Message]):
             return
         with self.tracked():
             sink = _sink_for(message)
+            incoming = incoming_from_message(message, text)
             try:
-                reply = await service.handle(incoming_from_message(message, text))
+                reply = await service.handle(incoming)
                 await self.stream(reply, sink, limit=MESSAGE_LIMIT)
             except Exception:
                 log.exception("discord: answering message %s in channel %s failed",
                               message.id, message.channel.id)
-                await sink.apologise()
+                await sink.apologise(service.translator_for(incoming).gettext(APOLOGY))
 
     async def send(self, reply: Reply, to: discord.Message) -> None:
         """Answer `to` in its channel."""

@@ -21,6 +21,7 @@ from discord import app_commands
 from adapters.discord.inbound import incoming_from_interaction
 from adapters.discord.sink import APOLOGY, MESSAGE_LIMIT
 from bot.commands import Arg, Command
+from bot.i18n import DISCORD_LOCALES, Catalogs
 from bot.messages import Incoming
 from bot.render import split_markdown
 from bot.reply import Reply
@@ -36,6 +37,26 @@ MAX_CHOICES = 25  # Discord's limit for autocomplete results
 PLATFORM = "discord"
 
 Tracker = Callable[[], contextlib.AbstractContextManager[None]]
+# What Discord shows in each client language: descriptions, never names.
+_TRANSLATED = (app_commands.TranslationContextLocation.command_description,
+               app_commands.TranslationContextLocation.parameter_description)
+
+
+class CatalogTranslator(app_commands.Translator):
+    """description_localizations from the catalogues (zh-TW and zh-CN clients)."""
+
+    def __init__(self, catalogs: Catalogs) -> None:
+        super().__init__()
+        self._catalogs = catalogs
+        self._languages = {locale: code for code, locale in DISCORD_LOCALES.items()}
+
+    async def translate(self, string: app_commands.locale_str, locale: discord.Locale,
+                        context: app_commands.TranslationContextTypes) -> str | None:
+        code = self._languages.get(locale.value)
+        if code is None or context.location not in _TRANSLATED:
+            return None
+        text = self._catalogs.for_language(code).gettext(string.message)
+        return text[:100] if text != string.message else None
 
 
 class SlashCommands:
@@ -44,6 +65,10 @@ class SlashCommands:
     def __init__(self, service: ChatService, track: Tracker) -> None:
         self._service = service
         self._track = track  # counts an answer as in flight (the adapter's)
+
+    def translator(self) -> CatalogTranslator:
+        """The tree's translator (set it with `tree.set_translator` before syncing)."""
+        return CatalogTranslator(self._service.catalogs)
 
     def install(self, tree: app_commands.CommandTree[discord.Client]) -> None:
         for cmd in self._service.commands.menu(PLATFORM):
@@ -86,7 +111,7 @@ class SlashCommands:
                                    ephemeral=self._service.commands.private(name))
             except Exception:
                 log.exception("discord: /%s failed", name)
-                await self._apologise(interaction)
+                await self._apologise(interaction, incoming_from_interaction(interaction, command))
 
     async def _answer(self, interaction: discord.Interaction, command: str, *,
                       ephemeral: bool) -> None:
@@ -122,12 +147,13 @@ class SlashCommands:
         reply = await self._service.handle(incoming)
         return reply, await reply.text()
 
-    async def _apologise(self, interaction: discord.Interaction) -> None:
+    async def _apologise(self, interaction: discord.Interaction, incoming: Incoming) -> None:
+        apology = self._service.translator_for(incoming).gettext(APOLOGY)
         try:
             if not interaction.response.is_done():
-                await interaction.response.send_message(APOLOGY, ephemeral=True)
+                await interaction.response.send_message(apology, ephemeral=True)
             else:
-                await interaction.followup.send(APOLOGY, ephemeral=True)
+                await interaction.followup.send(apology, ephemeral=True)
         except Exception:  # too late (3 s passed) or the channel is gone: log, go on
             log.warning("could not tell the user that a command failed", exc_info=True)
 

@@ -9,6 +9,7 @@ import re
 
 import discord
 
+from bot.i18n import from_discord
 from bot.messages import Incoming
 
 PLATFORM = "discord"
@@ -81,6 +82,9 @@ def incoming_from_message(message: discord.Message, text: str) -> Incoming:
         place_id=place_of(message),
         text=text,
         raw=message,
+        # A message carries no locale of its sender: the server's preferred one.
+        language=from_discord(message.guild.preferred_locale)
+        if message.guild is not None else None,
     )
 
 
@@ -94,4 +98,5 @@ def incoming_from_interaction(interaction: discord.Interaction, text: str) -> In
         place_id=str(interaction.guild_id) if interaction.guild_id is not None else None,
         text=text,
         raw=interaction,
+        language=from_discord(interaction.locale),  # the user's own client language
     )

@@ -10,13 +10,14 @@ import logging
 
 import discord
 
+from bot.i18n import N_
 from bot.render import NothingToShow
 from bot.sanitize import is_blank
 
 log = logging.getLogger(__name__)
 
 MESSAGE_LIMIT = 2000  # characters in one Discord message
-APOLOGY = "Sorry, something went wrong while answering. Please try again."
+APOLOGY = N_("Sorry, something went wrong while answering. Please try again.")
 
 
 def _plain(text: str) -> str:
@@ -57,9 +58,10 @@ class ChannelSink:
     async def typing(self) -> None:
         await self._channel.typing()  # one indicator; Discord shows it for ~10 s
 
-    async def apologise(self) -> None:
-        """The one short message a user gets when answering failed."""
+    async def apologise(self, text: str = APOLOGY) -> None:
+        """The one short message a user gets when answering failed (`text`: APOLOGY in
+        the user's language)."""
         try:
-            await self.send(APOLOGY, formatted=True)
+            await self.send(text, formatted=True)
         except Exception:  # the channel may be gone or closed to the bot: log, go on
             log.warning("could not tell the user that answering failed", exc_info=True)

@@ -38,6 +38,7 @@ from adapters.telegram.menu import choices_keyboard, decode_choice, resolve_choi
 from adapters.telegram.pacing import ChatPacer
 from adapters.telegram.settings import bot_token, webhook_secret
 from adapters.telegram.sink import TelegramSink
+from bot.i18n import N_, TELEGRAM_COMMAND_LANGUAGES, Translator, from_telegram
 from bot.messages import Incoming
 from bot.render import FormattingRejected
 from bot.reply import Reply
@@ -48,7 +49,10 @@ log = logging.getLogger(__name__)
 MESSAGE_LIMIT = 4096  # UTF-16 code units, after entity parsing
 ALLOWED_UPDATES = (Update.MESSAGE, Update.CALLBACK_QUERY)
 POLL_TIMEOUT = 10  # seconds a getUpdates long poll may wait for news
-SORRY = "Sorry, something went wrong while answering. Please try again."
+SORRY = N_("Sorry, something went wrong while answering. Please try again.")
+# A button press's answer, per command: the msgid and its placeholder's name.
+PICKED = {"model": (N_("Model: {model}"), "model"),
+          "language": (N_("Language: {language}"), "language")}
 DRAIN_EXTRA = 5.0  # seconds, beyond SHUTDOWN_GRACE, before replies still running are cancelled
 
 
@@ -159,13 +163,17 @@ class TelegramAdapter(Adapter[Destination]):
         return app
 
     async def _register_commands(self, app: Application) -> None:
-        # The menu is the core's declaration: what Telegram lists, in order.
-        commands = [BotCommand(c.name, c.description[:256])
-                    for c in self.service.commands.menu(self.name)]
-        try:
-            await app.bot.set_my_commands(commands)
-        except TelegramError as exc:  # a menu is a nicety; answering matters more
-            log.warning("telegram: setMyCommands failed: %s", exc)
+        # The menu is the core's declaration: what Telegram lists, in order; the
+        # default menu in English, and one per language Telegram's clients ask for.
+        menu = self.service.commands.menu(self.name)
+        catalogs = self.service.catalogs
+        for code, language in (("", "en"), *TELEGRAM_COMMAND_LANGUAGES.items()):
+            tr = catalogs.for_language(language)
+            commands = [BotCommand(c.name, tr.gettext(c.description)[:256]) for c in menu]
+            try:
+                await app.bot.set_my_commands(commands, language_code=code or None)
+            except TelegramError as exc:  # a menu is a nicety; answering matters more
+                log.warning("telegram: setMyCommands (%s) failed: %s", code or "default", exc)
 
     async def _start_receiving(self, app: Application) -> None:
         updater = app.updater
@@ -200,7 +208,7 @@ class TelegramAdapter(Adapter[Destination]):
             display_name=user.full_name or user.username or str(user.id),
             chat_id=str(chat.id),
             place_id=None if chat.type == ChatType.PRIVATE else str(chat.id),
-            text=text, raw=raw)
+            text=text, raw=raw, language=from_telegram(user.language_code))
 
     async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.message
@@ -242,23 +250,27 @@ class TelegramAdapter(Adapter[Destination]):
         """A press on a reply's choices: run `/<command> <key>` as the presser."""
         press = decode_choice(query.data)
         message = query.message
+        service = self.service
         if press is None or not isinstance(message, Message):
-            await query.answer("This button no longer works. Send /model again.")
+            tr = service.catalogs.for_language(
+                service.pick_language(from_telegram(query.from_user.language_code)))
+            await query.answer(tr.gettext("This button no longer works. Send /{command} "
+                                          "again.", command="model"))
             return
         command = press.command
+        msg = self._incoming(query.from_user, message.chat, f"/{command}", query)
+        tr = await service.translator(msg)
         if press.owner_id != query.from_user.id:
             # Never someone else's pick: each person picks with their own menu.
-            await query.answer(f"This menu belongs to someone else. Send /{command} to pick "
-                               "yours.", show_alert=True)
+            await query.answer(tr.gettext("This menu belongs to someone else. Send /{command} "
+                                          "to pick yours.", command=command), show_alert=True)
             return
-        service = self.service
-        msg = self._incoming(query.from_user, message.chat, f"/{command}", query)
         offered = await service.choices(command, msg)
         key = resolve_choice(press.key, [c.key for c in offered.options] if offered else [])
         choice = offered.find(key) if offered is not None and key is not None else None
         if offered is None or choice is None:
-            await query.answer(f"That {command} is no longer offered. Send /{command} for "
-                               "the list.", show_alert=True)
+            await query.answer(tr.gettext("That choice is no longer offered. Send /{command} "
+                                          "for the list.", command=command), show_alert=True)
             return
         reply = await service.handle(replace(msg, text=offered.pick_line(choice)))
         text = await self.collect(reply)
@@ -268,7 +280,14 @@ class TelegramAdapter(Adapter[Destination]):
                 await sink.edit(message.message_id, text, formatted=True)
             except FormattingRejected:
                 await sink.edit(message.message_id, text, formatted=False)
-        await query.answer(f"{command.capitalize()}: {choice.label}"[:200])
+        # Said in the language after the press (a /language pick shows the new one).
+        await query.answer(self._picked(await service.translator(msg), command,
+                                        choice.label)[:200])
+
+    @staticmethod
+    def _picked(tr: Translator, command: str, label: str) -> str:
+        msgid, name = PICKED.get(command, ("", ""))
+        return tr.gettext(msgid, **{name: label}) if msgid else label
 
     async def _on_error(self, update: object, context: ContextTypes.DEFAULT_TYPE) -> None:
         """Log the detail for the operator; give the chat one short apology."""
@@ -278,12 +297,16 @@ class TelegramAdapter(Adapter[Destination]):
                   exc_info=error)
         if not isinstance(update, Update):
             return
+        # The user's platform language (the store may be what failed).
+        user = update.effective_user
+        sorry = self.service.catalogs.for_language(self.service.pick_language(
+            from_telegram(user.language_code) if user is not None else None)).gettext(SORRY)
         with contextlib.suppress(TelegramError):
             if update.callback_query is not None:
-                await update.callback_query.answer(SORRY)
+                await update.callback_query.answer(sorry)
             elif update.effective_chat is not None and update.effective_message is not None:
                 message = update.effective_message
                 await context.bot.send_message(
-                    update.effective_chat.id, SORRY,
+                    update.effective_chat.id, sorry,
                     message_thread_id=message.message_thread_id
                     if message.is_topic_message else None)

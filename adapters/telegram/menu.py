@@ -19,7 +19,7 @@ from bot.reply import Choices
 
 PREFIX = "m"  # /model's choices
 # Short prefixes keep the key's room in 64 bytes; a command not listed uses its name.
-PREFIXES = {"model": PREFIX}
+PREFIXES = {"model": PREFIX, "language": "l"}
 MAX_CALLBACK_BYTES = 64
 MAX_BUTTONS = 60  # a keyboard longer than this is unusable on a phone
 
