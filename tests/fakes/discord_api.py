@@ -180,6 +180,7 @@ class Guild:
     roles: dict[int, str] = field(default_factory=dict)
     nicks: dict[int, str | None] = field(default_factory=dict)  # members: user id → nickname
     bot_roles: dict[int, int] = field(default_factory=dict)  # managed role id → its bot's id
+    preferred_locale: str = "en-US"  # the server's language (Server Settings → Community)
 
     def member_payload(self, user: User, *, with_user: bool) -> dict[str, Any]:
         data: dict[str, Any] = {
@@ -533,10 +534,13 @@ class DiscordEmulator:
         *,
         channel_id: int | None = None,
         author_name: str | None = None,
+        locale: str = "en-US",
     ) -> InteractionRecord:
-        """A user runs a synced slash command (in a DM unless `channel_id` is given)."""
+        """A user runs a synced slash command (in a DM unless `channel_id` is given);
+        `locale` is the language of the user's Discord client."""
         return await self._interact(INTERACTION_COMMAND, user_id, name, options or {},
-                                    channel_id=channel_id, author_name=author_name)
+                                    channel_id=channel_id, author_name=author_name,
+                                    locale=locale)
 
     async def autocomplete(
         self,
@@ -774,7 +778,7 @@ class DiscordEmulator:
             "unavailable": False, "large": False, "member_count": len(guild.nicks),
             "joined_at": _now_iso(), "features": [], "verification_level": 0,
             "default_message_notifications": 0, "explicit_content_filter": 0, "mfa_level": 0,
-            "premium_tier": 0, "preferred_locale": "en-US", "nsfw_level": 0,
+            "premium_tier": 0, "preferred_locale": guild.preferred_locale, "nsfw_level": 0,
             "system_channel_flags": 0, "emojis": [], "stickers": [], "voice_states": [],
             "presences": [], "stage_instances": [], "guild_scheduled_events": [],
             "soundboard_sounds": [],
@@ -794,7 +798,8 @@ class DiscordEmulator:
 
     async def _interact(self, kind: int, user_id: int, name: str, options: dict[str, Any], *,
                         channel_id: int | None, author_name: str | None = None,
-                        focused: str | None = None) -> InteractionRecord:
+                        focused: str | None = None,
+                        locale: str = "en-US") -> InteractionRecord:
         if channel_id is None:
             channel_id = self.dm_channel(user_id)
         channel = self.channels[channel_id]
@@ -821,7 +826,7 @@ class DiscordEmulator:
         )
         payload: dict[str, Any] = {
             "id": str(record.id), "application_id": str(self.application_id), "type": kind,
-            "token": record.token, "version": 1, "locale": "en-US",
+            "token": record.token, "version": 1, "locale": locale,
             "data": {"id": command["id"], "name": name, "type": 1, "options": data_options},
             "channel_id": str(channel_id), "channel": channel.payload(self.users),
             "app_permissions": "2248473465835073", "entitlements": [],
@@ -834,7 +839,7 @@ class DiscordEmulator:
             payload["data"]["guild_id"] = command["guild_id"]
         if guild_id is not None:
             payload["guild_id"] = str(guild_id)
-            payload["guild_locale"] = "en-US"
+            payload["guild_locale"] = self.guilds[guild_id].preferred_locale
             payload["member"] = {**self.guilds[guild_id].member_payload(user, with_user=True),
                                  "permissions": "2248473465835073"}
         else:
@@ -1026,7 +1031,8 @@ class DiscordEmulator:
             return _error(403, 50001, "Missing Access")
         synced = []
         for command in request[_BODY] or []:
-            if len(command.get("description", "")) > 100:
+            localized = (command.get("description_localizations") or {}).values()
+            if len(command.get("description", "")) > 100 or any(len(d) > 100 for d in localized):
                 return _error(400, 50035, "Invalid Form Body")
             entry = {**command, "id": str(self.snowflake()),
                      "application_id": str(self.application_id), "version": "1",

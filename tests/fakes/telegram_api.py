@@ -526,13 +526,17 @@ class TelegramApiEmulator:
         sticker: bool = False,
         edited: bool = False,
         thread_id: int | None = None,
+        language_code: str | None = None,
     ) -> dict[str, Any]:
         """A user sends `text`; queue the update and return the message as the bot gets it.
+
+        `language_code`: the user's app language from now on ("" sends none; default "en").
 
         `caption_photo`: a photo with `text` as its caption (no caption when text is "").
         `sticker`: a sticker (no text). `edited`: the update is an edit of this message.
         """
-        user = self._user(user_id, first_name=first_name, username=username, is_bot=is_bot)
+        user = self._user(user_id, first_name=first_name, username=username, is_bot=is_bot,
+                          language_code=language_code)
         if chat_type == "private":
             chat = {"id": user_id, "type": "private", "first_name": user["first_name"]}
             if user.get("username"):
@@ -654,7 +658,7 @@ class TelegramApiEmulator:
         self._changed = asyncio.Event()
 
     def _user(self, user_id: int, *, first_name: str | None = None, username: str | None = None,
-              is_bot: bool = False) -> dict[str, Any]:
+              is_bot: bool = False, language_code: str | None = None) -> dict[str, Any]:
         user = self._users.get(user_id)
         if user is None or first_name or username:
             user = {"id": user_id, "is_bot": is_bot,
@@ -664,6 +668,11 @@ class TelegramApiEmulator:
             if name:
                 user["username"] = name
             user["language_code"] = "en"
+            self._users[user_id] = user
+        if language_code is not None:
+            user = {k: v for k, v in user.items() if k != "language_code"}
+            if language_code:
+                user["language_code"] = language_code
             self._users[user_id] = user
         return user
 
