@@ -366,11 +366,9 @@ class ChatService:
 
     @command("stats", N_("Usage figures (admins only)"), admin=True, private=True)
     async def _cmd_stats(self, msg: Incoming, args: str) -> Reply:
-        stats = compute_stats(await self.store.audit_rows_for_stats())
-        # The table is the operator's figures (column names as in `python -m bot stats`).
-        table = format_stats(stats) if stats \
-            else (await self.translator(msg)).gettext("No exchanges yet.")
-        model_time = format_model_time(await self.store.model_time())
+        tr = await self.translator(msg)
+        table = format_stats(compute_stats(await self.store.audit_rows_for_stats()), tr)
+        model_time = format_model_time(await self.store.model_time(), tr)
         return Reply.notice("```\n" + table + (f"\n\n{model_time}" if model_time else "")
                             + "\n```")
 

@@ -3,8 +3,31 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import unicodedata
+from collections.abc import Iterable, Sequence
 from typing import Any
+
+from bot.i18n import N_, Catalogs, Translator
+
+# The column names, translated for /stats (`python -m bot stats` is in English).
+_HEADER = (N_("model"), N_("exchanges"), N_("error rate"), N_("p50"), N_("p95"),
+           N_("ttft p50"), N_("tokens in"), N_("tokens out"))
+_TIME_HEADER = (N_("model time"), N_("replies"), N_("summaries"))
+
+
+def _english() -> Translator:
+    return Catalogs({}).for_language(None)
+
+
+def _width(text: str) -> int:
+    """Columns on a monospace screen: CJK characters take two."""
+    return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(_width(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c + " " * (w - _width(c)) for c, w in zip(r, widths, strict=True))
+                     .rstrip() for r in rows)
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -54,46 +77,45 @@ def _known_sum(values: Iterable[int | None]) -> int | None:
     return sum(known) if known else None
 
 
-def _tokens(known: int | None, estimate: int | None, unknown: int) -> str:
+def _tokens(known: int | None, estimate: int | None, unknown: int, tr: Translator) -> str:
     """`1234`, `unknown`, `~120 (est.)` or `1234 + ~120 (est.)`."""
-    est = f"~{estimate} (est.)" if estimate is not None else ""
+    est = tr.gettext("~{tokens} (est.)", tokens=estimate) if estimate is not None else ""
     if known is None:
-        return est or "unknown"
+        return est or tr.gettext("unknown")
     if unknown and est:
         return f"{known} + {est}"
-    return str(known) + (" + unknown" if unknown else "")
+    return str(known) + (" + " + tr.gettext("unknown") if unknown else "")
 
 
 def _s(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}s"
 
 
-def format_stats(stats: list[dict[str, Any]]) -> str:
-    """A plain table (monospace), one model a line."""
+def format_stats(stats: list[dict[str, Any]], tr: Translator | None = None) -> str:
+    """A plain table (monospace), one model a line (in `tr`'s words; else English)."""
+    tr = tr or _english()
     if not stats:
-        return "No exchanges yet."
-    header = ("model", "exchanges", "error rate", "p50", "p95", "ttft p50", "tokens in",
-              "tokens out")
+        return tr.gettext("No exchanges yet.")
+    header = tuple(tr.gettext(h) for h in _HEADER)
     rows = [header] + [
         (
             f"{s['provider']}/{s['model']}", str(s["exchanges"]),
             f"{s['error_rate'] * 100:.1f}%", _s(s["latency_p50"]), _s(s["latency_p95"]),
             _s(s["ttft_p50"]),
-            _tokens(s["tokens_in"], s["est_tokens_in"], s["tokens_unknown"]),
-            _tokens(s["tokens_out"], s["est_tokens_out"], s["tokens_unknown"]),
+            _tokens(s["tokens_in"], s["est_tokens_in"], s["tokens_unknown"], tr),
+            _tokens(s["tokens_out"], s["est_tokens_out"], s["tokens_unknown"], tr),
         )
         for s in stats
     ]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+    return _table(rows)
 
 
-def format_model_time(rows: Iterable[dict[str, Any]]) -> str:
+def format_model_time(rows: Iterable[dict[str, Any]], tr: Translator | None = None) -> str:
     """Model time per model, replies beside summaries: what the memory costs.
 
     `rows`: provider, model, kind, calls, seconds (Store.model_time).
     """
+    tr = tr or _english()
     table: dict[str, dict[str, tuple[int, float]]] = {}
     for r in rows:
         name = f"{r['provider']}/{r['model']}"
@@ -102,15 +124,17 @@ def format_model_time(rows: Iterable[dict[str, Any]]) -> str:
         return ""
 
     def cell(kind_calls: tuple[int, float] | None) -> str:
-        return "-" if kind_calls is None else f"{kind_calls[1]:.1f}s ({kind_calls[0]} calls)"
+        if kind_calls is None:
+            return "-"
+        calls, seconds = kind_calls
+        return tr.ngettext("{seconds:.1f}s ({calls} call)", "{seconds:.1f}s ({calls} calls)",
+                           calls, seconds=seconds, calls=calls)
 
-    out = [("model time", "replies", "summaries")] + [
+    out = [tuple(tr.gettext(h) for h in _TIME_HEADER)] + [
         (name, cell(kinds.get("chat")), cell(kinds.get("summary")))
         for name, kinds in sorted(table.items())
     ]
-    widths = [max(len(r[i]) for r in out) for i in range(3)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in out)
+    return _table(out)
 
 
 def with_model_time(figures: list[dict[str, Any]],

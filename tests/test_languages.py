@@ -338,3 +338,26 @@ async def test_provider_errors_carry_their_message_and_its_parameters(
     assert exc.message(catalogs.for_language("zh-TW")) != exc.user_message
     assert exc.message(catalogs.for_language("en")) == exc.user_message
     assert "no-such-model" in exc.detail
+
+
+async def test_stats_speaks_the_admins_language_and_keeps_its_columns_aligned(
+        make_settings: SettingsFactory) -> None:
+    from bot.stats import _width
+
+    async with open_service(make_settings()) as service:
+        assert await (await service.handle(replace(incoming("/stats"), language="zh-CN"))) \
+            .text() == "```\n还没有任何对话记录。\n```"
+        await (await service.handle(incoming("hello"))).text()
+        shown = await (await service.handle(replace(incoming("/stats"),
+                                                    language="zh-TW"))).text()
+        rows = [await service.store.audit_log(10)]
+    lines = shown.strip("`\n").split("\n")
+    assert lines[0].split() == ["模型", "對話次數", "錯誤率", "p50", "p95", "首字", "p50",
+                                "輸入", "token", "輸出", "token"]
+    assert lines[1].split()[1] == "1"  # the one exchange, in the database's audit log
+    assert [r["status"] for r in rows[0] if r["kind"] == "chat"] == ["ok"]
+    # The value starts where its heading does, CJK characters counting two columns.
+    def column_of(line: str, token: str) -> int:
+        return _width(line[:line.index(token)])
+
+    assert column_of(lines[1], " 1 ") + 1 == column_of(lines[0], "對話次數")
