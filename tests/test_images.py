@@ -350,6 +350,22 @@ async def test_history_keeps_a_stand_in_never_the_bytes(
 # ----------------------------------------------------------------------------- units
 
 
+async def test_ollama_model_info_carries_the_capabilities(model_server: ModelServer) -> None:
+    from bot.providers.ollama_provider import OllamaProvider
+
+    model_server.vision_models = ["qwen2.5"]
+    provider = OllamaProvider(model_server.url)
+    try:
+        seeing, blind = (await provider.model_info("qwen2.5"),
+                         await provider.model_info("llama3.2"))
+        missing = await provider.model_info("no-such-model")
+    finally:
+        await provider.close()
+    assert seeing.capabilities == ("completion", "vision")
+    assert blind.capabilities == ("completion",)
+    assert missing.capabilities is None  # the server said nothing
+
+
 def test_formats_and_stand_ins() -> None:
     image = Image(b"\x89PNG\r\n", "image/png")
     messages = attach([{"role": "system", "content": "s"},
