@@ -580,7 +580,10 @@ class ChatService:
             size = max(i.size or 0 for i in msg.images)
             await self._reject(msg, shown, f"image {size} bytes > MAX_IMAGE_BYTES {limit}")
             return Reply.refusal(f"That image is too large: the limit is {human_bytes(limit)}.")
-        model = await self.catalog.current(msg.platform, msg.user_id)
+        try:
+            model = await self.catalog.current(msg.platform, msg.user_id)
+        except Exception:
+            return None  # the turn itself reports a database that is gone
         if await self._sees(model):
             return None
         await self._reject(msg, shown, f"model {model} can't see images")
