@@ -59,9 +59,19 @@ class Image:
 
     data: bytes = field(repr=False)
     mime: str
+    # The data base64-encoded, made in a worker thread at download: 10 MB take ~0.1 s,
+    # too long for the event loop.
+    b64: str = field(default="", repr=False)
+
+    def base64(self) -> str:
+        return self.b64 or _b64(self.data)
 
     def data_url(self) -> str:
-        return f"data:{self.mime};base64,{base64.b64encode(self.data).decode('ascii')}"
+        return f"data:{self.mime};base64,{self.base64()}"
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
 
 
 def human_bytes(n: int) -> str:
@@ -145,7 +155,7 @@ async def fetch_all(refs: Sequence[ImageRef], max_bytes: int, seconds: float) ->
             data = await ref.fetch(max_bytes)
         if len(data) > max_bytes:  # an adapter's fetch that read on regardless
             raise ImageTooLarge(len(data), max_bytes)
-        images.append(Image(data, ref.mime))
+        images.append(Image(data, ref.mime, await asyncio.to_thread(_b64, data)))
     return images
 
 
@@ -157,8 +167,8 @@ def attach(messages: list[dict[str, Any]], images: Sequence[Image]) -> list[dict
 
 
 def ollama_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ollama's form: `images` on the message, as bytes the client sends base64-encoded."""
-    return [{**m, "images": [i.data for i in m["images"]]} if m.get("images") else m
+    """Ollama's form: `images` on the message, base64 (the client sends it as it is)."""
+    return [{**m, "images": [i.base64() for i in m["images"]]} if m.get("images") else m
             for m in messages]
 
 

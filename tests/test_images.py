@@ -371,7 +371,7 @@ def test_formats_and_stand_ins() -> None:
     messages = attach([{"role": "system", "content": "s"},
                        {"role": "user", "content": "hi"}], [image])
     assert ollama_messages(messages)[-1] == {"role": "user", "content": "hi",
-                                             "images": [b"\x89PNG\r\n"]}
+                                             "images": ["iVBORw0K"]}
     assert openai_messages(messages)[-1] == {"role": "user", "content": [
         {"type": "text", "text": "hi"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}}]}
