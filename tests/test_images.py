@@ -35,7 +35,7 @@ from bot.records import ConversationRef
 from bot.service import ChatService
 from tests import test_discord
 from tests.conftest import SettingsFactory
-from tests.fakes.discord_api import DiscordEmulator
+from tests.fakes.discord_api import TEXT_CHANNEL_ID, DiscordEmulator
 from tests.fakes.model_server import ModelServer
 from tests.fakes.telegram_api import TelegramApiEmulator
 from tests.test_discord import StartBot, said
@@ -279,6 +279,25 @@ async def test_discord_image_attachment_reaches_the_model(
         "[image: what cat is this?]", "You said: what cat is this?"]
     [row] = await audit_rows(bot.service, f"discord:{D_ALICE}")
     assert (row["images"], row["status"]) == (1, "ok")
+
+
+async def test_discord_server_channel_image_with_a_mention(
+        discord_api: DiscordEmulator, run_bot: StartBot, model_server: ModelServer) -> None:
+    model_server.vision_models = ["llama3.2"]
+    await run_bot()
+    data = picture("guild", 4_096)
+    # Without the mention it is not for the bot: not downloaded, not answered.
+    quiet = discord_api.attachment(picture("quiet", 100), "quiet.png")
+    await discord_api.user_says(D_ALICE, "", channel_id=TEXT_CHANNEL_ID, attachments=[quiet])
+    att = discord_api.attachment(data, "chart.jpg", "image/jpeg")
+    await discord_api.user_says(D_ALICE, "", channel_id=TEXT_CHANNEL_ID, mentions_bot=True,
+                                attachments=[att])
+    await discord_api.wait_for(lambda: discord_api.bot_messages(TEXT_CHANNEL_ID))
+    [answer] = discord_api.bot_messages(TEXT_CHANNEL_ID)
+    assert answer.content == "You said: "  # the image alone: no words to echo
+    [request] = model_server.requests
+    assert request.images == [("", data)]
+    assert discord_api.attachments[int(quiet["id"])].downloads == 0
 
 
 async def test_discord_limits_and_what_it_cannot_read(
