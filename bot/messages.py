@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bot.images import ImageRef
+
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
@@ -24,6 +26,10 @@ class Incoming:
     # The platform's language for this user, already one of bot.i18n.LANGUAGES
     # (Telegram's language_code, Discord's locale); None when it says none.
     language: str | None = None
+    # Pictures sent with the text (a photo, an image file or attachment), not downloaded yet.
+    images: tuple[ImageRef, ...] = ()
+    # What else came that the bot can't read ("sticker", "voice", "video", "file"); "": nothing.
+    unsupported: str = ""
 
     @property
     def user_key(self) -> str:

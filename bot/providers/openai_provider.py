@@ -21,6 +21,7 @@ import httpx
 import openai
 
 from bot.i18n import N_
+from bot.images import openai_messages
 from bot.providers.base import (
     NO_OPTIONS,
     CallOptions,
@@ -128,7 +129,7 @@ class OpenAIProvider:
             extra["stream_options"] = {"include_usage": True}
         return await self._client.chat.completions.create(
             model=model,
-            messages=messages,  # type: ignore[arg-type]
+            messages=openai_messages(messages),  # type: ignore[arg-type]
             stream=stream,
             extra_body=extra,
         )
