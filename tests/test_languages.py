@@ -361,3 +361,15 @@ async def test_stats_speaks_the_admins_language_and_keeps_its_columns_aligned(
         return _width(line[:line.index(token)])
 
     assert column_of(lines[1], " 1 ") + 1 == column_of(lines[0], "對話次數")
+
+
+async def test_a_sticker_is_answered_in_the_senders_language(
+        tg: TelegramApiEmulator, tg_settings: SettingsFactory,
+        model_server: ModelServer) -> None:
+    async with telegram_bot(tg, tg_settings()):
+        tg.user_says(TW_USER, "", sticker=True, language_code="zh-HK")
+        tg.user_says(CN_USER, "", sticker=True, language_code="zh")
+        assert await said(tg, TW_USER, 1) == "我只看得懂文字和圖片。"
+        assert await said(tg, CN_USER, 1) == "我只能看懂文字和图片。"
+    assert sent_texts(tg, TW_USER) == ["我只看得懂文字和圖片。"]
+    assert model_server.requests == []  # nothing for the model to read
