@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from bot.llm_call import CallLimits, stream_reply
 from bot.prompt import build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
-from bot.records import AuditRecord, ConversationRef, StoredMessage
+from bot.records import AuditRecord, ConversationRef, StoredMessage, utcnow
 from bot.sanitize import storable
 from bot.settings import Settings
 from bot.slots import ModelSlots
@@ -239,6 +239,16 @@ class Summarizer:
     async def summarize(self, conversation_id: int, ref: ConversationRef, chat_id: str,
                         model: str) -> bool:
         """Fold what no longer fits into the summary, oldest first; True if written."""
+        # One summariser per conversation across processes (PostgreSQL): if
+        # another holds it, it folds these messages.
+        async with self._store.summary_lock(conversation_id) as ours:
+            if not ours:
+                log.info("summary of %s skipped: another process is writing it", ref.key)
+                return False
+            return await self._summarize(conversation_id, ref, chat_id, model, utcnow())
+
+    async def _summarize(self, conversation_id: int, ref: ConversationRef, chat_id: str,
+                         model: str, started: str) -> bool:
         summary = await self._store.summary(conversation_id)
         cursor = summary.upto_id if summary else 0
         text = summary.text if summary else ""
@@ -260,7 +270,7 @@ class Summarizer:
                 cost = sum(count_tokens(_line(m)) + 1 for m in exchange)
                 if batch and used + cost > budget:
                     folded = await self._fold_batch(conversation_id, text, batch, ref,
-                                                    chat_id, model)
+                                                    chat_id, model, started)
                     if folded is None:
                         return written
                     text, written = folded, True
@@ -269,18 +279,20 @@ class Summarizer:
                 used += cost
                 exchange = []
         if batch:
-            folded = await self._fold_batch(conversation_id, text, batch, ref, chat_id, model)
+            folded = await self._fold_batch(conversation_id, text, batch, ref, chat_id, model,
+                                            started)
             written = written or folded is not None
         return written
 
     async def _fold_batch(self, conversation_id: int, old: str, batch: list[StoredMessage],
-                          ref: ConversationRef, chat_id: str, model: str) -> str | None:
+                          ref: ConversationRef, chat_id: str, model: str,
+                          started: str) -> str | None:
         """Fold one batch and write it; None when the conversation was reset meanwhile."""
         if conversation_id in self._stale or not await self._store.messages_range(
                 conversation_id, batch[0].id - 1, batch[0].id, limit=1):
             log.info("summary of %s stopped: the conversation was reset", ref.key)
             return None
-        text = await self._fold(old, batch, ref, chat_id, model)
+        text = await self._fold(old, batch, ref, chat_id, model, started)
         if conversation_id in self._stale or not await self._store.save_summary(
                 conversation_id, text, batch[-1].id):
             log.info("summary of %s dropped: the conversation was reset", ref.key)
@@ -288,7 +300,7 @@ class Summarizer:
         return text
 
     async def _fold(self, old: str, batch: Sequence[StoredMessage], ref: ConversationRef,
-                    chat_id: str, model: str) -> str:
+                    chat_id: str, model: str, started: str) -> str:
         s = self._settings
         cap = s.summary_cap
         lang = summary_language([m.content for m in batch if m.role == "user"])
@@ -299,14 +311,14 @@ class Summarizer:
         room = (self._estimated_budget(model) - PROMPT_OVERHEAD - 2 * MESSAGE_OVERHEAD
                 - count_tokens(system) - count_tokens(head + tail) - 8)
         lines = _fit_lines(batch, room)
-        text = await self._call(system, head + lines + tail, ref, chat_id, model)
+        text = await self._call(system, head + lines + tail, ref, chat_id, model, started)
         if count_tokens(text) > cap:
             text = await self._call(SHORTEN_INSTRUCTIONS.format(cap=cap, language=lang), text,
-                                    ref, chat_id, model)
+                                    ref, chat_id, model, started)
         return truncate_tokens(storable(text).strip(), cap)
 
     async def _call(self, system: str, user: str, ref: ConversationRef, chat_id: str,
-                    model: str) -> str:
+                    model: str, started_at: str) -> str:
         s = self._settings
         summary_model = self._model(model)
         factor = self._calibration.factor(summary_model)
@@ -315,6 +327,7 @@ class Summarizer:
             platform=ref.platform, user_id=ref.user_id, chat_id=chat_id,
             conversation=ref.key, user_input=user, kind="summary",
             provider=self._provider.name, model=summary_model,
+            read_at=started_at,  # a forget after the pass began voids the record
         )
         started = time.monotonic()
         parts: list[str] = []

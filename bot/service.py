@@ -28,7 +28,13 @@ from bot.ordering import ConversationOrder
 from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
 from bot.ratelimit import MovingWindowLimiter, NoticeOnce
-from bot.records import AuditRecord, ConversationRef, StorageError, StoredMessage
+from bot.records import (
+    AuditRecord,
+    ConversationRef,
+    StorageError,
+    StoredMessage,
+    StoreUnavailable,
+)
 from bot.reply import Choice, Choices, Outcome, Reply
 from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
@@ -355,6 +361,11 @@ class ChatService:
                         self._chat_locked(msg, text, ref, audit, received)) as deltas:
                     async for delta in deltas:
                         yield delta
+        except StoreUnavailable:
+            # The store logged why, once; the user hears it every time.
+            audit.status, audit.error = "error", "storage: database unavailable"
+            yield ("Sorry, my memory is unavailable right now (its database file was moved "
+                   "or replaced), so I'm not answering. The bot's operator needs to restart me.")
         except StorageError as exc:
             # Only taking the conversation's lock raises here (another process
             # is still answering this conversation); the turn itself handles
