@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from bot.llm_call import CallLimits, stream_reply
 from bot.prompt import build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
-from bot.records import AuditRecord, ConversationRef, StoredMessage, utcnow
+from bot.records import AuditRecord, ConversationRef, StoredMessage, utcnow_precise
 from bot.sanitize import storable
 from bot.settings import Settings
 from bot.slots import ModelSlots
@@ -245,7 +245,7 @@ class Summarizer:
             if not ours:
                 log.info("summary of %s skipped: another process is writing it", ref.key)
                 return False
-            return await self._summarize(conversation_id, ref, chat_id, model, utcnow())
+            return await self._summarize(conversation_id, ref, chat_id, model, utcnow_precise())
 
     async def _summarize(self, conversation_id: int, ref: ConversationRef, chat_id: str,
                          model: str, started: str) -> bool:

@@ -29,6 +29,12 @@ def utcnow() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def utcnow_precise() -> str:
+    """UTC timestamp with microseconds: erasures and turn starts compare at this grain
+    (a turn begun a millisecond after a `forget` is not the forget's to void)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 @dataclass(frozen=True, slots=True)
 class ConversationRef:
     """Who a conversation belongs to; `key` is stable and human-readable."""
@@ -91,14 +97,14 @@ class AuditRecord:
     est_prompt_tokens: int | None = None
     est_completion_tokens: int | None = None
     timestamp: str = field(default_factory=utcnow)
-    # When the user's data in this record was read (a summary pass's start;
-    # empty: `timestamp`). A `forget` after it voids the record: not a column.
-    read_at: str = ""
+    # When the user's data in this record was read (the turn's start, or a
+    # summary pass's): a `forget` after it voids the record. Not a column.
+    read_at: str = field(default_factory=utcnow_precise)
 
     @property
     def since(self) -> str:
         """The moment a later erasure of this user must void the record from."""
-        return self.read_at or self.timestamp
+        return self.read_at
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

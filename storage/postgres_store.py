@@ -44,7 +44,7 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from bot.records import AuditRecord, ConversationRef, StorageError, utcnow
+from bot.records import AuditRecord, ConversationRef, StorageError, utcnow, utcnow_precise
 from bot.store import redact_url
 from storage import queries
 from storage.dialect import POSTGRES
@@ -330,7 +330,7 @@ class PostgresStore(SQLStore):
                 "DELETE FROM rate_events WHERE user_key = $1", f"{platform}:{user_id}"
             )
             await conn.execute(self.q.prune_erasures, queries.erasure_horizon())
-            await conn.execute(self.q.record_erasure, platform, user_id, utcnow())
+            await conn.execute(self.q.record_erasure, platform, user_id, utcnow_precise())
         return counts
 
     @contextlib.asynccontextmanager

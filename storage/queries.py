@@ -180,7 +180,7 @@ def erased(rows: Iterable[Sequence[Any]], platform: str, user_id: str, since: st
 def erasure_horizon() -> str:
     """Erasures older than this are pruned (as the ISO strings compare)."""
     then = datetime.now(UTC) - timedelta(seconds=ERASURE_KEEP)
-    return then.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return then.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def count_rows(table: str) -> str:

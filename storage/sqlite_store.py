@@ -21,7 +21,14 @@ from typing import Any, Literal
 
 import aiosqlite
 
-from bot.records import AuditRecord, ConversationRef, StorageError, StoreUnavailable, utcnow
+from bot.records import (
+    AuditRecord,
+    ConversationRef,
+    StorageError,
+    StoreUnavailable,
+    utcnow,
+    utcnow_precise,
+)
 from storage import queries
 from storage.dialect import SQLITE
 from storage.migrations import MIGRATIONS, MIGRATIONS_TABLE, Migration
@@ -368,7 +375,7 @@ class SQLiteStore(SQLStore):
             # In the same transaction: whatever read this user's data before
             # now writes nothing of it later (see _insert_exchanges, save_audit).
             await db.execute(self.q.prune_erasures, (queries.erasure_horizon(),))
-            await db.execute(self.q.record_erasure, (platform, user_id, utcnow()))
+            await db.execute(self.q.record_erasure, (platform, user_id, utcnow_precise()))
         self._conv_ids.clear()
         return counts
 
