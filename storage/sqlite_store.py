@@ -265,7 +265,9 @@ class SQLiteStore(SQLStore):
             except sqlite3.OperationalError as exc:
                 # The write lock (another process) or the file itself: each
                 # exchange alone would wait the busy timeout again. The batch
-                # waited once; it fails together.
+                # waited once; it fails together, and so do the exchanges that
+                # queued behind it meanwhile (they would only wait once more).
+                batch, self._pending = batch + self._pending, []
                 _fail(batch, exc)
                 continue
             except Exception:
