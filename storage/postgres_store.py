@@ -121,6 +121,10 @@ async def _release_lock_connection(
             elif not await conn.fetchval(f"SELECT pg_advisory_unlock({_LOCK_KEY})", key,
                                          timeout=UNLOCK_TIMEOUT):
                 _lock_lost(key, "the server no longer held it")
+    except asyncpg.InterfaceError:
+        # The pool took the dead connection back already (the session ended).
+        if locked:
+            _lock_lost(key, "its connection was lost")
     except Exception as exc:
         if locked:
             _lock_lost(key, f"{type(exc).__name__}: {exc}")
