@@ -59,6 +59,9 @@ def _model_options(models: ModelChoices) -> Choices:
     return Choices("model", tuple(Choice(m, m, m == models.current) for m in models.available))
 
 
+STORE_UNAVAILABLE = ("Sorry, my memory is unavailable right now (its database file was moved "
+                     "or replaced), so I'm not answering. The bot's operator needs to "
+                     "restart me.")
 LENGTH_NOTE = "\n\n_(reply cut off at the length limit)_"
 
 
@@ -242,6 +245,9 @@ class ChatService:
             return Reply.refusal(f"Only the bot's admins can see /{name}.", private=cmd.private)
         try:
             reply = await cmd.handler(self, msg, args)
+        except StoreUnavailable:
+            # The store logged why, once.
+            return Reply.error(STORE_UNAVAILABLE, private=cmd.private)
         except Exception:
             log.exception("command /%s failed", name)
             return Reply.error("Sorry, that didn't work because of a problem on my side. "
@@ -364,8 +370,7 @@ class ChatService:
         except StoreUnavailable:
             # The store logged why, once; the user hears it every time.
             audit.status, audit.error = "error", "storage: database unavailable"
-            yield ("Sorry, my memory is unavailable right now (its database file was moved "
-                   "or replaced), so I'm not answering. The bot's operator needs to restart me.")
+            yield STORE_UNAVAILABLE
         except StorageError as exc:
             # Only taking the conversation's lock raises here (another process
             # is still answering this conversation); the turn itself handles

@@ -54,7 +54,8 @@ async def test_database_file_deleted_or_replaced_stops_turns(
         with caplog.at_level(logging.ERROR):
             first = await ask(svc, "are you there?")
             second = await ask(svc, "hello?")
-    for said in (first, second):
+            reset = await ask(svc, "/reset")
+    for said in (first, second, reset):
         assert "memory is unavailable" in said and "restart" in said
     lines = [r for r in caplog.records if "was " + ("deleted" if fault == "deleted"
                                                    else "replaced") in r.getMessage()]
