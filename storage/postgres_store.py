@@ -350,6 +350,9 @@ class PostgresStore(SQLStore):
             conn = await pool.acquire(timeout=CONNECT_TIMEOUT)
             got = False
             try:
+                # Advisory locks are per database: conversation ids of another
+                # schema (another bot on the same database) must not collide.
+                key = f"summary:{await conn.fetchval('SELECT current_schema()')}:{conversation_id}"
                 got = bool(await conn.fetchval(
                     f"SELECT pg_try_advisory_lock({_LOCK_KEY})", key))
             except BaseException:
