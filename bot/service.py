@@ -51,7 +51,13 @@ from bot.ordering import ConversationOrder
 from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
 from bot.ratelimit import MovingWindowLimiter, NoticeOnce
-from bot.records import AuditRecord, ConversationRef, StorageError, StoredMessage
+from bot.records import (
+    AuditRecord,
+    ConversationRef,
+    StorageError,
+    StoredMessage,
+    StoreUnavailable,
+)
 from bot.reply import Choice, Choices, Outcome, Reply
 from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
@@ -77,6 +83,9 @@ def _model_options(models: ModelChoices) -> Choices:
     return Choices("model", tuple(Choice(m, m, m == models.current) for m in models.available))
 
 
+STORE_UNAVAILABLE = N_("Sorry, my memory is unavailable right now (its database file was "
+                       "moved or replaced), so I'm not answering. The bot's operator needs to "
+                       "restart me.")
 LENGTH_NOTE = N_("_(reply cut off at the length limit)_")
 
 
@@ -319,6 +328,10 @@ class ChatService:
                 private=cmd.private)
         try:
             reply = await cmd.handler(self, msg, args)
+        except StoreUnavailable:
+            # The store logged why, once.
+            return Reply.error(self.translator_for(msg).gettext(STORE_UNAVAILABLE),
+                               private=cmd.private)
         except Exception:
             log.exception("command /%s failed", name)
             # The store may be what failed: the platform's language then.
@@ -489,6 +502,10 @@ class ChatService:
                         self._chat_locked(msg, text, ref, audit, received, images)) as deltas:
                     async for delta in deltas:
                         yield delta
+        except StoreUnavailable:
+            # The store logged why, once; the user hears it every time.
+            audit.status, audit.error = "error", "storage: database unavailable"
+            yield self.translator_for(msg).gettext(STORE_UNAVAILABLE)
         except StorageError as exc:
             # Only taking the conversation's lock raises here (another process
             # is still answering this conversation); the turn itself handles

@@ -179,7 +179,19 @@ def _model_info(d: Dialect) -> list[str]:
     ]
 
 
-@migration("007_user_language")
+@migration("007_erasures")
+def _erasures(d: Dialect) -> list[str]:
+    # `forget` notes when it erased a user, in its own transaction: a turn or
+    # summary that read the user's data before then writes nothing afterwards,
+    # in whichever process it runs. Kept a day (see queries.ERASURE_KEEP).
+    return [
+        "CREATE TABLE erasures (platform TEXT NOT NULL, user_id TEXT NOT NULL,"
+        " erased_at TEXT NOT NULL, PRIMARY KEY (platform, user_id))",
+        "CREATE INDEX erasures_at ON erasures(erased_at)",
+    ]
+
+
+@migration("008_user_language")
 def _user_language(d: Dialect) -> list[str]:
     # The user's /language choice (NULL: follow the platform), next to their model.
     return ["ALTER TABLE user_settings ADD COLUMN language TEXT"]
