@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from adapters.base import Adapter
@@ -16,6 +16,32 @@ from bot.settings import Settings
 from storage import open_store
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def reload_on_sighup(service: ChatService) -> Iterator[set[asyncio.Task[bool]]]:
+    """While open, SIGHUP re-reads PERSONAS_FILE (off the loop); a bad edit keeps the old.
+
+    Yields the reloads in flight (for shutdown, and for tests to await)."""
+    loop = asyncio.get_running_loop()
+    reloads: set[asyncio.Task[bool]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(service.personas.reload_async())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    installed = False
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, reload)
+        installed = True
+    try:
+        yield reloads
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGHUP)
+        for task in reloads:
+            task.cancel()
 
 
 @contextlib.asynccontextmanager
@@ -73,7 +99,8 @@ async def run_bot(settings: Settings, *, console: bool = False) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    async with open_service(settings) as service:
+    async with open_service(settings) as service, contextlib.AsyncExitStack() as stack:
+        stack.enter_context(reload_on_sighup(service))
         if not console and adapters[0].name != "console":
             log_access(settings)  # once the store opened: a bad database says only that
         tasks = {asyncio.create_task(a.run(service, stop), name=a.name): a for a in adapters}
