@@ -18,29 +18,44 @@ from storage import open_store
 log = logging.getLogger(__name__)
 
 
+class Reloads:
+    """The SIGHUP reloads of PERSONAS_FILE: in flight, and their results in order."""
+
+    def __init__(self, service: ChatService) -> None:
+        self._service = service
+        self.tasks: set[asyncio.Task[bool]] = set()
+        self._results: asyncio.Queue[bool] = asyncio.Queue()
+
+    def start(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._service.personas.reload_async())
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[bool]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is None:
+            self._results.put_nowait(task.result())
+
+    async def next(self) -> bool:
+        """The result of the next reload to finish (True: the new file is in use)."""
+        return await self._results.get()
+
+
 @contextlib.contextmanager
-def reload_on_sighup(service: ChatService) -> Iterator[set[asyncio.Task[bool]]]:
-    """While open, SIGHUP re-reads PERSONAS_FILE (off the loop); a bad edit keeps the old.
-
-    Yields the reloads in flight (for shutdown, and for tests to await)."""
+def reload_on_sighup(service: ChatService) -> Iterator[Reloads]:
+    """While open, SIGHUP re-reads PERSONAS_FILE (off the loop); a bad edit keeps the old."""
     loop = asyncio.get_running_loop()
-    reloads: set[asyncio.Task[bool]] = set()
-
-    def reload() -> None:
-        task = loop.create_task(service.personas.reload_async())
-        reloads.add(task)
-        task.add_done_callback(reloads.discard)
-
+    reloads = Reloads(service)
     installed = False
     with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
-        loop.add_signal_handler(signal.SIGHUP, reload)
+        loop.add_signal_handler(signal.SIGHUP, reloads.start)
         installed = True
     try:
         yield reloads
     finally:
         if installed:
             loop.remove_signal_handler(signal.SIGHUP)
-        for task in reloads:
+        for task in reloads.tasks:
             task.cancel()
 
 
