@@ -195,7 +195,9 @@ async def stream_reply(
     finally:
         if watcher is not None:
             watcher.cancel()
-        if not task.done():
+        # Once: a second cancel would interrupt the stream's own close, and leave
+        # the model's connection open (the server would go on generating).
+        if not task.done() and not task.cancelling():
             task.cancel()
 
 

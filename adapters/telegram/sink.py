@@ -89,6 +89,20 @@ class TelegramSink:
             _translate(exc, formatted)
             raise
 
+    async def drop_markup(self) -> None:
+        """Take the keyboard off the first message (a Stop button once the reply ended)."""
+        if self._markup is None or self._first is None:
+            self._markup = None
+            return
+        self._markup = None
+        try:
+            async with self._pacer.turn(self._chat_id):
+                await self._bot.edit_message_reply_markup(self._chat_id, self._first,
+                                                          reply_markup=None)
+        except BadRequest as exc:
+            if not is_not_modified(exc):
+                raise
+
     async def typing(self) -> None:
         if not self._pacer.claim_typing(self._chat_id):
             return
