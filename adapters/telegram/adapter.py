@@ -248,13 +248,18 @@ class TelegramAdapter(Adapter[Destination]):
         if reply.streaming:  # a Stop button while the answer streams
             keyboard = stop_keyboard(to.owner_id, reply.id)
         sink = TelegramSink(self._bot, to.chat_id, pacer=self._pacer, thread_id=to.thread_id,
-                            reply_to=to.reply_to, reply_markup=keyboard)
-        try:
+                            reply_to=to.reply_to, reply_markup=keyboard,
+                            edit_interval=self._settings.STREAM_EDIT_INTERVAL)
+        if not reply.streaming:
             await self.stream(reply, sink, limit=MESSAGE_LIMIT, measure=utf16_len)
+            return
+        try:
+            # The final edit already goes without the Stop button.
+            await self.stream(reply, sink, limit=MESSAGE_LIMIT, measure=utf16_len,
+                              on_end=sink.release_markup)
         finally:
-            if reply.streaming:
-                with contextlib.suppress(TelegramError):
-                    await sink.drop_markup()
+            with contextlib.suppress(TelegramError):
+                await sink.drop_markup()
 
     @property
     def _bot(self) -> Bot:
