@@ -6,6 +6,7 @@ Pure functions over discord.py objects: no network, no core.
 from __future__ import annotations
 
 import re
+from collections.abc import Awaitable, Callable
 
 import discord
 
@@ -72,7 +73,16 @@ def text_for_model(message: discord.Message, me_id: int) -> str:
     return _MENTION.sub(name_of, text).strip()
 
 
+def _admin_signal(allowed: bool) -> Callable[[], Awaitable[bool]]:
+    async def place_admin() -> bool:
+        return allowed
+    return place_admin
+
+
 def incoming_from_message(message: discord.Message, text: str) -> Incoming:
+    # Manage Server: Discord's own mark of a server's admins (the core decides what it allows).
+    author = message.author
+    admin = isinstance(author, discord.Member) and author.guild_permissions.manage_guild
     return Incoming(
         platform=PLATFORM,
         user_id=str(message.author.id),
@@ -81,6 +91,7 @@ def incoming_from_message(message: discord.Message, text: str) -> Incoming:
         place_id=place_of(message),
         text=text,
         raw=message,
+        place_admin=_admin_signal(admin),
     )
 
 
@@ -94,4 +105,6 @@ def incoming_from_interaction(interaction: discord.Interaction, text: str) -> In
         place_id=str(interaction.guild_id) if interaction.guild_id is not None else None,
         text=text,
         raw=interaction,
+        place_admin=_admin_signal(interaction.guild_id is not None
+                                  and interaction.permissions.manage_guild),
     )
