@@ -375,7 +375,7 @@ async def test_reset_is_private_and_forgets(discord_api: DiscordEmulator, run_bo
     bot = await run_bot(DISCORD_DEV_GUILD=GUILD_ID)
     # Synced globally, and to the development server at once.
     assert sorted(discord_api.commands_synced(GUILD_ID)) == sorted(discord_api.commands_synced())
-    assert len(discord_api.commands_synced(GUILD_ID)) == 5
+    assert len(discord_api.commands_synced(GUILD_ID)) == 7
     general = TEXT_CHANNEL_ID
     await discord_api.user_says(ALICE, "my name is Alice", channel_id=general, mentions_bot=True)
     await said(discord_api, general, "You said: my name is Alice")
@@ -397,6 +397,7 @@ async def test_reset_is_private_and_forgets(discord_api: DiscordEmulator, run_bo
     help_ = await discord_api.slash(BOB, "help", channel_id=general)
     await discord_api.wait_for(lambda: help_.answered)
     assert "/model" in help_.texts[0] and not help_.messages[0].ephemeral
+    assert "/persona" in help_.texts[0] and "/stop" in help_.texts[0]
     assert help_.callbacks[0].data["allowed_mentions"] == {"parse": []}
 
 

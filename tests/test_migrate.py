@@ -141,6 +141,12 @@ async def fill(db: Raw, upto: int) -> None:
             f"INSERT INTO audit ({base}, kind, summary_used) VALUES"
             f" ({', '.join('?' * 18)})",
             *row[:8], "User is Ana.", "ok", "", 2.0, None, None, None, 2, "summary", True)
+    if "007_personas" in has:
+        await db.execute("INSERT INTO conversation_settings (conversation_key, platform,"
+                         " user_id, persona, updated_at) VALUES (?, ?, ?, ?, ?)",
+                         "telegram:1@dm", "telegram", "1", "teacher", T)
+        await db.execute("INSERT INTO place_settings (platform, place_id, persona, updated_at)"
+                         " VALUES (?, ?, ?, ?)", "telegram", "-100", "coach", T)
     if "003_rate_events" in has and db.dialect is POSTGRES:
         await db.execute("INSERT INTO rate_events (user_key, at)"
                          " VALUES (?, extract(epoch FROM clock_timestamp()))", "telegram:1")
@@ -199,7 +205,8 @@ async def test_schema_matches_the_copy_db_columns(db_url: str) -> None:
     await store.close()
     async with raw(db_url) as db:
         # A new table is copied by copy-db (TABLES, queries.COLUMNS) or named here.
-        internal = {"_migrations", "sqlite_sequence", "rate_events"}
+        # model_info is a cache of what servers said (copy-db leaves it out).
+        internal = {"_migrations", "sqlite_sequence", "rate_events", "model_info"}
         assert await db.tables() - internal == set(TABLES)
         await fill(db, len(MIGRATIONS))
         for table in TABLES:
