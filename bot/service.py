@@ -325,14 +325,17 @@ class ChatService:
         stored = await self.store.count_messages(conv)
         summary = await self.store.summary(conv) \
             if self.settings.MEMORY_STRATEGY == "summarize" else None
-        model = await self.catalog.current(msg.platform, msg.user_id)
+        persona = await self._persona_turn(msg, ref)  # its model, system and window count
+        model = await self._persona_model(
+            persona, await self.catalog.current(msg.platform, msg.user_id))
         history = await self.store.recent_messages(
             conv, self._load_limit(), after_id=summary.upto_id if summary else 0)
-        win = await self.windows.window(model)
+        win = persona.window(await self.windows.window(model))
         factors = await self.windows.factors(model)
-        prompt = build_prompt(self.settings.SYSTEM_PROMPT, history, "", win.budget,
-                              summary=summary.text if summary else None, counter=factors.count,
-                              system_as_user=self.settings.SYSTEM_AS_USER)
+        prompt = build_prompt(persona.system(self.settings.SYSTEM_PROMPT), history, "",
+                              win.budget, summary=summary.text if summary else None,
+                              counter=factors.count, system_as_user=self.settings.SYSTEM_AS_USER,
+                              examples=persona.examples())
         lines = [f"Stored messages in this conversation: {stored}",
                  f"Messages that fit the context window now: {prompt.history_used} "
                  f"(`{model}`: {win.num_ctx:,} tokens)"]

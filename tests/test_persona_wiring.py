@@ -234,3 +234,19 @@ def test_bad_files_stop_start_up_with_one_line(tmp_path: Path, content: str | No
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: bad setting PERSONAS_FILE=")
     assert str(path) in lines[0] and expected in lines[0]
+
+
+async def test_console_lists_personas_as_numbered_lines_and_help_lists_the_commands(
+        tmp_path: Path, model_server: ModelServer) -> None:
+    from tests.test_console import bot_env, run_bot
+
+    env = bot_env(tmp_path, model_server, PERSONAS_FILE=str(personas_file(tmp_path)))
+    code, out, err = await run_bot(["console"], env, "/help\n/persona\n2\nhello\n")
+    assert code == 0, err
+    assert "/persona — List the personas" in out and "/stop — Stop the reply" in out
+    assert "  1. teacher: 用淺顯例子解釋複雜概念的老師\n  2. coach: a patient study coach\n" \
+        "  3. off (the default)\n" in out
+    assert "Done: this conversation now uses the persona `coach`." in out
+    assert model_server.requests[-1].messages[0] == {"role": "system", "content": COACH_SYSTEM}
+    code, out, _ = await run_bot(["logs", "--json", "-n", "1"], env)
+    assert '"persona": "coach"' in out
