@@ -214,7 +214,8 @@ async def test_a_cancelled_answer_stops_and_is_recorded_cancelled(
             seen.append(delta)
             reply.cancel()  # what a /stop will do
     rows = await service.store.audit_log(5)
-    assert len(seen) == 1 and reply.outcome is Outcome.CANCELLED
+    # The turn ends itself at once: the text so far, then the stopped mark.
+    assert seen[1:] == ["\n\n⏹ stopped"] and reply.outcome is Outcome.CANCELLED
     assert rows[-1]["status"] == "cancelled"
     assert rows[-1]["model_response"] == seen[0]
 
@@ -268,6 +269,8 @@ async def test_a_streaming_answer_is_found_by_its_conversation_and_stopped(
                 for running in service.answers_in(incoming("/stop", user="7")):
                     running.cancel()
     rows = await service.store.audit_log(5)
-    assert len(seen) == 3 and reply.outcome is Outcome.CANCELLED
-    assert rows[-1]["status"] == "cancelled" and rows[-1]["model_response"] == "".join(seen)
+    assert len(seen) == 4 and seen[-1] == "\n\n⏹ stopped"
+    assert reply.outcome is Outcome.CANCELLED
+    assert rows[-1]["status"] == "cancelled"
+    assert rows[-1]["model_response"] == "".join(seen[:3])
     assert service.answers_in(incoming("/stop", user="7")) == []
