@@ -36,6 +36,9 @@ COLUMNS: dict[str, dict[str, type]] = {
     "summaries": {"conversation_id": int, "text": str, "upto_id": int, "updated_at": str},
     "user_settings": {"platform": str, "user_id": str, "model": str, "updated_at": str},
     "audit": {"id": int, **{c: _AUDIT_KINDS[c] for c in AUDIT_COLUMNS}},
+    # What was learned per model (its window, the token correction) moves with the data.
+    "model_info": {"model": str, "context_length": int, "learned_window": int,
+                   "token_factor": float, "cjk_factor": float, "updated_at": str},
     "conversation_settings": {"conversation_key": str, "platform": str, "user_id": str,
                               "persona": str, "updated_at": str},
     "place_settings": {"platform": str, "place_id": str, "persona": str, "updated_at": str},
@@ -46,6 +49,7 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "summaries": ("conversation_id",),
     "user_settings": ("platform", "user_id"),
     "audit": ("id",),
+    "model_info": ("model",),
     "conversation_settings": ("conversation_key",),
     "place_settings": ("platform", "place_id"),
 }

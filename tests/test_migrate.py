@@ -141,6 +141,10 @@ async def fill(db: Raw, upto: int) -> None:
             f"INSERT INTO audit ({base}, kind, summary_used) VALUES"
             f" ({', '.join('?' * 18)})",
             *row[:8], "User is Ana.", "ok", "", 2.0, None, None, None, 2, "summary", True)
+    if "006_model_info" in has:
+        await db.execute("INSERT INTO model_info (model, context_length, learned_window,"
+                         " token_factor, cjk_factor, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                         "qwen2.5", 32768, 4096, 1.1, 1.4, T)
     if "007_personas" in has:
         await db.execute("INSERT INTO conversation_settings (conversation_key, platform,"
                          " user_id, persona, updated_at) VALUES (?, ?, ?, ?, ?)",
@@ -205,8 +209,7 @@ async def test_schema_matches_the_copy_db_columns(db_url: str) -> None:
     await store.close()
     async with raw(db_url) as db:
         # A new table is copied by copy-db (TABLES, queries.COLUMNS) or named here.
-        # model_info is a cache of what servers said (copy-db leaves it out).
-        internal = {"_migrations", "sqlite_sequence", "rate_events", "model_info"}
+        internal = {"_migrations", "sqlite_sequence", "rate_events"}
         assert await db.tables() - internal == set(TABLES)
         await fill(db, len(MIGRATIONS))
         for table in TABLES:

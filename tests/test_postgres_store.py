@@ -377,7 +377,8 @@ async def test_forget_user(store: PostgresStore) -> None:
     assert await store.user_model("telegram", "1") is None
     assert await store.table_counts() == {"conversations": 1, "messages": 2, "summaries": 0,
                                           "user_settings": 1, "audit": 1,
-                                          "conversation_settings": 0, "place_settings": 0}
+                                          "model_info": 0, "conversation_settings": 0,
+                                          "place_settings": 0}
     async with store.pool.acquire() as conn:
         keys = [r[0] for r in await conn.fetch("SELECT user_key FROM rate_events")]
     assert keys == ["discord:2"]
