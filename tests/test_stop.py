@@ -141,7 +141,7 @@ async def check_stopped(svc: ChatService, tg: TelegramApiEmulator, model_server:
                         answer: VisibleMessage, user_key: str) -> None:
     await model_server.wait_for_disconnects(1, timeout=1)  # within a second of the stop
     await tg.wait_for(lambda: answer.text.endswith(MARK) and answer.reply_markup is None,
-                      5, "the stopped mark and the button gone")
+                      10, "the stopped mark and the button gone")
     row = await last_audit(svc, user_key)
     assert row["status"] == "cancelled"
     assert answer.text == row["model_response"] + "\n\n" + MARK
