@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from bot.images import ImageRef
+
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
@@ -27,6 +29,10 @@ class Incoming:
     # when a command needs it (Telegram's costs a getChatMember call). None: no.
     place_admin: Callable[[], Awaitable[bool]] | None = field(
         default=None, compare=False, repr=False)
+    # Pictures sent with the text (a photo, an image file or attachment), not downloaded yet.
+    images: tuple[ImageRef, ...] = ()
+    # What else came that the bot can't read ("sticker", "voice", "video", "file"); "": nothing.
+    unsupported: str = ""
 
     @property
     def user_key(self) -> str:
