@@ -11,6 +11,7 @@ with its audit record in one transaction. A failed turn is never history.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -42,12 +43,14 @@ from bot.images import (
     human_bytes,
     stand_in,
 )
-from bot.llm_call import CallCancelled, CallLimits, stream_reply
+from bot.llm_call import CallCancelled, CallLimits, CallStopped, stream_reply
 from bot.logging_setup import RedactSecrets
 from bot.memory import Summarizer
 from bot.messages import Incoming, ModelChoices
 from bot.models import ModelCatalog, ModelWindows
 from bot.ordering import ConversationOrder
+from bot.persona_turn import NO_PERSONA, PersonaTurn
+from bot.personas import PersonaBook
 from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
 from bot.ratelimit import MovingWindowLimiter, NoticeOnce
@@ -71,12 +74,19 @@ exchange_log = logging.getLogger("bot.exchange")
 
 HISTORY_LOAD_LIMIT = 400  # at most this many messages are loaded for one prompt
 REJECTED_KEEP = 200  # characters of a refused message the audit log keeps
+KNOWN_CHOICES = 10_000  # users whose /language choice is kept in memory (LRU)
 RATE_WINDOW = 60  # seconds: RATE_LIMIT_PER_MINUTE
 # Notes after a reply's text (two newlines, then the catalogue's words).
 SHUTDOWN_NOTE = N_("_(reply cut off: the bot is restarting)_")
 # How a turn's audit status reads as the answer's outcome.
 _OUTCOMES = {"ok": Outcome.OK, "error": Outcome.ERROR, "cancelled": Outcome.CANCELLED,
              "rejected": Outcome.REFUSED}
+
+
+def _persona_label(name: str, description: str) -> str:
+    # A button or an autocomplete entry: short (Discord allows 100 characters).
+    label = f"{name}: {description}" if description else name
+    return label if len(label) <= 64 else label[:63] + "…"
 
 
 def _model_options(models: ModelChoices) -> Choices:
@@ -87,6 +97,7 @@ STORE_UNAVAILABLE = N_("Sorry, my memory is unavailable right now (its database 
                        "moved or replaced), so I'm not answering. The bot's operator needs to "
                        "restart me.")
 LENGTH_NOTE = N_("_(reply cut off at the length limit)_")
+STOPPED_MARK = N_("⏹ stopped")
 
 
 def _language_options(current: str | None) -> Choices:
@@ -98,13 +109,20 @@ class ChatService:
     """Thin adapters call `handle`; everything else lives below it."""
 
     def __init__(self, settings: Settings, store: Store, provider: Provider, *,
-                 commands: Commands | None = None, catalogs: Catalogs | None = None,
+                 commands: Commands | None = None,
+                 personas: PersonaBook | None = None, catalogs: Catalogs | None = None,
                  lang_env: str | None = None) -> None:
         self.settings = settings
         # The bot's own words in every shipped language (read once, here).
         self.catalogs = catalogs if catalogs is not None else Catalogs.load()
         # The process's LANG: the last signal before English.
         self._lang_env = lang_env if lang_env is not None else os.environ.get("LANG")
+        # The /language choices last read or made here, newest last (bounded).
+        self._known_choices: collections.OrderedDict[str, str | None] = \
+            collections.OrderedDict()
+        # PERSONAS_FILE (reloaded on SIGHUP by the app); a bad file raises PersonaError.
+        self.personas = personas if personas is not None else PersonaBook(
+            settings.PERSONAS_FILE or None, settings.PERSONA_DEFAULTS)
         # The chat commands: the handlers marked below, unless a caller gives others.
         self.commands = commands if commands is not None else Commands.of(type(self))
         self.store = store
@@ -129,6 +147,7 @@ class ChatService:
         # entry goes with its Reply once the adapter lets go of it.
         self._answers: weakref.WeakValueDictionary[tuple[str, int], Reply] = \
             weakref.WeakValueDictionary()
+        self._askers: dict[int, str] = {}  # reply id → user_key, while the Reply lives
         self._redact = RedactSecrets(settings.secrets()).redact
         self.image_timeout = DOWNLOAD_TIMEOUT  # seconds, per image
         self.memory = Summarizer(settings, store, provider, self._calls, self._audit,
@@ -162,13 +181,27 @@ class ChatService:
         """A translator without asking the store (the stored choice, if known, as `chosen`)."""
         return self.catalogs.for_language(self.language_of(msg, chosen))
 
+    def known_translator(self, msg: Incoming) -> Translator:
+        """Without a store round trip: with the choice this process last read or made
+        (for what must show at once, like a Stop button's label)."""
+        return self.translator_for(msg, self._known_choices.get(msg.user_key))
+
     async def translator(self, msg: Incoming) -> Translator:
         """The translator for `msg`'s sender, their stored /language choice included."""
         return self.translator_for(msg, await self._chosen_language(msg))
 
+    def _note_choice(self, user_key: str, chosen: str | None) -> None:
+        known = self._known_choices
+        known[user_key] = chosen
+        known.move_to_end(user_key)
+        while len(known) > KNOWN_CHOICES:
+            known.popitem(last=False)
+
     async def _chosen_language(self, msg: Incoming) -> str | None:
         try:
-            return await self.store.user_language(msg.platform, msg.user_id)
+            chosen = await self.store.user_language(msg.platform, msg.user_id)
+            self._note_choice(msg.user_key, chosen)
+            return chosen
         except Exception:
             # Words in the platform's language beat no answer at all.
             log.warning("could not read the language choice of %s", msg.user_key,
@@ -184,6 +217,8 @@ class ChatService:
         buttons; no rate limit or audit: nothing is run)."""
         if command == "model":
             return _model_options(await self.model_choices(msg))
+        if command == "persona":
+            return await self._persona_choices(msg)
         if command == "language":
             return _language_options(await self._chosen_language(msg))
         return None
@@ -240,9 +275,14 @@ class ChatService:
             provider=self.provider.name,
         )
         # The turn runs as the adapter reads the answer; its audit status is the outcome.
-        reply = Reply.answer(self._chat(msg, text, ref, audit),
-                             lambda: _OUTCOMES.get(audit.status, Outcome.ERROR))
+        # /stop (or a Stop button) sets `stop`: the turn cuts its model call at once.
+        stop = asyncio.Event()
+        reply = Reply.answer(self._chat(msg, text, ref, audit, stop),
+                             lambda: _OUTCOMES.get(audit.status, Outcome.ERROR),
+                             on_cancel=stop.set)
         self._answers[ref.key, reply.id] = reply
+        self._askers[reply.id] = msg.user_key
+        weakref.finalize(reply, self._askers.pop, reply.id, None)
         return reply
 
     def answers_in(self, msg: Incoming) -> list[Reply]:
@@ -429,6 +469,7 @@ class ChatService:
                                             "{codes}", code=args[:32], codes=codes))
         new = None if picked == "auto" else picked
         await self.store.set_user_language(msg.platform, msg.user_id, new)
+        self._note_choice(msg.user_key, new)
         tr = self.translator_for(msg, new)  # said in the new language
         if new is None:
             return Reply.notice(tr.gettext("Done: I'll follow your app's language again."))
@@ -441,14 +482,17 @@ class ChatService:
         stored = await self.store.count_messages(conv)
         summary = await self.store.summary(conv) \
             if self.settings.MEMORY_STRATEGY == "summarize" else None
-        model = await self.catalog.current(msg.platform, msg.user_id)
+        persona = await self._persona_turn(msg, ref)  # its model, system and window count
+        model = await self._persona_model(
+            persona, await self.catalog.current(msg.platform, msg.user_id))
         history = await self.store.recent_messages(
             conv, self._load_limit(), after_id=summary.upto_id if summary else 0)
-        win = await self.windows.window(model)
+        win = persona.window(await self.windows.window(model))
         factors = await self.windows.factors(model)
-        prompt = build_prompt(self.settings.SYSTEM_PROMPT, history, "", win.budget,
-                              summary=summary.text if summary else None, counter=factors.count,
-                              system_as_user=self.settings.SYSTEM_AS_USER)
+        prompt = build_prompt(persona.system(self.settings.SYSTEM_PROMPT), history, "",
+                              win.budget, summary=summary.text if summary else None,
+                              counter=factors.count, system_as_user=self.settings.SYSTEM_AS_USER,
+                              examples=persona.examples())
         lines = [tr.gettext("Stored messages in this conversation: {count}", count=stored),
                  tr.gettext("Messages that fit the context window now: {count} "
                             "(`{model}`: {tokens:,} tokens)", count=prompt.history_used,
@@ -483,9 +527,134 @@ class ChatService:
         # more than could possibly fit.
         return min(HISTORY_LOAD_LIMIT, self.settings.prompt_budget // 5 + 1)
 
+    # -- personas (/persona) and /stop: handlers and their helpers
+    async def _persona_turn(self, msg: Incoming, ref: ConversationRef) -> PersonaTurn:
+        """This conversation's persona: its own pick, else the place's default set in
+        chat, else PERSONA_DEFAULTS, else none. A name the file no longer has is skipped."""
+        book = self.personas
+        if not len(book.current):
+            return NO_PERSONA
+        picked, place_default = await self.store.personas_of(ref.key, msg.platform,
+                                                             msg.place_id)
+        for name in (picked, place_default):
+            if name and (persona := book.get(name)) is not None:
+                return PersonaTurn(persona)
+        return PersonaTurn(book.default_for(msg.platform, msg.place_id))
+
+    async def _persona_model(self, persona: PersonaTurn, model: str) -> str:
+        """The persona's model where the catalog offers it, else the user's."""
+        wanted = persona.persona.model if persona.persona is not None else None
+        if not wanted:
+            return model
+        resolved = await self.catalog.resolve(wanted)
+        if resolved is None:
+            log.warning("persona %s names model %s, which is not offered; using %s",
+                        persona.name, wanted, model)
+            return model
+        return resolved
+
+    async def _persona_choices(self, msg: Incoming,
+                               tr: Translator | None = None) -> Choices | None:
+        book = self.personas.current
+        if not len(book):
+            return None
+        tr = tr or await self.translator(msg)
+        current = (await self._persona_turn(msg, self.conversation_ref(msg))).name
+        options = [Choice(p.name, _persona_label(p.name, p.description), p.name == current)
+                   for p in book]
+        options.append(Choice("off", tr.gettext("off (the default)"), False))
+        return Choices("persona", tuple(options))
+
+    @command("persona", N_("List the personas, or pick one: /persona NAME (off: the default)"),
+             private=True,
+             args=(Arg("name", N_("a persona, or off; add 'default' to set this server's or "
+                                  "group's default (its admins)"), choices="persona"),))
+    async def _cmd_persona(self, msg: Incoming, args: str) -> Reply:
+        book = self.personas.current
+        tr = await self.translator(msg)
+        if not len(book):
+            return Reply.notice(tr.gettext("No personas are set up on this bot (its operator "
+                                           "sets PERSONAS_FILE)."))
+        ref = self.conversation_ref(msg)
+        words = args.split()
+        if not words:
+            current = (await self._persona_turn(msg, ref)).name
+            yours = " " + tr.gettext("(yours now)")
+            lines = [f"• `{p.name}`{yours if p.name == current else ''}"
+                     + (f": {p.description}" if p.description else "") for p in book]
+            now = tr.gettext("Persona here: `{name}`", name=current) if current \
+                else tr.gettext("Persona here: none")
+            return Reply.notice(
+                f"{now}\n" + tr.gettext("Personas:") + "\n" + "\n".join(lines) + "\n"
+                + tr.gettext("Pick one with /persona NAME; /persona off goes back to the "
+                             "default."), choices=await self._persona_choices(msg, tr))
+        as_default = len(words) == 2 and words[1].lower() == "default"
+        if len(words) > 2 or (len(words) == 2 and not as_default):
+            return Reply.refusal(tr.gettext(
+                "Use /persona NAME, /persona off, or /persona NAME default."))
+        name = words[0]
+        persona = None if name.lower() == "off" else book.get(name)
+        if persona is None and name.lower() != "off":
+            shown = name[:32].replace("`", "'")
+            return Reply.refusal(tr.gettext(
+                "There's no persona called `{name}`. Personas: {names}", name=shown,
+                names=", ".join(f"`{n}`" for n in book.names())))
+        if as_default:
+            return await self._set_place_persona(msg, persona.name if persona else None, tr)
+        await self.store.set_conversation_persona(ref, persona.name if persona else None)
+        if persona is None:
+            fallback = (await self._persona_turn(msg, ref)).name
+            return Reply.notice(
+                tr.gettext("Done: back to the default persona (`{name}`).", name=fallback)
+                if fallback else tr.gettext("Done: back to the default persona (none)."))
+        return Reply.notice(tr.gettext(
+            "Done: this conversation now uses the persona `{name}`.", name=persona.name))
+
+    async def _set_place_persona(self, msg: Incoming, name: str | None,
+                                 tr: Translator) -> Reply:
+        """`/persona NAME default`: the platform says who runs the place; the core decides."""
+        if msg.place_id is None:
+            return Reply.refusal(tr.gettext("A default persona is for a server or group: send "
+                                            "/persona NAME default there."))
+        if not (self.is_admin(msg) or await msg.is_place_admin()):
+            return Reply.refusal(tr.gettext(
+                "Only this server's or group's admins can set its default persona."))
+        await self.store.set_place_persona(msg.platform, msg.place_id, name)
+        if name is None:
+            return Reply.notice(tr.gettext(
+                "Done: this place has no default persona set in chat now."))
+        return Reply.notice(tr.gettext("Done: `{name}` is now the default persona here.",
+                                       name=name))
+
+    @command("stop", N_("Stop the reply in progress in this conversation"))
+    async def _cmd_stop(self, msg: Incoming, args: str) -> Reply:
+        running = self.answers_in(msg)
+        tr = await self.translator(msg)
+        if not running:
+            return Reply.notice(tr.gettext("Nothing to stop: no reply is in progress here."))
+        for reply in running:
+            reply.cancel()
+        return Reply.notice(tr.gettext(STOPPED_MARK) + ".")
+
+    async def stop_answer(self, msg: Incoming, reply_id: int) -> Reply:
+        """A Stop button on answer `reply_id`, pressed by `msg`'s sender: only the asker,
+        a bot admin or the place's admin may stop it."""
+        found = next((r for (_, i), r in list(self._answers.items()) if i == reply_id), None)
+        # The presser's language as far as known without asking the store: a press
+        # on a running reply is answered at once.
+        tr = self.known_translator(msg)
+        if found is None or found.outcome is not Outcome.PENDING:
+            return Reply.notice(tr.gettext("That reply has already finished."))
+        if self._askers.get(reply_id) != msg.user_key and not self.is_admin(msg) \
+                and not await msg.is_place_admin():
+            return Reply.refusal(tr.gettext(
+                "Only the person who asked (or an admin) can stop this reply."))
+        found.cancel()
+        return Reply.notice(tr.gettext(STOPPED_MARK) + ".")
+
     # -- a chat turn
     async def _chat(self, msg: Incoming, text: str, ref: ConversationRef,
-                    audit: AuditRecord) -> AsyncIterator[str]:
+                    audit: AuditRecord, stop: asyncio.Event) -> AsyncIterator[str]:
         s = self.settings
         received = time.monotonic()
         self._turn_started()
@@ -499,7 +668,8 @@ class ChatService:
                     return
                 async with self.store.conversation_lock(
                         ref.key, s.LLM_TIMEOUT + s.LLM_REPLY_TIMEOUT), contextlib.aclosing(
-                        self._chat_locked(msg, text, ref, audit, received, images)) as deltas:
+                        self._chat_locked(msg, text, ref, audit, received, images,
+                                          stop=stop)) as deltas:
                     async for delta in deltas:
                         yield delta
         except StoreUnavailable:
@@ -520,7 +690,8 @@ class ChatService:
 
     async def _chat_locked(self, msg: Incoming, text: str, ref: ConversationRef,
                            audit: AuditRecord, received: float,
-                           images: Sequence[Image] = ()) -> AsyncIterator[str]:
+                           images: Sequence[Image] = (), *,
+                           stop: asyncio.Event) -> AsyncIterator[str]:
         s = self.settings
         try:
             conv = await self.store.conversation_id(ref)
@@ -529,6 +700,9 @@ class ChatService:
                 with_summary=s.MEMORY_STRATEGY == "summarize")
             model = audit.model = self.catalog.choose(context.model_choice)
             summary, history = context.summary, context.history
+            persona = await self._persona_turn(msg, ref)
+            model = audit.model = await self._persona_model(persona, model)
+            audit.persona = persona.name
         except Exception as exc:
             log.exception("storage failed before the model call")
             audit.status, audit.error = "error", f"storage: {type(exc).__name__}: {exc}"
@@ -538,14 +712,17 @@ class ChatService:
             return
         # The user's language came with the turn's one context query.
         tr = self.translator_for(msg, context.language_choice)
-        win = await self.windows.window(model)
+        self._note_choice(msg.user_key, context.language_choice)
+        win = persona.window(await self.windows.window(model))
         factors = await self.windows.factors(model)
 
         def build(budget: int) -> Prompt:
             return _with_images(build_prompt(
-                s.SYSTEM_PROMPT, history, text, budget - IMAGE_TOKENS * len(images),
+                persona.system(s.SYSTEM_PROMPT), history, text,
+                budget - IMAGE_TOKENS * len(images),
                 summary=summary.text if summary else None,
-                counter=factors.count, system_as_user=s.SYSTEM_AS_USER), images)
+                counter=factors.count, system_as_user=s.SYSTEM_AS_USER,
+                examples=persona.examples()), images)
 
         try:
             prompt = await self._fit(model, build, win.budget)
@@ -569,13 +746,17 @@ class ChatService:
                     async with self._slots:
                         if self._closing:
                             raise CallCancelled()
+                        if stop.is_set():  # stopped while waiting its turn
+                            raise CallStopped()
                         call_started = time.monotonic()
+                        max_tokens = persona.max_tokens(win, prompt.tokens)
                         async for item in stream_reply(
                             self.provider, model, prompt.messages,
-                            num_ctx=win.num_ctx, max_tokens=win.reply,
+                            num_ctx=win.num_ctx, max_tokens=max_tokens,
                             limits=CallLimits(s.LLM_TIMEOUT, s.LLM_STALL_TIMEOUT,
                                               s.LLM_RETRIES, reply=s.LLM_REPLY_TIMEOUT),
                             running=self._calls,
+                            options=persona.options(win, max_tokens), stop=stop,
                         ):
                             if isinstance(item, Usage):
                                 usage = item
@@ -597,7 +778,7 @@ class ChatService:
                     if refitted:
                         raise
                     refitted = True
-                    win = await self.windows.window(model)
+                    win = persona.window(await self.windows.window(model))
                     try:
                         prompt = await self._fit(model, build, win.budget)
                     except TooLong:
@@ -617,6 +798,11 @@ class ChatService:
                 yield ("\n\n" if parts else "") + f"_({exc.message(tr)})_"
             else:
                 yield ("\n\n⚠️ " if parts else "⚠️ ") + exc.message(tr)
+        except CallStopped:
+            # /stop: what was shown stays, marked; the audit keeps it, history does not.
+            status = "cancelled"
+            audit.error = "stopped by the user"
+            yield ("\n\n" if parts else "") + tr.gettext(STOPPED_MARK)
         except CallCancelled:
             status = "cancelled"
             audit.error = "shutdown"

@@ -191,7 +191,22 @@ def _erasures(d: Dialect) -> list[str]:
     ]
 
 
-@migration("008_user_language")
+@migration("008_personas")
+def _personas(d: Dialect) -> list[str]:
+    # /persona NAME: the pick of one conversation; /persona NAME default: a
+    # server's or group's default, set by its admins.
+    return [
+        "CREATE TABLE conversation_settings (conversation_key TEXT PRIMARY KEY,"
+        " platform TEXT NOT NULL, user_id TEXT NOT NULL, persona TEXT NOT NULL,"
+        " updated_at TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS conversation_settings_user"
+        " ON conversation_settings(platform, user_id)",
+        "CREATE TABLE place_settings (platform TEXT NOT NULL, place_id TEXT NOT NULL,"
+        " persona TEXT NOT NULL, updated_at TEXT NOT NULL, PRIMARY KEY (platform, place_id))",
+    ]
+
+
+@migration("009_user_language")
 def _user_language(d: Dialect) -> list[str]:
     # The user's /language choice (NULL: follow the platform), next to their model.
     return ["ALTER TABLE user_settings ADD COLUMN language TEXT"]

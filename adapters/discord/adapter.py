@@ -31,6 +31,7 @@ from adapters.base import Adapter
 from adapters.discord.commands import SlashCommands
 from adapters.discord.inbound import (
     images_of,
+    incoming_from_interaction,
     incoming_from_message,
     is_addressed,
     place_of,
@@ -39,6 +40,7 @@ from adapters.discord.inbound import (
 )
 from adapters.discord.settings import bot_token, shard_ids
 from adapters.discord.sink import APOLOGY, MESSAGE_LIMIT, ChannelSink
+from bot.i18n import N_
 from bot.images import Downloader
 from bot.reply import Reply
 from bot.settings import Settings
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 IDENTIFY_WINDOW = 5.0  # Discord: one IDENTIFY per 5 s in each max_concurrency bucket
 DRAIN_MARGIN = 5.0  # after SHUTDOWN_GRACE the core stops replies; this lets them end
 CONNECTION_CLOSE_WAIT = 5.0
+STOP_BUTTON = N_("Stop")  # the Stop button's label, beside ⏹
 
 
 def gateway_intents() -> discord.Intents:
@@ -259,7 +262,7 @@ class DiscordAdapter(Adapter[discord.Message]):
                                              unsupported=unsupported)
             try:
                 reply = await service.handle(incoming)
-                await self.stream(reply, sink, limit=MESSAGE_LIMIT)
+                await self._show(reply, message, sink)
             except Exception:
                 log.exception("discord: answering message %s in channel %s failed",
                               message.id, message.channel.id)
@@ -267,9 +270,57 @@ class DiscordAdapter(Adapter[discord.Message]):
 
     async def send(self, reply: Reply, to: discord.Message) -> None:
         """Answer `to` in its channel."""
-        await self.stream(reply, _sink_for(to), limit=MESSAGE_LIMIT)
+        await self._show(reply, to, _sink_for(to))
+
+    async def _show(self, reply: Reply, to: discord.Message, sink: ChannelSink) -> None:
+        """Stream a reply; a streaming answer carries a Stop button until it ends."""
+        if not reply.streaming:
+            await self.stream(reply, sink, limit=MESSAGE_LIMIT)
+            return
+        # In the asker's language as far as known here (no store round trip).
+        label = self.service.known_translator(incoming_from_message(to, "")).gettext(STOP_BUTTON)
+        sink = _sink_for(to, view=StopView(self, to.author.id, reply.id, label),
+                         edit_interval=self._settings.STREAM_EDIT_INTERVAL)
+        try:
+            await self.stream(reply, sink, limit=MESSAGE_LIMIT, on_end=sink.release_view)
+        finally:
+            with contextlib.suppress(discord.HTTPException):
+                await sink.drop_view()
+
+    async def stop_pressed(self, interaction: discord.Interaction, owner: int,
+                           reply_id: int) -> None:
+        """A press on a reply's Stop button: the asker's is acknowledged first."""
+        with self.tracked():
+            incoming = incoming_from_interaction(interaction, "/stop")
+            if interaction.user.id == owner:
+                await interaction.response.defer()  # "got it" within Discord's 3 s
+                await self.service.stop_answer(incoming, reply_id)
+                return
+            # Someone else: the core decides (a server admin may stop it).
+            result = await self.service.stop_answer(incoming, reply_id)
+            await interaction.response.send_message(await self.collect(result),
+                                                    ephemeral=True)
 
 
-def _sink_for(message: discord.Message) -> ChannelSink:
+class StopView(discord.ui.View):
+    """The Stop button of one streaming reply (custom id `stop:<asker>:<reply id>`)."""
+
+    def __init__(self, adapter: DiscordAdapter, owner: int, reply_id: int,
+                 label: str = STOP_BUTTON) -> None:
+        super().__init__(timeout=None)
+        button: discord.ui.Button[StopView] = discord.ui.Button(
+            label=label, emoji="⏹", style=discord.ButtonStyle.secondary,
+            custom_id=f"stop:{owner}:{reply_id}")
+
+        async def pressed(interaction: discord.Interaction) -> None:
+            await adapter.stop_pressed(interaction, owner, reply_id)
+
+        button.callback = pressed  # type: ignore[method-assign]
+        self.add_item(button)
+
+
+def _sink_for(message: discord.Message, *, view: discord.ui.View | None = None,
+              edit_interval: float = 0.0) -> ChannelSink:
     # In a server the answer replies to the user's message; in a DM that is noise.
-    return ChannelSink(message.channel, message if place_of(message) is not None else None)
+    return ChannelSink(message.channel, message if place_of(message) is not None else None,
+                       view=view, edit_interval=edit_interval)

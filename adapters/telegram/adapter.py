@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from telegram import Bot, BotCommand, CallbackQuery, Chat, Message, Update, User
-from telegram.constants import ChatType
+from telegram.constants import ChatMemberStatus, ChatType
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import (
     AIORateLimiter,
@@ -35,7 +35,14 @@ from adapters.base import Adapter, utf16_len
 from adapters.telegram.addressing import BotIdentity, addressed_text
 from adapters.telegram.log_secrets import secrets_kept_out_of_logs
 from adapters.telegram.media import has_media, images_of, unsupported_kind
-from adapters.telegram.menu import choices_keyboard, decode_choice, resolve_choice
+from adapters.telegram.menu import (
+    STOP_LABEL,
+    choices_keyboard,
+    decode_choice,
+    decode_stop,
+    resolve_choice,
+    stop_keyboard,
+)
 from adapters.telegram.pacing import ChatPacer
 from adapters.telegram.settings import bot_token, webhook_secret
 from adapters.telegram.sink import TelegramSink
@@ -54,8 +61,11 @@ POLL_TIMEOUT = 10  # seconds a getUpdates long poll may wait for news
 SORRY = N_("Sorry, something went wrong while answering. Please try again.")
 # A button press's answer, per command: the msgid and its placeholder's name.
 PICKED = {"model": (N_("Model: {model}"), "model"),
-          "language": (N_("Language: {language}"), "language")}
+          "language": (N_("Language: {language}"), "language"),
+          "persona": (N_("Persona: {name}"), "name")}
 DRAIN_EXTRA = 5.0  # seconds, beyond SHUTDOWN_GRACE, before replies still running are cancelled
+ADMIN_CHECK_WITHIN = 3.0  # seconds for getChatMember before "not an admin"
+_ADMIN_STATUSES = (ChatMemberStatus.OWNER, ChatMemberStatus.ADMINISTRATOR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +76,7 @@ class Destination:
     owner_id: int  # who asked: the only one whose presses a keyboard obeys
     thread_id: int | None = None
     reply_to: int | None = None
+    stop_label: str = STOP_LABEL  # the Stop button's words, in the asker's language
 
 
 def file_url_for(base_url: str) -> str:
@@ -207,12 +218,29 @@ class TelegramAdapter(Adapter[Destination]):
     # ------------------------------------------------------------------ handlers
 
     def _incoming(self, user: User, chat: Chat, text: str, raw: object) -> Incoming:
+        group = chat.type != ChatType.PRIVATE
+        chat_id, user_id = chat.id, user.id
+
+        async def place_admin() -> bool:  # asked only by a command that needs it
+            return await self._is_chat_admin(chat_id, user_id)
+
         return Incoming(
             platform="telegram", user_id=str(user.id),
             display_name=user.full_name or user.username or str(user.id),
             chat_id=str(chat.id),
-            place_id=None if chat.type == ChatType.PRIVATE else str(chat.id),
-            text=text, raw=raw, language=from_telegram(user.language_code))
+            place_id=str(chat.id) if group else None,
+            text=text, raw=raw, place_admin=place_admin if group else None,
+            language=from_telegram(user.language_code))
+
+    async def _is_chat_admin(self, chat_id: int, user_id: int) -> bool:
+        """The group's creator or an administrator, as getChatMember says."""
+        try:
+            async with asyncio.timeout(ADMIN_CHECK_WITHIN):
+                member = await self._bot.get_chat_member(chat_id, user_id)
+        except (TelegramError, TimeoutError) as exc:
+            log.warning("telegram: getChatMember failed: %s", exc)
+            return False
+        return member.status in _ADMIN_STATUSES
 
     async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.message
@@ -230,15 +258,28 @@ class TelegramAdapter(Adapter[Destination]):
             await self.send(reply, Destination(
                 message.chat.id, message.from_user.id,
                 thread_id=message.message_thread_id if message.is_topic_message else None,
-                reply_to=None if msg.is_direct else message.message_id))
+                reply_to=None if msg.is_direct else message.message_id,
+                stop_label=self.service.known_translator(msg).gettext(STOP_LABEL)))
 
     async def send(self, reply: Reply, to: Destination) -> None:
         # Choices become buttons on the reply; in a group everyone sees them, and
         # only the asker's presses count (the owner is in the callback data).
         keyboard = choices_keyboard(to.owner_id, reply.choices) if reply.choices else None
+        if reply.streaming:  # a Stop button while the answer streams
+            keyboard = stop_keyboard(to.owner_id, reply.id, to.stop_label)
         sink = TelegramSink(self._bot, to.chat_id, pacer=self._pacer, thread_id=to.thread_id,
-                            reply_to=to.reply_to, reply_markup=keyboard)
-        await self.stream(reply, sink, limit=MESSAGE_LIMIT, measure=utf16_len)
+                            reply_to=to.reply_to, reply_markup=keyboard,
+                            edit_interval=self._settings.STREAM_EDIT_INTERVAL)
+        if not reply.streaming:
+            await self.stream(reply, sink, limit=MESSAGE_LIMIT, measure=utf16_len)
+            return
+        try:
+            # The final edit already goes without the Stop button.
+            await self.stream(reply, sink, limit=MESSAGE_LIMIT, measure=utf16_len,
+                              on_end=sink.release_markup)
+        finally:
+            with contextlib.suppress(TelegramError):
+                await sink.drop_markup()
 
     @property
     def _bot(self) -> Bot:
@@ -250,7 +291,32 @@ class TelegramAdapter(Adapter[Destination]):
         if query is None:
             return
         with self.tracked():
-            await self._choice_button(query, context)
+            if decode_stop(query.data) is not None:
+                await self._stop_button(query)
+            else:
+                await self._choice_button(query, context)
+
+    async def _stop_button(self, query: CallbackQuery) -> None:
+        """A press on a streaming reply's Stop button: the asker's is answered at once."""
+        press = decode_stop(query.data)
+        message = query.message
+        assert press is not None
+        if not isinstance(message, Message):
+            tr = self.service.catalogs.for_language(self.service.pick_language(
+                from_telegram(query.from_user.language_code)))
+            await query.answer(tr.gettext("This reply has already finished."))
+            return
+        owner, reply_id = press
+        msg = self._incoming(query.from_user, message.chat, "/stop", query)
+        if owner == query.from_user.id:
+            # First: Telegram shows a spinner until then.
+            await query.answer(self.service.known_translator(msg).gettext("Stopping…"))
+            await self.service.stop_answer(msg, reply_id)
+            return
+        # Someone else: the core decides (an admin may), so the answer waits for it.
+        result = await self.service.stop_answer(msg, reply_id)
+        text = await self.collect(result)
+        await query.answer(text[:200], show_alert=result.kind.value == "refusal")
 
     async def _choice_button(self, query: CallbackQuery,
                              context: ContextTypes.DEFAULT_TYPE) -> None:

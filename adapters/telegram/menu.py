@@ -15,11 +15,14 @@ from dataclasses import dataclass
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup
 
+from bot.i18n import N_
 from bot.reply import Choices
 
 PREFIX = "m"  # /model's choices
 # Short prefixes keep the key's room in 64 bytes; a command not listed uses its name.
-PREFIXES = {"model": PREFIX, "language": "l"}
+PREFIXES = {"model": PREFIX, "persona": "p", "language": "l"}
+STOP_PREFIX = "x"  # the Stop button of a streaming answer: x:<owner>:<reply id>
+STOP_LABEL = N_("⏹ Stop")
 MAX_CALLBACK_BYTES = 64
 MAX_BUTTONS = 60  # a keyboard longer than this is unusable on a phone
 
@@ -79,3 +82,20 @@ def choices_keyboard(owner_id: int, choices: Choices) -> InlineKeyboardMarkup | 
         for option in options
     ]
     return InlineKeyboardMarkup([buttons[i:i + per_row] for i in range(0, len(buttons), per_row)])
+
+
+def stop_keyboard(owner_id: int, reply_id: int,
+                  label: str = STOP_LABEL) -> InlineKeyboardMarkup:
+    """The one-button keyboard a reply carries while it streams (`label`: STOP_LABEL in
+    the asker's language)."""
+    return InlineKeyboardMarkup([[InlineKeyboardButton(
+        label, callback_data=f"{STOP_PREFIX}:{owner_id}:{reply_id}")]])
+
+
+def decode_stop(data: str | None) -> tuple[int, int] | None:
+    """(owner id, reply id) of a Stop press, or None for any other data."""
+    prefix, _, rest = (data or "").partition(":")
+    owner, _, reply = rest.partition(":")
+    if prefix != STOP_PREFIX or not owner.isdigit() or not reply.isdigit():
+        return None
+    return int(owner), int(reply)
