@@ -373,3 +373,27 @@ async def test_a_sticker_is_answered_in_the_senders_language(
         assert await said(tg, CN_USER, 1) == "我只能看懂文字和图片。"
     assert sent_texts(tg, TW_USER) == ["我只看得懂文字和圖片。"]
     assert model_server.requests == []  # nothing for the model to read
+
+
+async def test_the_stop_button_and_the_stopped_mark_are_in_the_askers_language(
+        tg: TelegramApiEmulator, tg_settings: SettingsFactory,
+        model_server: ModelServer) -> None:
+    model_server.reply = " ".join(f"詞{i}" for i in range(400))
+    model_server.chunk_delay = 0.03
+    async with telegram_bot(tg, tg_settings()) as service:
+        tg.user_says(TW_USER, "講個長故事", language_code="zh-hant")
+        await tg.wait_for(lambda: any(m.text.startswith("詞0") for m in tg.bot_messages(TW_USER)),
+                          WAIT, "the answer to start")
+        answer = next(m for m in tg.bot_messages(TW_USER) if m.text.startswith("詞0"))
+        [[button]] = answer.reply_markup["inline_keyboard"]
+        assert button["text"] == "⏹ 停止"
+        press = tg.press_button(TW_USER, answer, button["callback_data"])
+        await tg.wait_for(lambda: answer.text.endswith("⏹ 已停止") and answer.reply_markup is None,
+                          WAIT, "the stopped mark")
+        assert tg.callback_answer(press)["text"] == "正在停止…"
+        tg.user_says(TW_USER, "/stop", language_code="zh-hant")
+        assert await said(tg, TW_USER, 2) == "沒有東西可以停止：這裡沒有正在進行的回覆。"
+        rows = [r for r in await service.store.audit_log(10, f"telegram:{TW_USER}")
+                if r["kind"] == "chat"]
+    assert rows[-1]["status"] == "cancelled"
+    assert answer.text == rows[-1]["model_response"] + "\n\n⏹ 已停止"
