@@ -21,13 +21,15 @@ from bot.llm_call import CallCancelled, CallLimits, stream_reply
 from bot.logging_setup import RedactSecrets
 from bot.memory import Summarizer
 from bot.messages import Incoming, ModelChoices
+from bot.metrics import Metrics
 from bot.models import ModelCatalog
 from bot.ordering import ConversationOrder
 from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
+from bot.retention import trim_summary_record
 from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
-from bot.stats import compute_stats, format_stats
+from bot.stats import stats_report
 from bot.tokens import Calibration, count_tokens
 from storage.base import AuditRecord, ConversationRef, StorageError, Store
 
@@ -59,6 +61,9 @@ class ChatService:
         self._rate_notified: dict[str, float] = {}  # user → until when told
         self._redact = RedactSecrets(settings.secrets()).redact
         self.memory = Summarizer(settings, store, provider, self._calls, self._audit)
+        self._waiting = 0  # turns waiting for a model slot
+        self.metrics = Metrics()
+        self.metrics.watch(lambda: self._turns, lambda: self._waiting)
 
     # -- what adapters call
     def conversation_ref(self, msg: Incoming) -> ConversationRef:
@@ -176,10 +181,30 @@ class ChatService:
         # A model server's error may quote the key it was sent (some proxies
         # do); `python -m bot logs` prints this field, so no secret goes in.
         record.error = self._redact(record.error)
+        self._observe(record)
         try:
             await self.store.save_audit(record)
         except Exception:
+            self.metrics.storage_error()
             log.exception("could not write the audit record")
+
+    def _observe(self, record: AuditRecord) -> None:
+        """Metrics of a record about to be written; summaries keep only a prompt head."""
+        trim_summary_record(record)
+        self.metrics.record(record)
+
+    @contextlib.asynccontextmanager
+    async def _model_slot(self) -> AsyncIterator[None]:
+        """One of LLM_CONCURRENCY model slots, counting the turns that wait for one."""
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
 
     # -- commands
     async def _command(self, msg: Incoming, name: str, args: str) -> str:
@@ -203,8 +228,8 @@ class ChatService:
             if name == "stats":
                 if not self.is_admin(msg):
                     return "Only the bot's admins can see /stats."
-                return "```\n" + format_stats(compute_stats(
-                    await self.store.audit_rows_for_stats())) + "\n```"
+                return "```\n" + await stats_report(
+                    self.store, self.settings.AUDIT_RETENTION_DAYS) + "\n```"
         except Exception:
             log.exception("command /%s failed", name)
             return "Sorry, that didn't work because of a problem on my side. Please try again."
@@ -311,7 +336,7 @@ class ChatService:
         usage: Usage | None = None
         status = "ok"
         try:
-            async with self._slots:
+            async with self._model_slot():
                 if self._closing:
                     raise CallCancelled()
                 call_started = time.monotonic()
@@ -367,6 +392,7 @@ class ChatService:
             await self._audit(audit)
             yield "\n\n⚠️ I couldn't save this exchange, so I won't remember it."
             return
+        self._observe(audit)
         self._log_exchange(audit)
         if usage and usage.prompt_tokens:
             self.calibration.observe(model, round(prompt.tokens / factor), usage.prompt_tokens)

@@ -116,6 +116,14 @@ class Settings(BaseSettings):
     SHUTDOWN_GRACE: float = Field(5.0, ge=0, description="seconds in-flight replies may finish "
                                                          "at shutdown")
     DB_POOL_SIZE: int = Field(10, ge=1, description="PostgreSQL connection pool size")
+    METRICS_PORT: int | None = Field(None, ge=1, le=65535,
+                                     description="serves Prometheus /metrics and /healthz on "
+                                                 "this port; empty: off")
+    METRICS_LISTEN: str = Field("127.0.0.1", description="address the metrics and health "
+                                                         "server listens on")
+    AUDIT_RETENTION_DAYS: int = Field(0, ge=0, le=36_500,
+                                      description="audit records older than this many days are "
+                                                  "deleted at start-up and daily; 0: keep all")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="DEBUG, INFO, WARNING or ERROR")
     LOG_FORMAT: Literal["text", "json"] = Field("text", description="json: one JSON object a "

@@ -1,18 +1,25 @@
-"""Per-model figures from the audit log: `python -m bot stats` and `/stats`."""
+"""Per-model figures from the audit log: `python -m bot stats` and `/stats`.
+
+The database aggregates (storage.audit_queries.stats): nothing is loaded row
+by row, and the event loop only formats a few lines.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from storage.base import Store
 
 
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
-    k = max(0, math.ceil(q * len(values)) - 1)
-    return values[k]
+    # Rank ceil(n * q) in integers, as the SQL does: floats differ at some n.
+    k = max(1, (len(values) * round(q * 100) + 99) // 100)
+    return values[k - 1]
 
 
 def compute_stats(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -40,6 +47,35 @@ def compute_stats(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             "tokens_out": sum(r["completion_tokens"] or 0 for r in rs),
         })
     return out
+
+
+async def store_stats(store: Store, since: str | None = None) -> list[dict[str, Any]]:
+    """The same figures as compute_stats, aggregated by the database."""
+    out = []
+    for row in await store.audit_stats(since):
+        exchanges, errors = int(row["exchanges"]), int(row["errors"])
+        out.append({
+            "provider": row["provider"], "model": row["model"],
+            "exchanges": exchanges, "errors": errors,
+            "error_rate": errors / exchanges if exchanges else 0.0,
+            **{k: row[k] for k in ("latency_p50", "latency_p95", "ttft_p50", "ttft_p95")},
+            "tokens_in": int(row["tokens_in"]), "tokens_out": int(row["tokens_out"]),
+        })
+    return out
+
+
+async def stats_report(store: Store, retention_days: int = 0) -> str:
+    """The stats table, then how far back the audit log reaches."""
+    table = format_stats(await store_stats(store))
+    return table + "\n" + reach_line(*await store.audit_span(), retention_days)
+
+
+def reach_line(oldest: str | None, records: int, retention_days: int) -> str:
+    kept = (f"records older than {retention_days} days are deleted daily"
+            if retention_days else "kept without limit (AUDIT_RETENTION_DAYS=0)")
+    if oldest is None:
+        return f"Audit log: empty; {kept}."
+    return f"Audit log: {records:,} records since {oldest}; {kept}."
 
 
 def _s(v: float | None) -> str:

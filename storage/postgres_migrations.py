@@ -102,4 +102,9 @@ MIGRATIONS: list[tuple[str, str]] = [
         "004_never_reuse_ids",
         "SELECT 1",
     ),
+    (
+        # `logs --since` and retention's batched deletes read a time range.
+        "005_audit_timestamp",
+        'CREATE INDEX audit_timestamp ON audit("timestamp")',
+    ),
 ]

@@ -36,6 +36,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 
+from storage import audit_queries as aq
 from storage.base import (
     AUDIT_COLUMNS,
     TABLES,
@@ -198,9 +199,11 @@ async def _release_lock_connection(
 class PostgresStore(Store):
     """Memory, audit log and cross-process coordination in one PostgreSQL database."""
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, read_only: bool = False) -> None:
         self.url = url
         self.pool_size = pool_size
+        # Read-only (logs, stats): no migrations, and the server refuses writes.
+        self.read_only = read_only
         self._pool: asyncpg.Pool | None = None
         # Connections that may hold conversation locks: one is always kept for
         # store calls, so a lock holder's own calls always get a connection.
@@ -226,7 +229,9 @@ class PostgresStore(Store):
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=1, max_size=self.pool_size, timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
-                server_settings={"application_name": "memorybot"},
+                server_settings={"application_name": "memorybot",
+                                 **({"default_transaction_read_only": "on"}
+                                    if self.read_only else {})},
             )
             async with self._pool.acquire() as conn:
                 encoding = await conn.fetchval("SHOW server_encoding")
@@ -235,8 +240,11 @@ class PostgresStore(Store):
                         f"database {where} uses encoding {encoding}; the bot needs UTF8 to "
                         "keep any text (create it with ENCODING 'UTF8')"
                     )
-                await self._migrate(conn)
-                await self._prune_rate_events(conn, RATE_HORIZON)
+                if self.read_only:
+                    await conn.fetchval("SELECT count(*) FROM _migrations")
+                else:
+                    await self._migrate(conn)
+                    await self._prune_rate_events(conn, RATE_HORIZON)
         except StorageError:
             await self.close()
             raise
@@ -268,15 +276,16 @@ class PostgresStore(Store):
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             await conn.execute(MIGRATIONS_TABLE)
-        for name, sql in MIGRATIONS:
+        for step, (name, sql) in enumerate(MIGRATIONS, 1):
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-                if await conn.fetchval("SELECT 1 FROM _migrations WHERE name = $1", name):
-                    continue
-                await conn.execute(sql)  # no arguments: several statements are allowed
-                await conn.execute(
-                    "INSERT INTO _migrations (name, applied_at) VALUES ($1, $2)", name, utcnow()
-                )
+                if not await conn.fetchval("SELECT 1 FROM _migrations WHERE name = $1", name):
+                    await conn.execute(sql)  # no arguments: several statements are allowed
+                    await conn.execute(
+                        "INSERT INTO _migrations (name, applied_at) VALUES ($1, $2)",
+                        name, utcnow())
+            if self.on_migration is not None:
+                self.on_migration(step, len(MIGRATIONS))
 
     async def applied_migrations(self) -> list[str]:
         rows = await self.pool.fetch("SELECT name FROM _migrations ORDER BY name")
@@ -434,6 +443,33 @@ class PostgresStore(Store):
             " completion_tokens FROM audit WHERE kind = 'chat' AND status != 'rejected'"
         )
         return [dict(r.items()) for r in rows]
+
+    async def audit_query(self, f: aq.AuditFilter, limit: int) -> list[dict[str, Any]]:
+        sql, args = aq.audit_log("postgres", f, max(0, limit))
+        return [dict(r.items()) for r in reversed(await self.pool.fetch(sql, *args))]
+
+    async def audit_after(self, f: aq.AuditFilter, after_id: int,
+                          limit: int) -> list[dict[str, Any]]:
+        sql, args = aq.audit_after("postgres", f, after_id, limit)
+        return [dict(r.items()) for r in await self.pool.fetch(sql, *args)]
+
+    async def last_audit_id(self) -> int:
+        sql, args = aq.last_audit_id("postgres")
+        return int(await self.pool.fetchval(sql, *args))
+
+    async def delete_audit_before(self, cutoff: str, batch: int) -> int:
+        sql, args = aq.delete_older_than("postgres", cutoff, batch)
+        return _rowcount(await self.pool.execute(sql, *args))
+
+    async def audit_span(self) -> tuple[str | None, int]:
+        sql, args = aq.oldest_timestamp("postgres")
+        row = await self.pool.fetchrow(sql, *args)
+        assert row is not None
+        return row[0], int(row[1])
+
+    async def audit_stats(self, since: str | None = None) -> list[dict[str, Any]]:
+        sql, args = aq.stats("postgres", since)
+        return [dict(r.items()) for r in await self.pool.fetch(sql, *args)]
 
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -112,4 +112,9 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX messages_conversation_id ON messages(conversation_id, id);
         """,
     ),
+    (
+        # `logs --since` and retention's batched deletes read a time range.
+        "005_audit_timestamp",
+        "CREATE INDEX audit_timestamp ON audit(timestamp)",
+    ),
 ]

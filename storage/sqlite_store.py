@@ -13,6 +13,7 @@ from typing import Any
 
 import aiosqlite
 
+from storage import audit_queries as aq
 from storage.base import (
     AUDIT_COLUMNS,
     TABLES,
@@ -71,8 +72,10 @@ def _prepare_file(path: str) -> None:
 class SQLiteStore(Store):
     """Memory and audit log in one SQLite file."""
 
-    def __init__(self, path: str, *, busy_timeout: float = 5.0) -> None:
+    def __init__(self, path: str, *, busy_timeout: float = 5.0, read_only: bool = False) -> None:
         self.path = path
+        # Read-only (logs, stats): opened with mode=ro, no migrations, no writes.
+        self.read_only = read_only
         # Seconds a statement waits for another connection's write lock.
         self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
@@ -90,6 +93,8 @@ class SQLiteStore(Store):
         return self._db
 
     async def open(self) -> None:
+        if self.read_only:
+            return await self._open_read_only()
         try:
             await asyncio.to_thread(_prepare_file, self.path)
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
@@ -105,6 +110,17 @@ class SQLiteStore(Store):
         except (OSError, sqlite3.Error) as exc:
             await self.close()
             raise StorageError(f"cannot use database {self.path!r}: {exc}") from None
+
+    async def _open_read_only(self) -> None:
+        try:
+            uri = await asyncio.to_thread(_read_only_uri, self.path)
+            self._db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+            self._db.row_factory = aiosqlite.Row
+            await self._db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            await self._db.execute("SELECT count(*) FROM _migrations")
+        except sqlite3.Error as exc:
+            await self.close()
+            raise StorageError(f"cannot read database {self.path!r}: {exc}") from None
 
     async def close(self) -> None:
         if self._writer is not None and not self._writer.done():
@@ -123,7 +139,7 @@ class SQLiteStore(Store):
         # A table rebuild needs foreign keys off (it can't change inside a
         # transaction); they are checked, then turned back on, afterwards.
         await db.execute("PRAGMA foreign_keys = OFF")
-        for name, sql in MIGRATIONS:
+        for step, (name, sql) in enumerate(MIGRATIONS, 1):
             # BEGIN IMMEDIATE takes the write lock first, so two processes
             # starting at once apply each step exactly once.
             await db.execute("BEGIN IMMEDIATE")
@@ -145,6 +161,8 @@ class SQLiteStore(Store):
             except BaseException:
                 await db.execute("ROLLBACK")
                 raise
+            if self.on_migration is not None:
+                self.on_migration(step, len(MIGRATIONS))
         await db.execute("PRAGMA foreign_keys = ON")
 
     async def applied_migrations(self) -> list[str]:
@@ -378,6 +396,31 @@ class SQLiteStore(Store):
         )
         return [dict(r) for r in rows]
 
+    async def audit_query(self, f: aq.AuditFilter, limit: int) -> list[dict[str, Any]]:
+        rows = await self._fetchall(*_args(aq.audit_log("sqlite", f, limit)))
+        return [_audit_dict(r) for r in reversed(rows)]
+
+    async def audit_after(self, f: aq.AuditFilter, after_id: int,
+                          limit: int) -> list[dict[str, Any]]:
+        rows = await self._fetchall(*_args(aq.audit_after("sqlite", f, after_id, limit)))
+        return [_audit_dict(r) for r in rows]
+
+    async def last_audit_id(self) -> int:
+        rows = await self._fetchall(*_args(aq.last_audit_id("sqlite")))
+        return int(rows[0][0])
+
+    async def delete_audit_before(self, cutoff: str, batch: int) -> int:
+        async with self._transaction() as db:
+            cur = await db.execute(*_args(aq.delete_older_than("sqlite", cutoff, batch)))
+            return int(cur.rowcount or 0)
+
+    async def audit_span(self) -> tuple[str | None, int]:
+        rows = await self._fetchall(*_args(aq.oldest_timestamp("sqlite")))
+        return rows[0][0], int(rows[0][1])
+
+    async def audit_stats(self, since: str | None = None) -> list[dict[str, Any]]:
+        return [dict(r) for r in await self._fetchall(*_args(aq.stats("sqlite", since)))]
+
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         counts: dict[str, int] = {}
         async with self._transaction() as db:
@@ -444,6 +487,18 @@ class SQLiteStore(Store):
 
     async def finish_import(self) -> None:
         """SQLite's INTEGER PRIMARY KEY continues after the largest id by itself."""
+
+
+def _read_only_uri(path: str) -> str:
+    """file: URI opening an existing database read-only (runs in a thread)."""
+    p = Path(path)
+    if not p.is_file():
+        raise StorageError(f"no database at {path!r}")
+    return p.resolve().as_uri() + "?mode=ro"
+
+
+def _args(query: tuple[str, list[Any]]) -> tuple[str, tuple[Any, ...]]:
+    return query[0], tuple(query[1])
 
 
 def _to_sqlite(value: Any) -> Any:
