@@ -33,7 +33,9 @@ class Health:
     """Runs the checks at most once per CACHE_SECONDS; concurrent probes share a run."""
 
     def __init__(self, database: Check, model_server: Check,
-                 adapters: Callable[[], dict[str, bool]]) -> None:
+                 adapters: Callable[[], dict[str, bool]], *,
+                 cache_seconds: float = CACHE_SECONDS) -> None:
+        self._cache_seconds = cache_seconds
         self._database = database
         self._model_server = model_server
         self._adapters = adapters
@@ -44,7 +46,7 @@ class Health:
         """(HTTP status, body)."""
         async with self._lock:
             now = time.monotonic()
-            if self._cached is None or now - self._cached[0] >= CACHE_SECONDS:
+            if self._cached is None or now - self._cached[0] >= self._cache_seconds:
                 code, body = await self._check()
                 self._cached = (time.monotonic(), code, body)
             return self._cached[1], self._cached[2]
