@@ -82,12 +82,13 @@ async def logs(settings: Settings, n: int, f: AuditFilter, as_json: bool,
 
     store = await _opened(settings.DATABASE_URL, settings, read_only=True)
     try:
+        # Taken first: whatever is written after it is new, and --follow prints it.
+        last = await store.last_audit_id() if follow else 0
         rows = await store.audit_query(f, max(0, n))
         for r in rows:
             show(r)
         if follow:
-            last = max([r["id"] for r in rows] + [await store.last_audit_id()])
-            await _follow(store, f, last, show)
+            await _follow(store, f, max([last] + [r["id"] for r in rows]), show)
     finally:
         await store.close()
     return 0
@@ -101,9 +102,9 @@ async def _follow(store: Store, f: AuditFilter, last: int, show: Any) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     window = FOLLOW_BATCH + FOLLOW_LOOKBACK
-    # What is already there counts as shown; only records written from now on print.
+    # Records up to `last` were there before: they count as shown.
     seen = {r["id"] for r in await store.audit_after(f, max(0, last - FOLLOW_LOOKBACK),
-                                                     window)}
+                                                     window) if r["id"] <= last}
     while not stop.is_set():
         rows = await store.audit_after(f, max(0, last - FOLLOW_LOOKBACK), window)
         for r in rows:

@@ -46,21 +46,26 @@ async def prune_audit(store: Store, days: int, *, batch: int = RETENTION_BATCH,
     return removed
 
 
-async def retention_loop(store: Store, days: int, *, every: float = DAY) -> None:
-    """At start-up, then every `every` seconds, until cancelled."""
+async def retention_loop(store: Store, days: int, *, every: float = DAY,
+                         passed: asyncio.Event | None = None) -> None:
+    """At start-up, then every `every` seconds, until cancelled; `passed` is set after
+    each pass."""
     while True:
         try:
             await prune_audit(store, days)
         except Exception:
             log.warning("retention: could not delete old audit records", exc_info=True)
+        if passed is not None:
+            passed.set()
         await asyncio.sleep(every)
 
 
 @contextlib.asynccontextmanager
-async def running_retention(store: Store,
-                            days: int) -> AsyncIterator[asyncio.Task[None] | None]:
+async def running_retention(store: Store, days: int, passed: asyncio.Event | None = None
+                            ) -> AsyncIterator[asyncio.Task[None] | None]:
     """The daily retention task for as long as the block runs (nothing with 0 days)."""
-    task = asyncio.create_task(retention_loop(store, days), name="retention") if days else None
+    task = asyncio.create_task(retention_loop(store, days, passed=passed),
+                               name="retention") if days else None
     try:
         yield task
     finally:
