@@ -202,3 +202,34 @@ async def test_running_bot_serves_metrics_and_health(tmp_path: Path,
         async with asyncio.timeout(20):
             code = await proc.wait()
     assert code == 0, (await proc.stderr.read()).decode() if proc.stderr else ""
+
+
+async def test_summary_records_keep_counts_and_timing_but_only_a_prompt_head(
+        make_settings: SettingsFactory, model_server: ModelServer) -> None:
+    from bot.retention import SUMMARY_INPUT_HEAD
+    from tests.test_memory import is_summary_call, reply_or_summary
+
+    model_server.reply = reply_or_summary
+    async with open_service(make_settings(CONTEXT_TOKENS=300, REPLY_TOKENS=60)) as service:
+        for i in range(12):
+            await ask(service, f"my name is Ana, message {i} about a long topic " * 3)
+            async with asyncio.timeout(10):
+                await service.memory.wait_idle()
+        rows = await service.store.audit_query(_summaries(), 100)
+        got = samples(_scrape(service))
+    sent = [r for r in model_server.requests if is_summary_call(r)]
+    assert rows and len(rows) == len(sent)
+    longest_sent = max(len(r.messages[-1]["content"]) for r in sent)
+    assert longest_sent > SUMMARY_INPUT_HEAD  # the model got the whole fold prompt
+    for r in rows:
+        assert len(r["user_input"]) <= SUMMARY_INPUT_HEAD + 60
+        assert r["prompt_tokens"] and r["completion_tokens"] and r["response_time"]
+    assert any("more characters not kept" in r["user_input"] for r in rows)
+    assert got[("memorybot_background_calls_total",
+                (("kind", "summary"), ("model", "llama3.2"), ("status", "ok")))] == len(rows)
+
+
+def _summaries() -> Any:
+    from storage.audit_queries import AuditFilter
+
+    return AuditFilter(kind="summary")
