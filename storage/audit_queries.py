@@ -58,8 +58,12 @@ def _where(f: AuditFilter, p: _Params) -> list[str]:
         platform, _, user_id = f.user.partition(":")
         clauses.append(f"platform = {p(platform)} AND user_id = {p(user_id)}")
     if f.since:
-        # ISO 8601 UTC strings of one width sort as the times they name.
-        clauses.append(f"{_quote(p.dialect, 'timestamp')} >= {p(f.since)}")
+        # ISO 8601 UTC strings of one width sort as the times they name. The id
+        # bound (from the audit_timestamp index) is exact, and lets the newest-first
+        # scan by id stop where the time range starts instead of at the table's start.
+        ts = _quote(p.dialect, "timestamp")
+        clauses.append(f"id >= (SELECT min(+id) FROM audit WHERE {ts} >= {p(f.since)})"
+                       f" AND {ts} >= {p(f.since)}")
     if f.status:
         clauses.append(f"status = {p(f.status)}")
     if f.model:
@@ -117,19 +121,23 @@ def oldest_timestamp(dialect: Dialect) -> tuple[str, list[Any]]:
     return f"SELECT min({_quote(dialect, 'timestamp')}), count(*) FROM audit", []
 
 
-def _percentile(dialect: Dialect, table: str, pct: int) -> str:
-    # The value at rank ceil(n * pct / 100), in integers so both backends agree
-    # with each other and with bot.stats.compute_stats.
+def _percentiles(dialect: Dialect, value: str, name: str) -> str:
+    """p50 and p95 of `value` per provider and model, in one pass over one sort.
+
+    The value at rank ceil(n * pct / 100), in integers so both backends agree
+    with each other and with bot.stats.compute_stats.
+    """
     bigger = "max" if dialect == "sqlite" else "GREATEST"
-    return (f"(SELECT v FROM {table} t WHERE t.provider = g.provider AND t.model = g.model"
-            f" AND t.k = {bigger}(1, (t.n * {pct} + 99) / 100))")
-
-
-def _ranked(value: str) -> str:
-    return (f"SELECT provider, model, {value} AS v,"
-            f" row_number() OVER (PARTITION BY provider, model ORDER BY {value}) AS k,"
-            f" count(*) OVER (PARTITION BY provider, model) AS n"
-            f" FROM r WHERE status = 'ok' AND {value} IS NOT NULL")
+    pick = "\n".join(
+        f"    , max(CASE WHEN k = {bigger}(1, (n * {pct} + 99) / 100) THEN v END)"
+        f" AS {name}_p{pct}" for pct in (50, 95))
+    return f"""SELECT provider, model
+{pick}
+    FROM (SELECT provider, model, {value} AS v,
+                 row_number() OVER (PARTITION BY provider, model ORDER BY {value}) AS k,
+                 count(*) OVER (PARTITION BY provider, model) AS n
+          FROM r WHERE status = 'ok' AND {value} IS NOT NULL) ranked
+    GROUP BY provider, model"""
 
 
 def stats(dialect: Dialect, since: str | None = None) -> tuple[str, list[Any]]:
@@ -143,8 +151,8 @@ WITH r AS (
            completion_tokens
     FROM audit WHERE kind = 'chat' AND status != 'rejected'{since_clause}
 ),
-lat AS ({_ranked("response_time")}),
-ttft AS ({_ranked("first_token_time")}),
+lat AS ({_percentiles(dialect, "response_time", "latency")}),
+ttft AS ({_percentiles(dialect, "first_token_time", "ttft")}),
 g AS (
     SELECT provider, model, count(*) AS exchanges,
            sum(CASE WHEN status = 'error' THEN 1 ELSE 0 END) AS errors,
@@ -153,10 +161,10 @@ g AS (
     FROM r GROUP BY provider, model
 )
 SELECT g.provider, g.model, g.exchanges, g.errors, g.tokens_in, g.tokens_out,
-       {_percentile(dialect, "lat", 50)} AS latency_p50,
-       {_percentile(dialect, "lat", 95)} AS latency_p95,
-       {_percentile(dialect, "ttft", 50)} AS ttft_p50,
-       {_percentile(dialect, "ttft", 95)} AS ttft_p95
-FROM g ORDER BY g.provider, g.model
+       lat.latency_p50, lat.latency_p95, ttft.ttft_p50, ttft.ttft_p95
+FROM g
+LEFT JOIN lat ON lat.provider = g.provider AND lat.model = g.model
+LEFT JOIN ttft ON ttft.provider = g.provider AND ttft.model = g.model
+ORDER BY g.provider, g.model
 """
     return sql, p.values
