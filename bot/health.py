@@ -34,8 +34,9 @@ class Health:
 
     def __init__(self, database: Check, model_server: Check,
                  adapters: Callable[[], dict[str, bool]], *,
-                 cache_seconds: float = CACHE_SECONDS) -> None:
+                 cache_seconds: float = CACHE_SECONDS, metrics: Metrics | None = None) -> None:
         self._cache_seconds = cache_seconds
+        self._metrics = metrics
         self._database = database
         self._model_server = model_server
         self._adapters = adapters
@@ -55,6 +56,9 @@ class Health:
         database, model = await asyncio.gather(_probe(self._database),
                                                _probe(self._model_server))
         adapters = self._adapters()
+        if self._metrics is not None:
+            self._metrics.database_up.set(database is None)
+            self._metrics.model_server_up.set(model is None)
         healthy = database is None and any(adapters.values())
         body = {
             "status": "ok" if healthy else "unhealthy",
@@ -86,8 +90,14 @@ def make_app(metrics: Metrics, health: Health) -> web.Application:
         code, body = await health.report()
         return web.Response(status=code, text=json.dumps(body), content_type="application/json")
 
+    exposition = make_aiohttp_handler(metrics.registry)
+
+    async def scrape(request: web.Request) -> web.StreamResponse:
+        await health.report()  # the *_up gauges are as fresh as the health check
+        return await exposition(request)
+
     app = web.Application()
-    app.router.add_get("/metrics", make_aiohttp_handler(metrics.registry))
+    app.router.add_get("/metrics", scrape)
     app.router.add_get("/healthz", healthz)
     return app
 
@@ -128,7 +138,7 @@ async def operations(settings: Any, service: Any,
             running_retention(service.store, settings.AUDIT_RETENTION_DAYS))
         if settings.METRICS_PORT:
             health = Health(service.store.applied_migrations, service.provider.list_models,
-                            adapter_states(tasks))
+                            adapter_states(tasks), metrics=service.metrics)
             await stack.enter_async_context(
                 serve(service.metrics, health, settings.METRICS_LISTEN, settings.METRICS_PORT))
         yield

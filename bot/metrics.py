@@ -60,6 +60,12 @@ class Metrics:
             "memorybot_replies_in_flight", "Turns being answered now", registry=r)
         self.waiting = Gauge(
             "memorybot_turns_waiting_for_model", "Turns waiting for a model slot", registry=r)
+        # Set by the health check, which every scrape of /metrics runs (cached).
+        self.model_server_up = Gauge(
+            "memorybot_model_server_up", "1 if the model server answered its last check",
+            registry=r)
+        self.database_up = Gauge(
+            "memorybot_database_up", "1 if the database answered its last check", registry=r)
 
     def watch(self, in_flight: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Gauges read at scrape time from the service's own counts."""

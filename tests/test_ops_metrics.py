@@ -41,7 +41,7 @@ async def get(url: str) -> tuple[int, str]:
 async def served(make_settings: SettingsFactory) -> AsyncIterator[tuple[ChatService, str]]:
     async with open_service(make_settings(LLM_RETRIES=0)) as service:
         health = Health(service.store.applied_migrations, service.provider.list_models,
-                        lambda: {"console": True}, cache_seconds=0)
+                        lambda: {"console": True}, cache_seconds=0, metrics=service.metrics)
         async with serve(service.metrics, health, "127.0.0.1", 0) as port:
             yield service, f"http://127.0.0.1:{port}"
 
@@ -146,9 +146,14 @@ async def test_healthz_ok_then_model_down_then_database_gone(
     assert status == 200
     assert json.loads(text) == {"status": "ok", "database": "ok", "model_server": "ok",
                                 "adapters": {"console": "connected"}}
+    _, text = await get(base + "/metrics")
+    assert samples(text)[("memorybot_model_server_up", ())] == 1
     await model_server.close()  # down: reported, still healthy
     status, text = await get(base + "/healthz")
     assert status == 200 and json.loads(text)["model_server"] == "unreachable"
+    _, text = await get(base + "/metrics")
+    assert samples(text)[("memorybot_model_server_up", ())] == 0
+    assert samples(text)[("memorybot_database_up", ())] == 1
     await service.store.close()  # the database is gone
     status, text = await get(base + "/healthz")
     body = json.loads(text)
