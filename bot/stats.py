@@ -50,18 +50,43 @@ def compute_stats(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 async def store_stats(store: Store, since: str | None = None) -> list[dict[str, Any]]:
-    """The same figures as compute_stats, aggregated by the database."""
+    """The same figures as compute_stats (to the millisecond), aggregated by the database:
+    counts per model, and how many replies took each millisecond."""
+    groups, histogram = await store.audit_stats(since)
+    buckets: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
+    for h in histogram:
+        buckets.setdefault((h["provider"], h["model"], h["metric"]), []).append(
+            (int(h["ms"]), int(h["n"])))
     out = []
-    for row in await store.audit_stats(since):
+    for row in groups:
         exchanges, errors = int(row["exchanges"]), int(row["errors"])
-        out.append({
+        figures = {
             "provider": row["provider"], "model": row["model"],
             "exchanges": exchanges, "errors": errors,
             "error_rate": errors / exchanges if exchanges else 0.0,
-            **{k: row[k] for k in ("latency_p50", "latency_p95", "ttft_p50", "ttft_p95")},
-            "tokens_in": int(row["tokens_in"]), "tokens_out": int(row["tokens_out"]),
-        })
+        }
+        for metric in ("latency", "ttft"):
+            counts = buckets.get((row["provider"], row["model"], metric), [])
+            for pct in (50, 95):
+                figures[f"{metric}_p{pct}"] = _histogram_percentile(counts, pct)
+        figures["tokens_in"] = int(row["tokens_in"])
+        figures["tokens_out"] = int(row["tokens_out"])
+        out.append(figures)
     return out
+
+
+def _histogram_percentile(counts: list[tuple[int, int]], pct: int) -> float | None:
+    """The value at rank ceil(n * pct / 100) of (milliseconds, how many), in order."""
+    total = sum(n for _, n in counts)
+    if not total:
+        return None
+    rank = max(1, (total * pct + 99) // 100)
+    seen = 0
+    for ms, n in counts:
+        seen += n
+        if seen >= rank:
+            return ms / 1000
+    return counts[-1][0] / 1000
 
 
 async def stats_report(store: Store, retention_days: int = 0) -> str:

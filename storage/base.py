@@ -206,8 +206,10 @@ class Store(abc.ABC):
         """The oldest record's timestamp (None when empty) and the number of records."""
         raise NotImplementedError
 
-    async def audit_stats(self, since: str | None = None) -> list[dict[str, Any]]:
-        """Per-model figures aggregated by the database (see bot.stats)."""
+    async def audit_stats(self, since: str | None = None
+                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Per-model counts and the millisecond histograms, aggregated by the database
+        (bot.stats reads the percentiles off them)."""
         raise NotImplementedError
 
     # -- cross-process coordination (a no-op where one process owns the file)

@@ -118,6 +118,11 @@ _LOCK_KEY = "hashtextextended($1, 0)"  # 64-bit advisory lock key of a text
 
 
 
+def _query(query: tuple[str, list[Any]]) -> list[Any]:
+    """A built query as fetch()'s positional arguments."""
+    return [query[0], *query[1]]
+
+
 def _rowcount(status: str) -> int:
     """Rows affected, from a command tag such as 'DELETE 3' or 'INSERT 0 1'."""
     tail = status.rsplit(" ", 1)[-1]
@@ -467,9 +472,11 @@ class PostgresStore(Store):
         assert row is not None
         return row[0], int(row[1])
 
-    async def audit_stats(self, since: str | None = None) -> list[dict[str, Any]]:
-        sql, args = aq.stats("postgres", since)
-        return [dict(r.items()) for r in await self.pool.fetch(sql, *args)]
+    async def audit_stats(self, since: str | None = None
+                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        groups = await self.pool.fetch(*_query(aq.stats("postgres", since)))
+        histogram = await self.pool.fetch(*_query(aq.stats_histogram("postgres", since)))
+        return [dict(r.items()) for r in groups], [dict(r.items()) for r in histogram]
 
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -418,8 +418,11 @@ class SQLiteStore(Store):
         rows = await self._fetchall(*_args(aq.oldest_timestamp("sqlite")))
         return rows[0][0], int(rows[0][1])
 
-    async def audit_stats(self, since: str | None = None) -> list[dict[str, Any]]:
-        return [dict(r) for r in await self._fetchall(*_args(aq.stats("sqlite", since)))]
+    async def audit_stats(self, since: str | None = None
+                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        groups = await self._fetchall(*_args(aq.stats("sqlite", since)))
+        histogram = await self._fetchall(*_args(aq.stats_histogram("sqlite", since)))
+        return [dict(r) for r in groups], [dict(r) for r in histogram]
 
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         counts: dict[str, int] = {}
