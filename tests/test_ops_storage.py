@@ -204,3 +204,37 @@ async def test_logs_on_a_missing_database_creates_nothing(tmp_path: Path) -> Non
     with pytest.raises(StorageError, match="no database"):
         await ro.open()
     assert not path.parent.exists()
+
+
+async def test_stats_in_chat_and_command_say_how_far_back_the_log_reaches(
+        make_settings: SettingsFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    from bot.app import open_service
+    from tests.conftest import ask
+
+    settings = make_settings(AUDIT_RETENTION_DAYS=30)
+    async with open_service(settings) as service:
+        await ask(service, "one")
+        await ask(service, "two")
+        shown = await ask(service, "/stats")  # the console is the operator's own
+        oldest, count = await service.store.audit_span()
+    assert "ollama/llama3.2" in shown and "  2  " in shown
+    assert f"Audit log: 2 records since {oldest}" in shown and count == 2
+    assert "older than 30 days are deleted daily" in shown
+    assert await ops.stats(settings, False) == 0
+    out = capsys.readouterr().out
+    assert "ollama/llama3.2" in out and "Audit log: 2 records since" in out
+
+
+async def test_a_bad_since_is_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT),
+           "DATABASE_URL": f"sqlite:///{tmp_path / 'bot.db'}"}
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bot", "logs", "--since", "yesterday", cwd=tmp_path, env=env,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    async with asyncio.timeout(20):
+        out, err = await proc.communicate()
+    assert proc.returncode == 2 and out == b""
+    assert err.decode().strip().splitlines() == [
+        "error: --since 'yesterday': allowed: a date (2026-12-01), a time "
+        "(2026-12-01T10:00, UTC) or an age (30m, 2h, 7d, 2w)"]
+    assert not (tmp_path / "bot.db").exists()  # nothing was opened, let alone created
