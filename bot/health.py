@@ -21,6 +21,9 @@ from bot.metrics import Metrics
 if TYPE_CHECKING:  # aiohttp is imported only when METRICS_PORT is set
     from aiohttp import web
 
+    from bot.service import ChatService
+    from bot.settings import Settings
+
 log = logging.getLogger(__name__)
 
 CACHE_SECONDS = 1.5
@@ -128,7 +131,7 @@ def adapter_states(tasks: dict[asyncio.Task[None], Any]) -> Callable[[], dict[st
 
 
 @contextlib.asynccontextmanager
-async def operations(settings: Any, service: Any,
+async def operations(settings: Settings, service: ChatService,
                      tasks: dict[asyncio.Task[None], Any]) -> AsyncIterator[None]:
     """What runs beside the adapters: retention, and /metrics + /healthz if asked for."""
     from bot.retention import running_retention
