@@ -238,3 +238,33 @@ async def test_a_bad_since_is_one_line(tmp_path: Path) -> None:
         "error: --since 'yesterday': allowed: a date (2026-12-01), a time "
         "(2026-12-01T10:00, UTC) or an age (30m, 2h, 7d, 2w)"]
     assert not (tmp_path / "bot.db").exists()  # nothing was opened, let alone created
+
+
+def test_grep_matches_exactly_the_records_containing_the_text() -> None:
+    """Any text, any pattern (LIKE's own % _ and the escape \\ included): the SQL
+    filter agrees with a plain case-insensitive `in`."""
+    import sqlite3
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from storage import audit_queries as aq
+    from storage.base import AUDIT_COLUMNS
+
+    conn = sqlite3.connect(":memory:")
+    conn.execute(f"CREATE TABLE audit (id INTEGER PRIMARY KEY, {', '.join(AUDIT_COLUMNS)})")
+    text = st.text(alphabet="aB%_\\' x", max_size=8)
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.tuples(text, text), max_size=6), text.filter(bool))
+    def check(rows: list[tuple[str, str]], pattern: str) -> None:
+        conn.execute("DELETE FROM audit")
+        conn.executemany("INSERT INTO audit (user_input, model_response) VALUES (?, ?)", rows)
+        sql, args = aq.audit_log("sqlite", AuditFilter(grep=pattern), 100)
+        got = [r[0] for r in conn.execute(sql, args).fetchall()]  # ids
+        want = [i + 1 for i, (a, b) in enumerate(rows)
+                if pattern.lower() in a.lower() or pattern.lower() in b.lower()]
+        assert sorted(got) == want
+
+    check()
+    conn.close()
