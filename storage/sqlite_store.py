@@ -67,6 +67,12 @@ def _prepare_file(path: str) -> None:
         p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
+        # WAL maps the -shm file into memory: one this process may not write
+        # kills it with SIGBUS at the first access, without a word. Say so first.
+        for side in (p.with_name(p.name + "-shm"), p.with_name(p.name + "-wal")):
+            if side.exists() and not os.access(side, os.R_OK | os.W_OK):
+                raise OSError(f"{side.name} is not writable by this user (another user "
+                              "ran the bot here?); fix its owner, or use read-only commands")
 
 
 class SQLiteStore(Store):

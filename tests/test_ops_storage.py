@@ -268,3 +268,26 @@ def test_grep_matches_exactly_the_records_containing_the_text() -> None:
 
     check()
     conn.close()
+
+
+async def test_an_unwritable_shm_file_is_one_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "bot.db"
+    first = open_store(f"sqlite:///{path}")
+    await first.open()
+    await first.save_audit(record("kept"))
+    shm = path.with_name("bot.db-shm")
+    assert shm.exists()  # the first store still has it open
+    real_access = os.access
+    # Tests run as root, whom permissions never stop: pretend the file is another user's.
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != shm and real_access(p, mode))
+    second = open_store(f"sqlite:///{path}")
+    with pytest.raises(StorageError, match=r"bot\.db-shm is not writable by this user"):
+        await second.open()
+    ro = open_store(f"sqlite:///{path}", read_only=True)  # logs and stats still work
+    await ro.open()
+    try:
+        assert await inputs(ro) == ["kept"]
+    finally:
+        await ro.close()
+        await first.close()
