@@ -15,40 +15,78 @@ import random
 import sqlite3
 import tempfile
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from bot.operator_commands import parse_since
 from bot.stats import store_stats
 from storage.audit_queries import AuditFilter
 from storage.base import AUDIT_COLUMNS
+from storage.postgres_store import PostgresStore
 from storage.sqlite_store import SQLiteStore
 
 SPAN = timedelta(days=90)
 
 
-def _fill(path: Path, rows: int, now: datetime) -> None:
-    conn = sqlite3.connect(path)
+def _records(rows: int, now: datetime) -> Iterator[list[tuple[Any, ...]]]:
+    """Batches of audit rows (AUDIT_COLUMNS order) over SPAN, oldest first."""
     rng = random.Random(1)
     start = now - SPAN
     step = SPAN / rows
-    cols = ", ".join(AUDIT_COLUMNS)
-    sql = f"INSERT INTO audit ({cols}) VALUES ({', '.join('?' * len(AUDIT_COLUMNS))})"
-    batch = []
+    batch: list[tuple[Any, ...]] = []
     for i in range(rows):
         at = (start + step * i).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         status = "error" if rng.random() < 0.02 else "ok"
         batch.append((at, "telegram", str(rng.randrange(5000)), "c", "k", "ollama",
                       rng.choice(("llama3.2", "qwen2.5")), f"question {i} about things",
                       f"an answer {i}", status, "", rng.uniform(0.2, 6), rng.uniform(0.05, 1),
-                      rng.randrange(50, 900), rng.randrange(5, 300), 4, "chat", 0))
+                      rng.randrange(50, 900), rng.randrange(5, 300), 4, "chat", False))
         if len(batch) == 50_000:
-            conn.executemany(sql, batch)
-            conn.commit()
-            batch.clear()
-    conn.executemany(sql, batch)
-    conn.commit()
+            yield batch
+            batch = []
+    yield batch
+
+
+def _fill(path: Path, rows: int, now: datetime) -> None:
+    conn = sqlite3.connect(path)
+    cols = ", ".join(AUDIT_COLUMNS)
+    sql = f"INSERT INTO audit ({cols}) VALUES ({', '.join('?' * len(AUDIT_COLUMNS))})"
+    for batch in _records(rows, now):
+        conn.executemany(sql, batch)
+        conn.commit()
     conn.close()
+
+
+async def postgres(rows: int) -> None:
+    """The same `logs` queries on PostgreSQL (a fresh database on the test server)."""
+    from tests.pg import drop_database, fresh_database
+
+    now = datetime.now(UTC)
+    url = await fresh_database()
+    try:
+        store = PostgresStore(url, pool_size=2)
+        await store.open()
+        try:
+            t0 = time.perf_counter()
+            async with store.pool.acquire() as conn:
+                for batch in _records(rows, now):
+                    await conn.copy_records_to_table("audit", records=batch,
+                                                     columns=list(AUDIT_COLUMNS))
+                await conn.execute("ANALYZE audit")
+            print(f"PostgreSQL: filled {rows:,} audit records in "
+                  f"{time.perf_counter() - t0:.1f} s")
+            hour = AuditFilter(since=parse_since("1h"))
+            await _time("pg logs --since 1h -n 20", lambda: store.audit_query(hour, 20))
+            await _time("pg logs --since 1h -n 1000", lambda: store.audit_query(hour, 1000))
+            await _time("pg logs --since 1h --status error", lambda: store.audit_query(
+                AuditFilter(since=hour.since, status="error"), 20))
+            await _time("pg stats (whole table, in SQL)", lambda: store_stats(store), repeat=1)
+        finally:
+            await store.close()
+    finally:
+        await drop_database(url)
 
 
 async def _time(label: str, work: object, repeat: int = 5) -> float:
@@ -112,4 +150,7 @@ async def main(rows: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
-    asyncio.run(main(parser.parse_args().rows))
+    parser.add_argument("--postgres", action="store_true",
+                        help="measure PostgreSQL (the test server) instead of SQLite")
+    args = parser.parse_args()
+    asyncio.run(postgres(args.rows) if args.postgres else main(args.rows))
