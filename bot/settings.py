@@ -125,6 +125,14 @@ class Settings(BaseSettings):
     SQLITE_SYNCHRONOUS: Literal["NORMAL", "FULL"] = Field(
         "NORMAL", description="NORMAL: a commit survives the process being killed, not a power "
                               "cut; FULL: both, each commit waiting for the disk")
+    METRICS_PORT: int | None = Field(None, ge=1, le=65535,
+                                     description="serves Prometheus /metrics and /healthz on "
+                                                 "this port; empty: off")
+    METRICS_LISTEN: str = Field("127.0.0.1", description="address the metrics and health "
+                                                         "server listens on")
+    AUDIT_RETENTION_DAYS: int = Field(0, ge=0, le=36_500,
+                                      description="audit records older than this many days are "
+                                                  "deleted at start-up and daily; 0: keep all")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="DEBUG, INFO, WARNING or ERROR")
     LOG_FORMAT: Literal["text", "json"] = Field("text", description="json: one JSON object a "

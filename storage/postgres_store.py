@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -108,22 +108,25 @@ async def _release_lock_connection(
             await pool.release(conn)
 
 
-async def migrate(conn: asyncpg.Connection, steps: Sequence[Migration] = MIGRATIONS) -> None:
-    """Apply the steps not yet recorded, each in its own transaction."""
+async def migrate(conn: asyncpg.Connection, steps: Sequence[Migration] = MIGRATIONS,
+                  progress: Callable[[int, int], None] | None = None) -> None:
+    """Apply the steps not yet recorded, each in its own transaction; `progress` is
+    told (steps done, steps in all) after each."""
     q = POSTGRES_QUERIES
     # The advisory lock makes a second process starting at once wait, then
     # find each step recorded (CREATE ... IF NOT EXISTS alone races in PG).
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(MIGRATIONS_TABLE)
-    for name, statements in steps:
+    for step, (name, statements) in enumerate(steps, 1):
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-            if await conn.fetchval(q.migration_done, name):
-                continue
-            for statement in statements(POSTGRES):
-                await conn.execute(statement)
-            await conn.execute(q.insert_migration, name, utcnow())
+            if not await conn.fetchval(q.migration_done, name):
+                for statement in statements(POSTGRES):
+                    await conn.execute(statement)
+                await conn.execute(q.insert_migration, name, utcnow())
+        if progress is not None:
+            progress(step, len(steps))
 
 
 class PostgresStore(SQLStore):
@@ -132,9 +135,11 @@ class PostgresStore(SQLStore):
     dialect = POSTGRES
     q = POSTGRES_QUERIES
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, read_only: bool = False) -> None:
         self.url = url
         self.pool_size = pool_size
+        # Read-only (logs, stats): no migrations, and the server refuses writes.
+        self.read_only = read_only
         self._pool: asyncpg.Pool | None = None
         # Connections that may hold conversation locks: one is always kept for
         # store calls, so a lock holder's own calls always get a connection.
@@ -160,7 +165,9 @@ class PostgresStore(SQLStore):
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=1, max_size=self.pool_size, timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
-                server_settings={"application_name": "memorybot"},
+                server_settings={"application_name": "memorybot",
+                                 **({"default_transaction_read_only": "on"}
+                                    if self.read_only else {})},
             )
             async with self._pool.acquire() as conn:
                 encoding = await conn.fetchval("SHOW server_encoding")
@@ -169,8 +176,11 @@ class PostgresStore(SQLStore):
                         f"database {where} uses encoding {encoding}; the bot needs UTF8 to "
                         "keep any text (create it with ENCODING 'UTF8')"
                     )
-                await migrate(conn)
-                await self._prune_rate_events(conn, RATE_HORIZON)
+                if self.read_only:
+                    await conn.fetchval("SELECT count(*) FROM _migrations")
+                else:
+                    await migrate(conn, progress=self.on_migration)
+                    await self._prune_rate_events(conn, RATE_HORIZON)
         except StorageError:
             await self.close()
             raise
