@@ -21,6 +21,7 @@ from bot.records import AUDIT_COLUMNS, AuditRecord, ConversationRef
 from bot.settings import load_settings
 from bot.store import TABLES
 from storage import open_store, postgres_store, queries, sqlite_store
+from storage.audit_queries import AuditFilter
 from storage.dialect import POSTGRES, SQLITE, Dialect
 from storage.migrations import MIGRATIONS, Migration
 from tests.backends import db_url_both_backends as db_url_both_backends
@@ -225,7 +226,7 @@ async def test_audit_fields_reach_logs_json(db_url: str, capsys: pytest.CaptureF
             user_input="look", recalled=2, persona="tutor", images=3))
     finally:
         await store.close()
-    assert await logs(settings, 10, None, True) == 0
+    assert await logs(settings, 10, AuditFilter(), True) == 0
     (line,) = capsys.readouterr().out.splitlines()
     row = json.loads(line)
     assert (row["recalled"], row["persona"], row["images"]) == (2, "tutor", 3)
