@@ -177,3 +177,15 @@ def _model_info(d: Dialect) -> list[str]:
         f"ALTER TABLE audit ADD COLUMN est_prompt_tokens {d.bigint}",
         f"ALTER TABLE audit ADD COLUMN est_completion_tokens {d.bigint}",
     ]
+
+
+@migration("007_erasures")
+def _erasures(d: Dialect) -> list[str]:
+    # `forget` notes when it erased a user, in its own transaction: a turn or
+    # summary that read the user's data before then writes nothing afterwards,
+    # in whichever process it runs. Kept a day (see queries.ERASURE_KEEP).
+    return [
+        "CREATE TABLE erasures (platform TEXT NOT NULL, user_id TEXT NOT NULL,"
+        " erased_at TEXT NOT NULL, PRIMARY KEY (platform, user_id))",
+        "CREATE INDEX erasures_at ON erasures(erased_at)",
+    ]
