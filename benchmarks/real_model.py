@@ -161,9 +161,11 @@ async def against_server(url: str, db: Path, log: Callable[[str], None]) -> dict
             f"{', failed: ' + _short(str(failed)) if failed else ''})")
         log(f"  stored summary: {_short(summary.text, 200) if summary else None!r}")
         chat = statuses[:-1]
+        # Refused up front, answered, or refused in words after the refit: never a cut.
+        digits_fine = statuses[-1] in ("ok", "rejected") or "more than the model" in shown
         figures["real_server_turns_ok"] = sum(s == "ok" for s in chat)
         figures["real_server_turns"] = len(chat)
-        figures["real_server_digits_overflowed"] = float(statuses[-1] not in ("ok", "rejected"))
+        figures["real_server_digits_overflowed"] = float(not digits_fine)
         figures["real_server_summaries_ok"] = ok_sums
         figures["real_server_summary_stored"] = float(summary is not None)
         figures["real_server_window"] = window.num_ctx
@@ -178,19 +180,19 @@ async def local_console(model: str, db: Path, log: Callable[[str], None]) -> dic
     lines = ["Hello! My name is Ana. Please greet me by name.", DIGITS,
              "What is my name?"]
     t0 = time.monotonic()
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "bot", "console", cwd=ROOT, env=env,
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(("\n".join(lines) + "\n").encode()), 600)
+    answers: list[str] = []
+    for line in lines:  # one console run a line: a reply may span lines
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bot", "console", cwd=ROOT, env=env,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, _err = await asyncio.wait_for(proc.communicate((line + "\n").encode()), 600)
+        answers.append(out.decode().strip())
     seconds = time.monotonic() - t0
-    answers = out.decode().splitlines()
-    log(f"  console exit {proc.returncode} after {seconds:.1f} s, {len(answers)} output lines")
+    log(f"  console exit {proc.returncode} after {seconds:.1f} s (3 runs, one line each)")
     for asked, answer in zip(["greeting", "3,500 digits", "what is my name?"], answers,
                              strict=False):
         log(f"  {asked:>16} → {_short(answer, 100)!r}")
-    for line in err.decode().splitlines()[-5:]:
-        log(f"  stderr: {_short(line, 120)}")
     answered = bool(answers) and not answers[0].startswith("⚠️")
     digits = answers[1] if len(answers) > 1 else ""
     return {
