@@ -86,7 +86,10 @@ def llama_server(model: str, log: Path) -> Any:
     python = os.environ.get("REAL_MODEL_PYTHON", sys.executable)
     port = _free_port()
     cmd = [python, "-m", "llama_cpp.server", "--model", model, "--model_alias", ALIAS,
-           "--n_ctx", str(N_CTX), "--host", "127.0.0.1", "--port", str(port)]
+           "--n_ctx", str(N_CTX),
+           # The GGUF has no chat template: the server would fall back to Llama 2's
+           # format; its `gemma` format drops system messages, hence SYSTEM_AS_USER.
+           "--chat_format", "gemma", "--host", "127.0.0.1", "--port", str(port)]
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -127,7 +130,7 @@ def _short(text: str, n: int = 70) -> str:
 async def against_server(url: str, db: Path, log: Callable[[str], None]) -> dict[str, float]:
     settings = load_settings(
         None, LLM_PROVIDER="openai", OPENAI_BASE_URL=url + "/v1", LLM_MODEL=ALIAS,
-        CONTEXT_TOKENS=4096, REPLY_TOKENS=96, LLM_CONCURRENCY=1, DATABASE_URL=f"sqlite:///{db}",
+        CONTEXT_TOKENS=4096, REPLY_TOKENS=96, LLM_CONCURRENCY=1, SYSTEM_AS_USER=True, DATABASE_URL=f"sqlite:///{db}",
         RATE_LIMIT_PER_MINUTE=0, LLM_TIMEOUT=180, LLM_REPLY_TIMEOUT=300, LLM_RETRIES=2)
     figures: dict[str, float] = {}
     async with open_service(settings) as svc:
