@@ -13,6 +13,10 @@ figures null, so the command always completes):
 8. postgres  exchanges/s at 100 conversations on PostgreSQL, one and two processes
 9. memory    planted turns that reach the prompt in long conversations (benchmarks/memory.py)
 10. recall   recall's time per turn at 1k / 100k / 1M stored messages (benchmarks/recall_speed.py)
+
+Only when asked for (`--only real-model`; llama-cpp-python needed, not in CI):
+real-model   the bot against llama-cpp-python's server and LLM_PROVIDER=local with
+             the Gemma 3 270M GGUF (benchmarks/real_model.py)
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from benchmarks import (
     memory,
     pgbench,
     platforms,
+    real_model,
     recall_speed,
     standin,
     startup,
@@ -50,6 +55,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
 SECTIONS = ("core", "paced", "baseline", "history", "rss", "startup", "telegram", "discord",
             "postgres", "memory", "recall")
+OPT_IN = ("real-model",)  # run only when named with --only
 HISTORY_USERS = 10  # one conversation per worker at 10 concurrent
 
 
@@ -124,6 +130,26 @@ ROWS: list[tuple[str, str, str, str, Check]] = [
     ("recall_ratio_1m_vs_1k", "recall p50 ratio 1,000,000 ÷ 1,000", "×", "≤ 2.5",
      lambda v: v <= 2.5),
 ]
+# benchmarks/real_model.py's figures: 1/0 checks, counts and seconds.
+REAL_MODEL_ROWS: list[tuple[str, str, str, str, Check]] = [
+    ("real_server_turns_ok", "real server: turns answered", "n", "all 13", lambda v: v == 13),
+    ("real_server_turns", "real server: turns sent", "n", "", None),
+    ("real_server_window", "real server: window the bot learned", "tok", "≤ 1,024",
+     lambda v: v <= 1024),
+    ("real_server_digits_overflowed", "real server: 3,500 digits overflowed", "yes", "no",
+     lambda v: v == 0),
+    ("real_server_summaries_ok", "real server: summary calls ok", "n", "≥ 1", lambda v: v >= 1),
+    ("real_server_summary_stored", "real server: summary stored", "yes", "yes",
+     lambda v: v == 1),
+    ("real_server_seconds", "real server: whole conversation", "s", "", None),
+    ("local_console_answered", "local provider: console answered", "yes", "yes",
+     lambda v: v == 1),
+    ("local_console_digits_refused_or_fit", "local provider: 3,500 digits refused or fit",
+     "yes", "yes", lambda v: v == 1),
+    ("local_console_remembers_name", "local provider: remembers the name", "yes", "", None),
+    ("local_console_seconds", "local provider: console run", "s", "", None),
+]
+ROWS += REAL_MODEL_ROWS
 # The keys the issue names: always present in results.json, null when not measured.
 REQUIRED = (
     "exchanges_per_s_c1", "exchanges_per_s_c10", "exchanges_per_s_c100", "overhead_p50_ms_c10",
@@ -337,6 +363,11 @@ def section_memory(run: Run) -> None:
                         f"meaning needs the bench extra: {report.meaning_error}")
 
 
+def section_real_model(run: Run) -> None:
+    for key, value in real_model.run(log=print).items():
+        run.put(key, value)
+
+
 def section_recall(run: Run) -> None:
     got = recall_speed.measure(50 if run.quick else 200)
     for key, value in got.items():
@@ -362,13 +393,14 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
                     for ctx in memory.CONTEXTS for lang in ("en", "zh", "all")),
     "recall": ("recall_p50_ms_1k", "recall_p50_ms_100k", "recall_p50_ms_1m",
                "recall_ratio_1m_vs_1k"),
+    "real-model": tuple(key for key, *_ in REAL_MODEL_ROWS),
 }
 RUNNERS: dict[str, Callable[[Run], None]] = {
     "core": section_core, "paced": section_core_paced, "baseline": section_baseline,
     "history": section_history,
     "rss": section_rss, "startup": section_startup, "telegram": section_telegram,
     "discord": section_discord, "postgres": section_postgres,
-    "memory": section_memory, "recall": section_recall,
+    "memory": section_memory, "recall": section_recall, "real-model": section_real_model,
 }
 TITLES = {
     "core": "core throughput and overhead (SQLite)",
@@ -382,6 +414,8 @@ TITLES = {
     "postgres": "PostgreSQL at 100 concurrent conversations",
     "memory": "memory: planted turns in the prompt, long multi-session conversations",
     "recall": "recall per turn at 1k / 100k / 1M stored messages (SQLite, words)",
+    "real-model": "real model: llama-cpp-python server (n_ctx 1024) and LLM_PROVIDER=local, "
+                  "Gemma 3 270M",
 }
 
 
@@ -419,6 +453,12 @@ def _shown(value: float | None, unit: str) -> str:
         return f"{value:,.0f} tokens"
     if unit == "MB":
         return f"{value:.1f} MB"
+    if unit == "n":
+        return f"{value:g}"
+    if unit == "yes":
+        return "yes" if value else "no"
+    if unit == "s":
+        return f"{value:.1f} s"
     return f"{value:.3f} s"
 
 
@@ -463,15 +503,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="fewer samples per figure (same definitions), about a minute")
     parser.add_argument("--only", default="",
-                        help=f"comma-separated sections to run: {','.join(SECTIONS)}; "
+                        help=f"comma-separated sections to run: {','.join(SECTIONS + OPT_IN)}; "
                              "results.json is then left alone unless --output is given")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"where to write the figures (default {RESULTS})")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()] or list(SECTIONS)
-    unknown = [s for s in chosen if s not in SECTIONS]
+    unknown = [s for s in chosen if s not in SECTIONS + OPT_IN]
     if unknown:
-        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+        parser.error(f"unknown sections {unknown}; choose from "
+                     f"{', '.join(SECTIONS + OPT_IN)}")
     output = args.output or (None if args.only else RESULTS)
 
     core.quiet_logging()

@@ -50,8 +50,9 @@ class Settings(BaseSettings):
         validate_default=True, env_ignore_empty=True,
     )
 
-    LLM_PROVIDER: Literal["ollama", "openai"] = Field(
-        "ollama", description="ollama, or openai for any OpenAI-compatible server")
+    LLM_PROVIDER: Literal["ollama", "openai", "local"] = Field(
+        "ollama", description="ollama, openai for any OpenAI-compatible server, or local for "
+                              "a GGUF model inside the bot (pip install -e '.[local]')")
     LLM_MODEL: str = Field("llama3.2", min_length=1,
                            description="the model a user gets until they pick one with /model")
     LLM_MODELS: str = Field("", description="comma-separated models users may pick; "
@@ -61,6 +62,12 @@ class Settings(BaseSettings):
                                                                "server (secret)")
     OPENAI_BASE_URL: str | None = Field(None, description="base URL of the OpenAI-compatible "
                                                           "server; empty: OpenAI's")
+    LOCAL_MODEL: str = Field("", description="with LLM_PROVIDER=local: the .gguf file to run; "
+                                             "empty: the Gemma 3 270M the local extra installs")
+    LOCAL_CONTEXT: int = Field(4096, ge=256, le=1_000_000,
+                               description="with LLM_PROVIDER=local: the model's window (n_ctx)")
+    LOCAL_THREADS: int | None = Field(None, ge=1, description="with LLM_PROVIDER=local: CPU "
+                                      "threads generating; empty: llama.cpp's choice")
     SYSTEM_PROMPT: str = Field(DEFAULT_SYSTEM_PROMPT,
                                description="the system message of every conversation")
     CONTEXT_TOKENS: int = Field(4096, ge=256, le=2_000_000,
@@ -200,6 +207,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _budget(self) -> Settings:
+        if self.LLM_PROVIDER == "local" and "LLM_MODEL" not in self.model_fields_set:
+            # One model in the bot: call it by its file, not by Ollama's default name.
+            self.LLM_MODEL = Path(self.LOCAL_MODEL).stem if self.LOCAL_MODEL \
+                else "gemma-3-270m"
         if self.LLM_STALL_TIMEOUT is None:
             # An operator who tightens LLM_TIMEOUT expects a stall cut as fast.
             self.LLM_STALL_TIMEOUT = self.LLM_TIMEOUT
