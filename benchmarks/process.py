@@ -69,12 +69,19 @@ def _env(db: Path, model_url: str, extra: dict[str, str]) -> dict[str, str]:
 async def _bot(db: Path, model_url: str, extra: dict[str, str],
                workdir: Path) -> AsyncIterator[subprocess.Popen[bytes]]:
     # cwd: an empty directory, so that no .env is read.
+    # BENCH_SPY_STARTUP=<file>: py-spy samples the bot from its first instruction.
+    spy = os.environ.get("BENCH_SPY_STARTUP")
+    prefix = ["py-spy", "record", "--rate", "500", "--format", "raw", "--output", spy,
+              "--"] if spy else []
     proc = subprocess.Popen(  # noqa: ASYNC220 (returns at once; waiting is off the loop)
-        [sys.executable, "-m", "bot"], cwd=workdir, env=_env(db, model_url, extra),
+        [*prefix, sys.executable, "-m", "bot"], cwd=workdir, env=_env(db, model_url, extra),
         stdout=subprocess.DEVNULL, stderr=open(workdir / "bot.log", "wb"))  # noqa: ASYNC230
     try:
         yield proc
     finally:
+        if spy:
+            proc.send_signal(signal.SIGINT)  # py-spy writes its profile on SIGINT
+            await asyncio.sleep(1.0)
         proc.terminate()
         try:
             await asyncio.to_thread(proc.wait, 15)

@@ -183,6 +183,7 @@ async def _pg_build(size: int) -> str:
             return url
         for stale in have:
             await admin.execute(f'DROP DATABASE "{stale}"')
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}_tmp"')  # an interrupted build
         await admin.execute(f'CREATE DATABASE "{name}_tmp"')
     finally:
         await admin.close()
@@ -194,6 +195,9 @@ async def _pg_build(size: int) -> str:
     src = sqlite3.connect(build(size))
     conn = await asyncpg.connect(tmp_url)
     try:
+        if await conn.fetchval("SELECT to_regclass('recall_terms')") is None:
+            # The recall migration, where the store does not run it yet.
+            await conn.execute(recall_index.POSTGRES_MIGRATIONS[0][1])
         await conn.copy_records_to_table(
             "conversations", columns=["id", "key", "platform", "user_id", "place", "created_at"],
             records=src.execute("SELECT id, key, platform, user_id, place, created_at "
