@@ -88,7 +88,7 @@ class ChatService:
             weakref.WeakValueDictionary()
         self._redact = RedactSecrets(settings.secrets()).redact
         self.memory = Summarizer(settings, store, provider, self._calls, self._audit,
-                                 self._slots, self.calibration)
+                                 self._slots, self.calibration, self.windows)
 
     # -- what adapters call
     def conversation_ref(self, msg: Incoming) -> ConversationRef:
@@ -502,7 +502,8 @@ class ChatService:
         self._log_exchange(audit)
         if usage and usage.prompt_tokens:
             await self.windows.observe(model, prompt.messages, usage.prompt_tokens)
-        self._maybe_summarize(conv, ref, msg, model, prompt, history, text, audit.model_response)
+        self._maybe_summarize(conv, ref, msg, model, prompt, history, text, audit.model_response,
+                              win.budget, factors.count)
 
     async def _fit(self, model: str, build: Callable[[int], Prompt], budget: int) -> Prompt:
         """The prompt within `budget` by the server's own count where it can count.
@@ -532,13 +533,14 @@ class ChatService:
 
     def _maybe_summarize(self, conv: int, ref: ConversationRef, msg: Incoming, model: str,
                          prompt: Prompt, history: list[StoredMessage], text: str,
-                         reply: str) -> None:
+                         reply: str, budget: int, counter: Callable[[str], int]) -> None:
         """Summarise once the history no longer fits and there is something to fold."""
         if self.settings.MEMORY_STRATEGY != "summarize" or self._closing:
             return
         full = prompt.dropped > 0 or len(history) >= self._load_limit()
-        if (full or prompt.tokens > self.settings.prompt_budget * 3 // 4) \
-                and self.memory.due(history, text, reply):
+        # The model's real window and token factors, as the prompt was fitted.
+        if (full or prompt.tokens > budget * 3 // 4) \
+                and self.memory.due(history, text, reply, budget=budget, counter=counter):
             self.memory.schedule(conv, ref, msg.chat_id, model)
 
     def _log_exchange(self, audit: AuditRecord) -> None:

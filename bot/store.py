@@ -12,7 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 from bot.records import AuditRecord, ConversationRef, StoredMessage, Summary, TurnContext
 
 # Tables in the order copy-db must fill them (parents before children).
-TABLES = ("conversations", "messages", "summaries", "user_settings", "audit")
+TABLES = ("conversations", "messages", "summaries", "user_settings", "audit", "model_info")
 
 
 def redact_url(url: str) -> str:

@@ -141,6 +141,10 @@ async def fill(db: Raw, upto: int) -> None:
             f"INSERT INTO audit ({base}, kind, summary_used) VALUES"
             f" ({', '.join('?' * 18)})",
             *row[:8], "User is Ana.", "ok", "", 2.0, None, None, None, 2, "summary", True)
+    if "006_model_info" in has:
+        await db.execute("INSERT INTO model_info (model, context_length, learned_window,"
+                         " token_factor, cjk_factor, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                         "qwen2.5", 32768, 4096, 1.1, 1.4, T)
     if "003_rate_events" in has and db.dialect is POSTGRES:
         await db.execute("INSERT INTO rate_events (user_key, at)"
                          " VALUES (?, extract(epoch FROM clock_timestamp()))", "telegram:1")
