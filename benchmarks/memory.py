@@ -139,7 +139,8 @@ def _incoming(conv: Conversation, text: str) -> Incoming:
 
 
 async def _say(service: ChatService, conv: Conversation, text: str) -> None:
-    async with contextlib.aclosing(service.handle(_incoming(conv, text))) as deltas:
+    async with contextlib.aclosing((await service.handle(_incoming(conv, text))).deltas()) \
+            as deltas:
         async for _ in deltas:
             pass
 

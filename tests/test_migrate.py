@@ -257,3 +257,38 @@ async def test_step_that_fails_leaves_nothing(db_url: str) -> None:
         (row,) = await db.rows("audit")
     assert first == [] and "half" not in row
     assert await applied_on_open(db_url) == NAMES
+
+
+async def test_reopening_a_migrated_database_reads_no_table_in_full(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up must not grow with the history: no foreign-key sweep once migrated."""
+    path = tmp_path / "bot.db"
+    first = open_store(f"sqlite:///{path}")
+    await first.open()
+    ref = ConversationRef(key="telegram:1@dm", platform="telegram", user_id="1", place="dm")
+    conv = await first.conversation_id(ref)
+    await first.close()
+    statements: list[str] = []
+    connect = aiosqlite.connect
+
+    def traced(*args: Any, **kwargs: Any) -> aiosqlite.Connection:
+        conn = connect(*args, **kwargs)
+        original = conn._connect
+
+        async def with_trace() -> aiosqlite.Connection:
+            await original()
+            await conn.set_trace_callback(statements.append)
+            return conn
+
+        conn._connect = with_trace  # type: ignore[method-assign]
+        return conn
+
+    monkeypatch.setattr(sqlite_store.aiosqlite, "connect", traced)
+    again = open_store(f"sqlite:///{path}")
+    await again.open()
+    try:
+        assert await again.conversation_id(ref) == conv  # the same database, still usable
+    finally:
+        await again.close()
+    assert any("migrations" in s for s in statements)  # the trace saw the migration pass
+    assert not [s for s in statements if "foreign_key_check" in s]
