@@ -72,6 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    from bot.personas import PersonaError
     from bot.records import StorageError
     from bot.settings import SettingsError, load_settings
 
@@ -119,6 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StorageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except PersonaError as exc:  # PERSONAS_FILE changed for the worse since the check
+        print(f"error: bad setting PERSONAS_FILE: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     return 0

@@ -13,7 +13,8 @@ from urllib.parse import urlsplit, urlunsplit
 from bot.records import AuditRecord, ConversationRef, StoredMessage, Summary, TurnContext
 
 # Tables in the order copy-db must fill them (parents before children).
-TABLES = ("conversations", "messages", "summaries", "user_settings", "audit", "model_info")
+TABLES = ("conversations", "messages", "summaries", "user_settings", "audit", "model_info",
+          "conversation_settings", "place_settings")
 
 
 def redact_url(url: str) -> str:
@@ -123,6 +124,22 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def set_user_model(self, platform: str, user_id: str, model: str) -> None: ...
+
+    # -- personas (/persona)
+    @abc.abstractmethod
+    async def personas_of(self, conversation_key: str, platform: str,
+                          place_id: str | None) -> tuple[str | None, str | None]:
+        """(this conversation's persona, its place's default), None where unset."""
+
+    @abc.abstractmethod
+    async def set_conversation_persona(self, ref: ConversationRef,
+                                       persona: str | None) -> None:
+        """Pick a persona for one conversation; None goes back to the default."""
+
+    @abc.abstractmethod
+    async def set_place_persona(self, platform: str, place_id: str,
+                                persona: str | None) -> None:
+        """A server's or group's default persona; None removes it."""
 
     # -- what the bot learned about each model (its window, its token counts)
     @abc.abstractmethod

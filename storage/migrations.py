@@ -189,3 +189,18 @@ def _erasures(d: Dialect) -> list[str]:
         " erased_at TEXT NOT NULL, PRIMARY KEY (platform, user_id))",
         "CREATE INDEX erasures_at ON erasures(erased_at)",
     ]
+
+
+@migration("008_personas")
+def _personas(d: Dialect) -> list[str]:
+    # /persona NAME: the pick of one conversation; /persona NAME default: a
+    # server's or group's default, set by its admins.
+    return [
+        "CREATE TABLE conversation_settings (conversation_key TEXT PRIMARY KEY,"
+        " platform TEXT NOT NULL, user_id TEXT NOT NULL, persona TEXT NOT NULL,"
+        " updated_at TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS conversation_settings_user"
+        " ON conversation_settings(platform, user_id)",
+        "CREATE TABLE place_settings (platform TEXT NOT NULL, place_id TEXT NOT NULL,"
+        " persona TEXT NOT NULL, updated_at TEXT NOT NULL, PRIMARY KEY (platform, place_id))",
+    ]

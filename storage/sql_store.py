@@ -11,7 +11,7 @@ import abc
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from bot.records import AuditRecord, StoredMessage, Summary, TurnContext, utcnow
+from bot.records import AuditRecord, ConversationRef, StoredMessage, Summary, TurnContext, utcnow
 from bot.store import TABLES, Store
 from storage import audit_queries as aq
 from storage import queries
@@ -86,6 +86,27 @@ class SQLStore(Store):
 
     async def set_user_model(self, platform: str, user_id: str, model: str) -> None:
         await self._write(self.q.set_user_model, platform, user_id, model, utcnow())
+
+    async def personas_of(self, conversation_key: str, platform: str,
+                          place_id: str | None) -> tuple[str | None, str | None]:
+        rows = await self._fetch(self.q.personas_of, conversation_key, platform,
+                                 place_id or "")
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
+
+    async def set_conversation_persona(self, ref: ConversationRef,
+                                       persona: str | None) -> None:
+        if persona is None:
+            await self._write(self.q.clear_conversation_persona, ref.key)
+        else:
+            await self._write(self.q.set_conversation_persona, ref.key, ref.platform,
+                              ref.user_id, persona, utcnow())
+
+    async def set_place_persona(self, platform: str, place_id: str,
+                                persona: str | None) -> None:
+        if persona is None:
+            await self._write(self.q.clear_place_persona, platform, place_id)
+        else:
+            await self._write(self.q.set_place_persona, platform, place_id, persona, utcnow())
 
     async def audit_log(self, limit: int, user: str | None = None) -> list[dict[str, Any]]:
         n = self.dialect.limit(limit)

@@ -146,6 +146,12 @@ async def fill(db: Raw, upto: int) -> None:
         await db.execute("INSERT INTO model_info (model, context_length, learned_window,"
                          " token_factor, cjk_factor, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
                          "qwen2.5", 32768, 4096, 1.1, 1.4, T)
+    if "008_personas" in has:
+        await db.execute("INSERT INTO conversation_settings (conversation_key, platform,"
+                         " user_id, persona, updated_at) VALUES (?, ?, ?, ?, ?)",
+                         "telegram:1@dm", "telegram", "1", "teacher", T)
+        await db.execute("INSERT INTO place_settings (platform, place_id, persona, updated_at)"
+                         " VALUES (?, ?, ?, ?)", "telegram", "-100", "coach", T)
     if "003_rate_events" in has and db.dialect is POSTGRES:
         await db.execute("INSERT INTO rate_events (user_key, at)"
                          " VALUES (?, extract(epoch FROM clock_timestamp()))", "telegram:1")

@@ -366,17 +366,19 @@ async def test_forget_user(store: PostgresStore) -> None:
     await store.save_summary(conv, "s", (await store.recent_messages(conv, 1))[0].id)
     await store.set_user_model("telegram", "1", "m")
     await store.set_user_model("discord", "2", "m")
+    await store.set_conversation_persona(REF, "teacher")  # /persona: forgotten too
     await store.save_audit(audit(status="rejected"))
     await store.rate_hit("telegram:1", 10, 60)
     await store.rate_hit("discord:2", 10, 60)
     counts = await store.forget_user("telegram", "1")
     assert counts == {"messages": 4, "summaries": 1, "conversations": 2,
-                      "user_settings": 1, "audit": 3}
+                      "user_settings": 1, "audit": 3, "conversation_settings": 1}
     assert await store.audit_log(10, "telegram:1") == []
     assert await store.user_model("telegram", "1") is None
     assert await store.table_counts() == {"conversations": 1, "messages": 2, "summaries": 0,
                                           "user_settings": 1, "audit": 1,
-                                          "model_info": 0}
+                                          "model_info": 0, "conversation_settings": 0,
+                                          "place_settings": 0}
     async with store.pool.acquire() as conn:
         keys = [r[0] for r in await conn.fetch("SELECT user_key FROM rate_events")]
     assert keys == ["discord:2"]
