@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
-from storage.base import StoredMessage
 
 from benchmarks import memory_corpus
 from benchmarks.memory_corpus import Conversation
@@ -47,6 +46,7 @@ from bot.messages import Incoming
 from bot.prompt import build_prompt
 from bot.providers.base import Usage
 from bot.recall import VectorCache, fit_recalled, query_terms, reciprocal_rank_fusion
+from bot.records import StoredMessage
 from bot.service import ChatService
 from bot.settings import Settings, load_settings
 from bot.tokens import count_messages, count_tokens
@@ -139,7 +139,8 @@ def _incoming(conv: Conversation, text: str) -> Incoming:
 
 
 async def _say(service: ChatService, conv: Conversation, text: str) -> None:
-    async with contextlib.aclosing(service.handle(_incoming(conv, text))) as deltas:
+    async with contextlib.aclosing((await service.handle(_incoming(conv, text))).deltas()) \
+            as deltas:
         async for _ in deltas:
             pass
 

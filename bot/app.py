@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from adapters.base import Adapter
+from bot.health import operations
 from bot.providers import make_provider
 from bot.service import ChatService
 from bot.settings import Settings
@@ -120,9 +121,10 @@ async def run_bot(settings: Settings, *, console: bool = False) -> int:
             log_access(settings)  # once the store opened: a bad database says only that
         tasks = {asyncio.create_task(a.run(service, stop), name=a.name): a for a in adapters}
         stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-        stop.set()  # one adapter ending (console EOF, a crash) ends them all
-        await service.shutdown(settings.SHUTDOWN_GRACE)
+        async with operations(settings, service, tasks):  # retention, /metrics, /healthz
+            await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            stop.set()  # one adapter ending (console EOF, a crash) ends them all
+            await service.shutdown(settings.SHUTDOWN_GRACE)
         code = 0
         for task, adapter in tasks.items():
             try:

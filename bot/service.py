@@ -47,6 +47,7 @@ from bot.llm_call import CallCancelled, CallLimits, CallStopped, stream_reply
 from bot.logging_setup import RedactSecrets
 from bot.memory import Summarizer
 from bot.messages import Incoming, ModelChoices
+from bot.metrics import Metrics
 from bot.models import ModelCatalog, ModelWindows
 from bot.ordering import ConversationOrder
 from bot.persona_turn import NO_PERSONA, PersonaTurn
@@ -62,10 +63,11 @@ from bot.records import (
     StoreUnavailable,
 )
 from bot.reply import Choice, Choices, Outcome, Reply
+from bot.retention import trim_summary_record
 from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
 from bot.slots import ModelSlots
-from bot.stats import compute_stats, format_model_time, format_stats
+from bot.stats import stats_report
 from bot.store import Store
 from bot.tokens import MESSAGE_OVERHEAD, PROMPT_OVERHEAD, Calibration, count_tokens
 
@@ -152,6 +154,9 @@ class ChatService:
         self.image_timeout = DOWNLOAD_TIMEOUT  # seconds, per image
         self.memory = Summarizer(settings, store, provider, self._calls, self._audit,
                                  self._slots, self.calibration, self.windows)
+        self.metrics = Metrics()
+        # Turns in flight, and model calls waiting for a slot (replies and summaries).
+        self.metrics.watch(lambda: self._turns, lambda: self._slots.waiting())
 
     # -- what adapters call
     def conversation_ref(self, msg: Incoming) -> ConversationRef:
@@ -350,10 +355,17 @@ class ChatService:
         # A model server's error may quote the key it was sent (some proxies
         # do); `python -m bot logs` prints this field, so no secret goes in.
         record.error = self._redact(record.error)
+        self._observe(record)
         try:
             await self.store.save_audit(record)
         except Exception:
+            self.metrics.storage_error()
             log.exception("could not write the audit record")
+
+    def _observe(self, record: AuditRecord) -> None:
+        """Metrics of a record about to be written; summaries keep only a prompt head."""
+        trim_summary_record(record)
+        self.metrics.record(record)
 
     # -- commands: dispatched from the declarations (bot.commands); handlers below
     async def _command(self, msg: Incoming, name: str, args: str) -> Reply:
@@ -439,11 +451,9 @@ class ChatService:
 
     @command("stats", N_("Usage figures (admins only)"), admin=True, private=True)
     async def _cmd_stats(self, msg: Incoming, args: str) -> Reply:
-        tr = await self.translator(msg)
-        table = format_stats(compute_stats(await self.store.audit_rows_for_stats()), tr)
-        model_time = format_model_time(await self.store.model_time(), tr)
-        return Reply.notice("```\n" + table + (f"\n\n{model_time}" if model_time else "")
-                            + "\n```")
+        report = await stats_report(self.store, self.settings.AUDIT_RETENTION_DAYS,
+                                    await self.translator(msg))
+        return Reply.notice("```\n" + report + "\n```")
 
     @command("language", N_("Show or choose my language: /language CODE"), private=True,
              args=(Arg("code", N_("en, zh-TW or zh-CN; leave out to see yours"),
@@ -847,6 +857,7 @@ class ChatService:
             await self._audit(audit)
             yield "\n\n⚠️ " + tr.gettext("I couldn't save this exchange, so I won't remember it.")
             return
+        self._observe(audit)
         self._log_exchange(audit)
         if usage and usage.prompt_tokens and not images:  # images' tokens aren't text's
             await self.windows.observe(model, prompt.messages, usage.prompt_tokens)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, suppress
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -36,6 +36,9 @@ def redact_url(url: str) -> str:
 
 class Store(abc.ABC):
     """Memory and audit log; every method is safe to call concurrently."""
+
+    # Called as (steps done, steps in all) while open() migrates: `migrate`'s progress.
+    on_migration: Callable[[int, int], None] | None = None
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -172,6 +175,32 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         """Erase everything kept about a user; return rows removed per table."""
+
+    # -- operators: the filtered log, retention, stats (SQL in storage.audit_queries)
+    async def audit_query(self, f: Any, limit: int) -> list[dict[str, Any]]:
+        """The last `limit` records matching an AuditFilter, oldest first."""
+        raise NotImplementedError
+
+    async def audit_after(self, f: Any, after_id: int, limit: int) -> list[dict[str, Any]]:
+        """Matching records with id > after_id, oldest first, at most `limit`."""
+        raise NotImplementedError
+
+    async def last_audit_id(self) -> int:
+        raise NotImplementedError
+
+    async def delete_audit_before(self, cutoff: str, batch: int) -> int:
+        """Delete up to `batch` records older than `cutoff`; return how many went."""
+        raise NotImplementedError
+
+    async def audit_span(self) -> tuple[str | None, int]:
+        """The oldest record's timestamp (None when empty) and the number of records."""
+        raise NotImplementedError
+
+    async def audit_stats(self, since: str | None = None
+                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Per-model counts and the millisecond histograms, aggregated by the database
+        (bot.stats reads the percentiles off them)."""
+        raise NotImplementedError
 
     # -- cross-process coordination (a no-op where one process owns the file)
     @abc.abstractmethod

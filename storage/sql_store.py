@@ -13,9 +13,19 @@ from typing import Any
 
 from bot.records import AuditRecord, ConversationRef, StoredMessage, Summary, TurnContext, utcnow
 from bot.store import TABLES, Store
+from storage import audit_queries as aq
 from storage import queries
 from storage.dialect import Dialect
 from storage.queries import Queries
+
+
+def _query(query: tuple[str, list[Any]]) -> list[Any]:
+    """A built query as _fetch's positional arguments."""
+    return [query[0], *query[1]]
+
+
+def _dict(row: Any) -> dict[str, Any]:
+    return {k: row[k] for k in row.keys()}
 
 
 class SQLStore(Store):
@@ -116,6 +126,35 @@ class SQLStore(Store):
 
     async def audit_rows_for_stats(self) -> list[dict[str, Any]]:
         return [{k: r[k] for k in r.keys()} for r in await self._fetch(self.q.audit_for_stats)]
+
+    # -- operators: the filtered log, retention, stats (SQL in storage.audit_queries)
+    async def audit_query(self, f: aq.AuditFilter, limit: int) -> list[dict[str, Any]]:
+        sql, args = aq.audit_log(self.dialect, f, limit)
+        return [queries.audit_row(r) for r in reversed(await self._fetch(sql, *args))]
+
+    async def audit_after(self, f: aq.AuditFilter, after_id: int,
+                          limit: int) -> list[dict[str, Any]]:
+        sql, args = aq.audit_after(self.dialect, f, after_id, limit)
+        return [queries.audit_row(r) for r in await self._fetch(sql, *args)]
+
+    async def last_audit_id(self) -> int:
+        sql, args = aq.last_audit_id(self.dialect)
+        return int((await self._fetch(sql, *args))[0][0])
+
+    async def delete_audit_before(self, cutoff: str, batch: int) -> int:
+        sql, args = aq.delete_older_than(self.dialect, cutoff, batch)
+        return len(await self._write(sql, *args))
+
+    async def audit_span(self) -> tuple[str | None, int]:
+        sql, args = aq.oldest_timestamp(self.dialect)
+        row = (await self._fetch(sql, *args))[0]
+        return row[0], int(row[1])
+
+    async def audit_stats(self, since: str | None = None
+                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        groups = await self._fetch(*_query(aq.stats(self.dialect, since)))
+        histogram = await self._fetch(*_query(aq.stats_histogram(self.dialect, since)))
+        return [_dict(r) for r in groups], [_dict(r) for r in histogram]
 
     async def model_info(self, model: str) -> dict[str, Any] | None:
         rows = await self._fetch(self.q.model_info, model)
