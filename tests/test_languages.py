@@ -346,12 +346,15 @@ async def test_stats_speaks_the_admins_language_and_keeps_its_columns_aligned(
 
     async with open_service(make_settings()) as service:
         assert await (await service.handle(replace(incoming("/stats"), language="zh-CN"))) \
-            .text() == "```\n还没有任何对话记录。\n```"
+            .text() == ("```\n还没有任何对话记录。\n"
+                        "审计日志：目前为空；不限期保留（AUDIT_RETENTION_DAYS=0）。\n```")
         await (await service.handle(incoming("hello"))).text()
         shown = await (await service.handle(replace(incoming("/stats"),
                                                     language="zh-TW"))).text()
         rows = [await service.store.audit_log(10)]
     lines = shown.strip("`\n").split("\n")
+    assert lines[-1].startswith("稽核紀錄：自 ")
+    assert lines[-1].endswith(" 筆；不限期保存（AUDIT_RETENTION_DAYS=0）。")
     assert lines[0].split() == ["模型", "對話次數", "錯誤率", "p50", "p95", "首字", "p50",
                                 "輸入", "token", "輸出", "token"]
     assert lines[1].split()[1] == "1"  # the one exchange, in the database's audit log
