@@ -344,9 +344,10 @@ class PostgresStore(SQLStore):
         self, conversation_id: int, user_text: str, reply_text: str, audit: AuditRecord
     ) -> int:
         now = audit.timestamp
-        # The erasure check needs a transaction (see _erased); on the turn's own
-        # lock connection where there is one.
-        async with self._conn() as conn, conn.transaction():
+        # The erasure check needs a transaction (see _erased). A pooled connection,
+        # not the turn's lock connection: a killed lock session must not lose a
+        # reply that can still be stored.
+        async with self.pool.acquire() as conn, conn.transaction():
             if await self._erased(conn, audit):
                 return 0
             if await conn.fetchval("SELECT 1 FROM conversations WHERE id = $1",
