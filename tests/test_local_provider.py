@@ -200,7 +200,8 @@ async def test_a_stopped_reply_stops_generating_and_frees_the_model(
         fake.endless, fake.pace = False, None
         after = await asyncio.wait_for(ask(svc, "next"), WAIT)
         rows = await svc.store.audit_log(5)
-    assert shown == ["Hello "] and reply.outcome.value == "cancelled"
+    # What was shown stays, marked as stopped (the /stop mark).
+    assert shown == ["Hello ", "\n\n⏹ stopped"] and reply.outcome.value == "cancelled"
     assert generated < 50  # stopped within a few tokens, not at the reply limit (512)
     assert after == "Hello from the local model "  # the worker is free again
     assert [r["status"] for r in rows] == ["cancelled", "ok"]
