@@ -19,6 +19,8 @@ commands:
   forget PLATFORM:USER_ID      erase that user's history, summaries, settings and audit
   migrate                      apply the database migrations and exit
   copy-db SRC_URL DST_URL      copy all data between databases, verified by counts
+  reindex [--user PLATFORM:ID] build the recall index (words; embeddings with EMBED_MODEL)
+                               for stored messages that lack it; resumable
 """
 
 
@@ -47,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     copy = sub.add_parser("copy-db", help="copy all data between databases")
     copy.add_argument("src", metavar="SRC_URL")
     copy.add_argument("dst", metavar="DST_URL")
+    reindex = sub.add_parser("reindex", help="build the recall index where it is missing")
+    reindex.add_argument("--user", metavar="PLATFORM:ID", help="only this user's messages")
     return parser
 
 
@@ -85,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(ops.migrate(settings))
             case "copy-db":
                 return asyncio.run(ops.copy_db(args.src, args.dst))
+            case "reindex":
+                return asyncio.run(ops.reindex(settings, args.user))
     except SettingsError as exc:  # e.g. a token the platform refused
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -69,6 +69,7 @@ def build_prompt(
     factor: float = 1.0,
     counter: Callable[[str], int] = count_tokens,
     sections: Sequence[tuple[str, str]] = (),
+    late_sections: Sequence[tuple[str, str]] = (),
     system_as_user: bool = False,
 ) -> Prompt:
     """System text, summary, as many newest messages as fit, the new message.
@@ -81,7 +82,9 @@ def build_prompt(
     def cost(text: str) -> int:
         return math.ceil((counter(text) + MESSAGE_OVERHEAD) * factor)
 
-    base_system = system_text(system, sections)
+    # `sections` come before the summary (notes), `late_sections` after it (recall);
+    # all of them always stay, the summary only if it fits.
+    base_system = system_text(system, [*sections, *late_sections])
     fixed = math.ceil(PROMPT_OVERHEAD * factor) + cost(base_system)
     new_cost = cost(new_text)
     if fixed + new_cost > budget:
@@ -90,7 +93,8 @@ def build_prompt(
     full_system = base_system
     summary_used = False
     if summary:
-        with_summary = system_text(system, [*sections, (SUMMARY_HEADER, summary)])
+        with_summary = system_text(system, [*sections, (SUMMARY_HEADER, summary),
+                                            *late_sections])
         extra = cost(with_summary) - cost(base_system)
         if used + extra <= budget:
             full_system, used, summary_used = with_summary, used + extra, True

@@ -154,6 +154,11 @@ class Store(abc.ABC):
         (messages indexed, the last id looked at; 0 when nothing is left)."""
 
     @abc.abstractmethod
+    async def count_missing(self, model: str | None,
+                            conversation_ids: list[int] | None = None) -> int:
+        """Messages lacking words-index entries (model None) or a vector for `model`."""
+
+    @abc.abstractmethod
     async def user_conversations(self, platform: str, user_id: str) -> list[int]: ...
 
     # -- per-user settings

@@ -327,3 +327,24 @@ async def messages_without_vectors(conn: Any, model: str, after_id: int, limit: 
         f"WHERE m.id > $2 AND v.message_id IS NULL{where} ORDER BY m.id LIMIT $3",
         model, after_id, limit, *extra)
     return [(int(a), int(b), c) for a, b, c in rows]
+
+
+async def count_missing(conn: Any, model: str | None,
+                        conversation_ids: Sequence[int] | None = None) -> int:
+    """How many messages lack words-index entries (model None) or a vector for `model`."""
+    sqlite = _is_sqlite(conn)
+    if model is None:
+        missing = ("NOT EXISTS (SELECT 1 FROM recall_fts f WHERE f.rowid = m.id)" if sqlite
+                   else "NOT EXISTS (SELECT 1 FROM recall_terms t WHERE t.message_id = m.id)")
+        args: list[Any] = []
+    else:
+        missing = ("NOT EXISTS (SELECT 1 FROM recall_vectors v WHERE v.message_id = m.id"
+                   f" AND v.model = {'?' if sqlite else '$1'})")
+        args = [model]
+    where, extra = _in_conversations(sqlite, conversation_ids, len(args) + 1)
+    sql = f"SELECT count(*) FROM messages m WHERE {missing}{where}"
+    if sqlite:
+        cur = await conn.execute(sql, (*args, *extra))
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+    return int(await conn.fetchval(sql, *args, *extra))

@@ -8,8 +8,8 @@ transactions, locks, batching, copying in bulk.
 from __future__ import annotations
 
 import abc
-import json
 import contextlib
+import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -197,3 +197,8 @@ class SQLStore(Store):
                                                          conversation_ids)
             await recall_index.index_messages(conn, rows)
         return len(rows), (rows[-1][0] if rows else 0)
+
+    async def count_missing(self, model: str | None,
+                            conversation_ids: list[int] | None = None) -> int:
+        async with self._reading() as conn:
+            return await recall_index.count_missing(conn, model, conversation_ids)
