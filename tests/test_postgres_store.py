@@ -370,12 +370,12 @@ async def test_forget_user(store: PostgresStore) -> None:
     await store.rate_hit("telegram:1", 10, 60)
     await store.rate_hit("discord:2", 10, 60)
     counts = await store.forget_user("telegram", "1")
-    assert counts == {"messages": 4, "summaries": 1, "conversations": 2,
+    assert counts == {"notes": 0, "messages": 4, "summaries": 1, "conversations": 2,
                       "user_settings": 1, "audit": 3}
     assert await store.audit_log(10, "telegram:1") == []
     assert await store.user_model("telegram", "1") is None
     assert await store.table_counts() == {"conversations": 1, "messages": 2, "summaries": 0,
-                                          "user_settings": 1, "audit": 1}
+                                          "user_settings": 1, "audit": 1, "notes": 0}
     async with store.pool.acquire() as conn:
         keys = [r[0] for r in await conn.fetch("SELECT user_key FROM rate_events")]
     assert keys == ["discord:2"]
