@@ -674,13 +674,24 @@ async def test_copy_db_command_both_ways(
     await lite.close()
     assert await copy_db(src_url, pg_url) == 0
     assert await copy_db(pg_url, back_url) == 0
-    assert "copy verified" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "copy verified" in out and "words index rebuilt" in out
     back = SQLiteStore(str(tmp_path / "back.db"))
     await back.open()
+    pg = PostgresStore(pg_url, pool_size=2)
+    await pg.open()
     try:
         assert await dump(back) == want
+        # The recall index is not copied but rebuilt: every copied message is findable.
+        for s in (pg, back):
+            assert await s.count_missing(None) == 0
+            conv = await s.conversation_id(REF)
+            hits = await s.recall_search(conv, ["q3"], 10**9, 5)
+            assert [m.content for m in await s.messages_range(conv, hits[0][0] - 1,
+                                                              hits[0][0])] == ["q3 你好 «»"]
     finally:
         await back.close()
+        await pg.close()
     with pytest.raises(StorageError, match="not empty"):
         await copy_db(src_url, pg_url)
 
