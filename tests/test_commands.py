@@ -85,7 +85,8 @@ async def test_ping_is_synced_to_discord_and_its_answer_is_ephemeral(
     assert bot.adapter.connected
     await discord_api.wait_for(lambda: "ping" in discord_api.commands_synced())
     synced = {c["name"]: c for c in discord_api.commands.get(None, [])}
-    assert list(synced) == ["help", "reset", "model", "memory", "remember", "forget", "stats", "ping"]
+    assert list(synced) == ["help", "reset", "model", "memory", "remember", "forget", "stats",
+                            "ping"]
     assert synced["ping"]["description"] == "Check that the bot answers"
     [option] = synced["ping"]["options"]
     assert option["name"] == "text" and not option.get("required", False)
@@ -126,9 +127,11 @@ def test_declared_commands_and_their_flags() -> None:
         "start", "help", "reset", "model", "memory", "remember", "forget", "stats"]
     assert [c.name for c in commands.menu("discord")] == [
         "help", "reset", "model", "memory", "remember", "forget", "stats"]
-    assert {c.name for c in commands if c.private} == {"reset", "model", "memory", "remember", "forget", "stats"}
+    assert {c.name for c in commands if c.private} == {"reset", "model", "memory", "remember",
+                                                       "forget", "stats"}
     assert [c.name for c in commands if c.admin] == ["stats"]
-    assert commands.names == {"start", "help", "reset", "model", "memory", "remember", "forget", "stats"}
+    assert commands.names == {"start", "help", "reset", "model", "memory", "remember",
+                              "forget", "stats"}
     text = help_text("llama3.2", commands)
     assert "/start" not in text and "/stats — Usage figures (admins only)" in text
     with pytest.raises(ValueError, match="twice"):
