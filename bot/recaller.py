@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 from bot.embeddings import Embedder
 from bot.recall import Recalled, VectorCache, fit_recalled, query_terms, reciprocal_rank_fusion
-from bot.recall.vectors import to_blob
+from bot.recall.vectors import Loader, to_blob
 from bot.settings import Settings
 from bot.slots import ModelSlots
 from bot.store import Store
@@ -121,7 +121,7 @@ class Recaller:
         return [i for i, _ in self.cache.search(conversation_id, vector, before_id, CANDIDATES,
                                                 model=self.model)]
 
-    def _loader(self, conversation_id: int) -> Callable[[int], object]:
+    def _loader(self, conversation_id: int) -> Loader:
         async def load(after_id: int) -> list[tuple[int, bytes]]:
             return await self.store.vectors_since(conversation_id, self.model, after_id)
         return load
