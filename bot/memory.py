@@ -14,9 +14,11 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bot.llm_call import CallLimits, stream_reply
-from bot.prompt import build_prompt
+from bot.prompt import TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
 from bot.records import AuditRecord, ConversationRef, StoredMessage
 from bot.sanitize import storable
@@ -25,6 +27,9 @@ from bot.slots import ModelSlots
 from bot.store import Store
 from bot.text_fit import longest_prefix
 from bot.tokens import MESSAGE_OVERHEAD, PROMPT_OVERHEAD, Calibration, count_tokens
+
+if TYPE_CHECKING:
+    from bot.models import ModelWindows
 
 log = logging.getLogger(__name__)
 
@@ -73,23 +78,36 @@ def _line(msg: StoredMessage) -> str:
     return f"{'User' if msg.role == 'user' else 'Assistant'}: {msg.content}"
 
 
-def _fit_lines(batch: Sequence[StoredMessage], room: int) -> str:
+def _fit_lines(batch: Sequence[StoredMessage], room: int,
+               counter: Callable[[str], int] = count_tokens) -> str:
     """The batch as transcript lines within `room` tokens: what the user said is
     cut last (the summary keeps facts about the user, not the assistant's words)."""
     lines = [_line(m) for m in batch]
-    if count_tokens("\n".join(lines)) <= room:
+    if counter("\n".join(lines)) <= room:
         return "\n".join(lines)
-    users = sum(count_tokens(line) + 1 for line, m in zip(lines, batch, strict=True)
+    users = sum(counter(line) + 1 for line, m in zip(lines, batch, strict=True)
                 if m.role == "user")
     replies = sum(1 for m in batch if m.role != "user")
     share = (room - users) // max(1, replies) - 1
-    lines = [line if m.role == "user" else truncate_tokens(line, max(4, share))
+    lines = [line if m.role == "user" else truncate_tokens(line, max(4, share), counter)
              for line, m in zip(lines, batch, strict=True)]
     text = "\n".join(lines)
-    if count_tokens(text) > room:
+    if counter(text) > room:
         share = max(8, room // len(batch) - 1)
-        text = "\n".join(truncate_tokens(line, share) for line in lines)
-    return truncate_tokens(text, max(8, room))
+        text = "\n".join(truncate_tokens(line, share, counter) for line in lines)
+    return truncate_tokens(text, max(8, room), counter)
+
+
+@dataclass(frozen=True, slots=True)
+class SummaryLimits:
+    """One summary call's limits, from its model's real window and token factors."""
+
+    model: str
+    num_ctx: int
+    max_tokens: int  # the summary's reply limit
+    budget: int  # what the prompt may take: the window minus the reply limit
+    cap: int  # tokens the summary may keep
+    count: Callable[[str], int]  # the model's (calibrated) estimate
 
 
 class Summarizer:
@@ -111,6 +129,7 @@ class Summarizer:
         audit: Callable[[AuditRecord], Awaitable[None]],
         slots: ModelSlots | None = None,
         calibration: Calibration | None = None,
+        windows: ModelWindows | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
@@ -119,6 +138,9 @@ class Summarizer:
         self._audit = audit  # the service's one audit path (it redacts secrets)
         self._slots = slots or ModelSlots(settings.LLM_CONCURRENCY)
         self._calibration = calibration or Calibration()  # the estimate, per model
+        # Each model's real window and token factors: the service's, so a summary
+        # is fitted as its chat prompts are.
+        self._windows = windows
         self._tasks: dict[int, asyncio.Task[None]] = {}
         # Conversations reset while their summary ran (entries live as long as the task).
         self._stale: set[int] = set()
@@ -167,62 +189,85 @@ class Summarizer:
         if tasks:
             await asyncio.wait(tasks)
 
-    def history_budget(self) -> int:
-        """Tokens the stored messages may take in a prompt, beside the summary."""
+    def history_budget(self, budget: int | None = None,
+                       counter: Callable[[str], int] = count_tokens) -> int:
+        """Tokens the stored messages may take in a prompt of `budget` (the chat
+        model's window minus its reply), beside the summary."""
         s = self._settings
-        system = count_tokens(s.SYSTEM_PROMPT) + MESSAGE_OVERHEAD
+        budget = s.prompt_budget if budget is None else budget
+        system = counter(s.SYSTEM_PROMPT) + MESSAGE_OVERHEAD
         # Leave room for a typical new message (an eighth of the budget).
-        return max(64, s.prompt_budget - system - s.summary_cap - s.prompt_budget // 8)
+        return max(64, budget - system - s.summary_cap - budget // 8)
 
-    def _keep_budget(self) -> int:
-        return self.history_budget() // 2  # hysteresis: folded down to half, not every turn
-
-    def due(self, history: Sequence[StoredMessage], new_user: str, new_reply: str) -> bool:
+    def due(self, history: Sequence[StoredMessage], new_user: str, new_reply: str, *,
+            budget: int | None = None, counter: Callable[[str], int] = count_tokens) -> bool:
         """Whether a summary would fold anything: the unsummarised messages
         (`history`, the newest of them, then the new exchange) outgrow what is
         kept, and what is beyond holds a whole exchange."""
+        keep_budget = self.history_budget(budget, counter) // 2  # hysteresis: down to half
         roles = [m.role for m in history] + ["user", "assistant"]
         texts = [m.content for m in history] + [new_user, new_reply]
         kept = 0
         for i in range(len(texts) - 1, -1, -1):
-            kept += count_tokens(texts[i]) + MESSAGE_OVERHEAD
-            if kept > self._keep_budget():
+            kept += counter(texts[i]) + MESSAGE_OVERHEAD
+            if kept > keep_budget:
                 return "assistant" in roles[: i + 1]
         return False
 
-    async def _keep_from(self, conversation_id: int, after_id: int) -> int | None:
+    async def _keep_from(self, conversation_id: int, after_id: int, keep_budget: int,
+                         counter: Callable[[str], int]) -> int | None:
         """The id from which messages are kept unsummarised; None: nothing to fold."""
-        keep_budget = self._keep_budget()
         # Every message costs at least MESSAGE_OVERHEAD: this many always exceed the budget.
         newest = await self._store.recent_messages(
             conversation_id, keep_budget // MESSAGE_OVERHEAD + 2, after_id=after_id)
         kept = 0
         for i in range(len(newest) - 1, -1, -1):
-            kept += count_tokens(newest[i].content) + MESSAGE_OVERHEAD
+            kept += counter(newest[i].content) + MESSAGE_OVERHEAD
             if kept > keep_budget:
                 return newest[i + 1].id if i + 1 < len(newest) else newest[i].id + 1
         return None
 
-    def _summary_max_tokens(self) -> int:
-        return math.ceil(self._settings.summary_cap * 1.5)
-
-    def _prompt_budget(self) -> int:
-        """What a summary prompt may take: the window minus the summary's reply limit."""
-        return max(64, self._settings.CONTEXT_TOKENS - self._summary_max_tokens())
-
     def _model(self, model: str) -> str:
         return self._settings.SUMMARY_MODEL or model
 
-    def _estimated_budget(self, model: str) -> int:
-        """The prompt budget in estimated tokens (before the model's correction)."""
-        return int(self._prompt_budget() / self._calibration.factor(self._model(model)))
-
-    def _batch_budget(self, old: str, model: str) -> int:
-        """Estimated tokens the new messages may take in one summary call beside `old`."""
+    async def _window(self, model: str) -> tuple[int, int, Callable[[str], int]]:
+        """(num_ctx, chat prompt budget, counter) of `model`, as the service sees them."""
+        if self._windows is not None:
+            win = await self._windows.window(model)
+            factors = await self._windows.factors(model)
+            return win.num_ctx, win.budget, factors.count
         s = self._settings
-        instructions = count_tokens(SUMMARY_INSTRUCTIONS.format(cap=s.summary_cap, language=""))
-        frame = 48 + 2 * MESSAGE_OVERHEAD + PROMPT_OVERHEAD  # headings and the language line
-        spare = self._estimated_budget(model) - instructions - frame - count_tokens(old)
+        return s.CONTEXT_TOKENS, s.prompt_budget, self._calibration.factors(model).count
+
+    async def limits(self, model: str) -> SummaryLimits:
+        """The summary call's limits on the summary model's real window."""
+        summary_model = self._model(model)
+        num_ctx, _, counter = await self._window(summary_model)
+        cap = self._settings.summary_cap
+        # A small window keeps at least three quarters for the prompt, as chat replies do.
+        max_tokens = min(math.ceil(cap * 1.5), max(16, num_ctx // 4))
+        # Batches fill the prompt to the token, which chat prompts rarely do: a
+        # sixteenth spare for the estimate's error where the server's count differs.
+        return SummaryLimits(model=summary_model, num_ctx=num_ctx, max_tokens=max_tokens,
+                             budget=(num_ctx - max_tokens) * 15 // 16,
+                             cap=min(cap, max(8, max_tokens * 2 // 3)), count=counter)
+
+    @staticmethod
+    def _frame(old: str, lim: SummaryLimits, language: str) -> tuple[str, str, str, int]:
+        """(system, head, tail, tokens they take with the prompt's overheads)."""
+        system = SUMMARY_INSTRUCTIONS.format(cap=lim.cap, language=language)
+        head = f"Current summary:\n{old or '(none yet)'}\n\nNew messages:\n"
+        tail = "\n\nWrite the updated summary."
+        # As build_prompt charges: the prompt, then each message with its overhead.
+        fixed = (PROMPT_OVERHEAD + lim.count(system) + MESSAGE_OVERHEAD
+                 + lim.count(head + tail) + MESSAGE_OVERHEAD)
+        return system, head, tail, fixed
+
+    def _batch_budget(self, old: str, lim: SummaryLimits) -> int:
+        """Tokens the new messages may take in one summary call beside `old`."""
+        # The longer language line: the batch's language is known only once it is chosen.
+        language = max((summary_language(["中文"]), summary_language(["x"])), key=lim.count)
+        spare = lim.budget - self._frame(old, lim, language)[3]
         return max(32, spare * 15 // 16)  # the estimate of joined lines is not additive
 
     async def _run(self, conversation_id: int, ref: ConversationRef, chat_id: str,
@@ -242,14 +287,18 @@ class Summarizer:
         summary = await self._store.summary(conversation_id)
         cursor = summary.upto_id if summary else 0
         text = summary.text if summary else ""
-        keep_from = await self._keep_from(conversation_id, cursor)
+        _, chat_budget, chat_counter = await self._window(model)
+        keep_from = await self._keep_from(
+            conversation_id, cursor, self.history_budget(chat_budget, chat_counter) // 2,
+            chat_counter)
         if keep_from is None:
             return False
+        lim = await self.limits(model)
         written = False
         batch: list[StoredMessage] = []
         exchange: list[StoredMessage] = []  # fold whole exchanges only
         used = 0
-        budget = self._batch_budget(text, model)
+        budget = self._batch_budget(text, lim)
         while page := await self._store.messages_range(
                 conversation_id, cursor, keep_from - 1, limit=SUMMARY_PAGE):
             cursor = page[-1].id
@@ -257,30 +306,31 @@ class Summarizer:
                 exchange.append(msg)
                 if msg.role != "assistant":
                     continue
-                cost = sum(count_tokens(_line(m)) + 1 for m in exchange)
+                cost = sum(lim.count(_line(m)) + 1 for m in exchange)
                 if batch and used + cost > budget:
                     folded = await self._fold_batch(conversation_id, text, batch, ref,
-                                                    chat_id, model)
+                                                    chat_id, lim)
                     if folded is None:
                         return written
                     text, written = folded, True
-                    batch, used, budget = [], 0, self._batch_budget(folded, model)
+                    batch, used, budget = [], 0, self._batch_budget(folded, lim)
                 batch += exchange
                 used += cost
                 exchange = []
         if batch:
-            folded = await self._fold_batch(conversation_id, text, batch, ref, chat_id, model)
+            folded = await self._fold_batch(conversation_id, text, batch, ref, chat_id, lim)
             written = written or folded is not None
         return written
 
     async def _fold_batch(self, conversation_id: int, old: str, batch: list[StoredMessage],
-                          ref: ConversationRef, chat_id: str, model: str) -> str | None:
+                          ref: ConversationRef, chat_id: str,
+                          lim: SummaryLimits) -> str | None:
         """Fold one batch and write it; None when the conversation was reset meanwhile."""
         if conversation_id in self._stale or not await self._store.messages_range(
                 conversation_id, batch[0].id - 1, batch[0].id, limit=1):
             log.info("summary of %s stopped: the conversation was reset", ref.key)
             return None
-        text = await self._fold(old, batch, ref, chat_id, model)
+        text = await self._fold(old, batch, ref, chat_id, lim)
         if conversation_id in self._stale or not await self._store.save_summary(
                 conversation_id, text, batch[-1].id):
             log.info("summary of %s dropped: the conversation was reset", ref.key)
@@ -288,33 +338,36 @@ class Summarizer:
         return text
 
     async def _fold(self, old: str, batch: Sequence[StoredMessage], ref: ConversationRef,
-                    chat_id: str, model: str) -> str:
-        s = self._settings
-        cap = s.summary_cap
+                    chat_id: str, lim: SummaryLimits) -> str:
         lang = summary_language([m.content for m in batch if m.role == "user"])
-        system = SUMMARY_INSTRUCTIONS.format(cap=cap, language=lang)
-        head = f"Current summary:\n{old or '(none yet)'}\n\nNew messages:\n"
-        tail = "\n\nWrite the updated summary."
+        system, head, tail, fixed = self._frame(old, lim, lang)
         # An exchange longer than a whole batch is cut to fit: the call must fit the window.
-        room = (self._estimated_budget(model) - PROMPT_OVERHEAD - 2 * MESSAGE_OVERHEAD
-                - count_tokens(system) - count_tokens(head + tail) - 8)
-        lines = _fit_lines(batch, room)
-        text = await self._call(system, head + lines + tail, ref, chat_id, model)
-        if count_tokens(text) > cap:
-            text = await self._call(SHORTEN_INSTRUCTIONS.format(cap=cap, language=lang), text,
-                                    ref, chat_id, model)
-        return truncate_tokens(storable(text).strip(), cap)
+        room = lim.budget - fixed
+        prompt = None
+        for _ in range(4):  # the joined lines can count a little over their parts
+            user = head + _fit_lines(batch, room, lim.count) + tail
+            try:
+                prompt = build_prompt(system, [], user, lim.budget, counter=lim.count)
+                break
+            except TooLong as exc:
+                room -= max(1, exc.tokens - lim.budget)
+        if prompt is None:
+            raise TooLong(fixed, lim.budget)
+        text = await self._call(prompt.messages, user, ref, chat_id, lim)
+        if lim.count(text) > lim.cap:
+            shorten = build_prompt(SHORTEN_INSTRUCTIONS.format(cap=lim.cap, language=lang), [],
+                                   truncate_tokens(text, lim.budget // 2, lim.count),
+                                   lim.budget, counter=lim.count)
+            text = await self._call(shorten.messages, text, ref, chat_id, lim)
+        return truncate_tokens(storable(text).strip(), lim.cap, lim.count)
 
-    async def _call(self, system: str, user: str, ref: ConversationRef, chat_id: str,
-                    model: str) -> str:
+    async def _call(self, messages: list[dict[str, str]], user: str, ref: ConversationRef,
+                    chat_id: str, lim: SummaryLimits) -> str:
         s = self._settings
-        summary_model = self._model(model)
-        factor = self._calibration.factor(summary_model)
-        prompt = build_prompt(system, [], user, self._prompt_budget(), factor=factor)
         audit = AuditRecord(
             platform=ref.platform, user_id=ref.user_id, chat_id=chat_id,
             conversation=ref.key, user_input=user, kind="summary",
-            provider=self._provider.name, model=summary_model,
+            provider=self._provider.name, model=lim.model,
         )
         started = time.monotonic()
         parts: list[str] = []
@@ -322,15 +375,14 @@ class Summarizer:
             async with self._slots.background():
                 started = time.monotonic()  # model time, not the wait for a slot
                 async for item in stream_reply(
-                    self._provider, summary_model, prompt.messages,
-                    num_ctx=s.CONTEXT_TOKENS, max_tokens=self._summary_max_tokens(),
+                    self._provider, lim.model, messages,
+                    num_ctx=lim.num_ctx, max_tokens=lim.max_tokens,
                     limits=CallLimits(s.LLM_TIMEOUT, s.LLM_STALL_TIMEOUT, 0),
                     running=self._running_calls,
                 ):
                     if isinstance(item, Usage):
                         audit.prompt_tokens = item.prompt_tokens
-                        self._calibration.observe(summary_model, prompt.messages,
-                                                  item.prompt_tokens)
+                        await self._observe(lim.model, messages, item.prompt_tokens)
                         audit.completion_tokens = item.completion_tokens
                     else:
                         if not parts:
@@ -343,6 +395,17 @@ class Summarizer:
             await self._audit(audit)
             raise
         audit.model_response = "".join(parts)
+        if audit.prompt_tokens is None:  # the server sent no counts: estimate, marked so
+            audit.est_prompt_tokens = PROMPT_OVERHEAD + sum(
+                lim.count(m["content"]) + MESSAGE_OVERHEAD for m in messages)
         audit.response_time = time.monotonic() - started
         await self._audit(audit)
         return audit.model_response
+
+    async def _observe(self, model: str, messages: list[dict[str, str]],
+                       reported: int | None) -> None:
+        """Correct the estimate from the server's count (kept by the windows)."""
+        if self._windows is not None:
+            await self._windows.observe(model, messages, reported)
+        else:
+            self._calibration.observe(model, messages, reported)

@@ -91,7 +91,7 @@ class ChatService:
             weakref.WeakValueDictionary()
         self._redact = RedactSecrets(settings.secrets()).redact
         self.memory = Summarizer(settings, store, provider, self._calls, self._audit,
-                                 self._slots, self.calibration)
+                                 self._slots, self.calibration, self.windows)
         # Recall of older messages (words, and meaning with EMBED_MODEL); bot.recaller.
         self.recaller = Recaller(settings, store, self._slots)
 
@@ -542,7 +542,8 @@ class ChatService:
         self.recaller.stored(conv)  # embeds the new messages off the reply's path
         if usage and usage.prompt_tokens:
             await self.windows.observe(model, prompt.messages, usage.prompt_tokens)
-        self._maybe_summarize(conv, ref, msg, model, prompt, history, text, audit.model_response)
+        self._maybe_summarize(conv, ref, msg, model, prompt, history, text, audit.model_response,
+                              win.budget, factors.count)
 
     # -- notes and recall in the prompt
     async def _recall(self, conv: int, text: str, history: list[StoredMessage],
@@ -632,13 +633,14 @@ class ChatService:
 
     def _maybe_summarize(self, conv: int, ref: ConversationRef, msg: Incoming, model: str,
                          prompt: Prompt, history: list[StoredMessage], text: str,
-                         reply: str) -> None:
+                         reply: str, budget: int, counter: Callable[[str], int]) -> None:
         """Summarise once the history no longer fits and there is something to fold."""
         if self.settings.MEMORY_STRATEGY != "summarize" or self._closing:
             return
         full = prompt.dropped > 0 or len(history) >= self._load_limit()
-        if (full or prompt.tokens > self.settings.prompt_budget * 3 // 4) \
-                and self.memory.due(history, text, reply):
+        # The model's real window and token factors, as the prompt was fitted.
+        if (full or prompt.tokens > budget * 3 // 4) \
+                and self.memory.due(history, text, reply, budget=budget, counter=counter):
             self.memory.schedule(conv, ref, msg.chat_id, model)
 
     def _log_exchange(self, audit: AuditRecord) -> None:

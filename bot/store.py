@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 # Tables in the order copy-db must fill them (parents before children).
 # The recall index is not copied: it is rebuilt from the messages (see copy-db).
-TABLES = ("conversations", "messages", "summaries", "user_settings", "audit", "notes")
+TABLES = ("conversations", "messages", "summaries", "user_settings", "audit", "model_info",
+          "notes")
 
 
 def redact_url(url: str) -> str:

@@ -36,6 +36,9 @@ COLUMNS: dict[str, dict[str, type]] = {
     "summaries": {"conversation_id": int, "text": str, "upto_id": int, "updated_at": str},
     "user_settings": {"platform": str, "user_id": str, "model": str, "updated_at": str},
     "audit": {"id": int, **{c: _AUDIT_KINDS[c] for c in AUDIT_COLUMNS}},
+    # What was learned per model (its window, the token correction) moves with the data.
+    "model_info": {"model": str, "context_length": int, "learned_window": int,
+                   "token_factor": float, "cjk_factor": float, "updated_at": str},
     "notes": {"id": int, "conversation_id": int, "text": str, "created_at": str},
 }
 PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
@@ -44,6 +47,7 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "summaries": ("conversation_id",),
     "user_settings": ("platform", "user_id"),
     "audit": ("id",),
+    "model_info": ("model",),
     "notes": ("id",),
 }
 SERIAL_TABLES = ("conversations", "messages", "audit", "notes")  # their `id` never repeats

@@ -387,3 +387,25 @@ async def test_stats_report_summary_model_time_beside_reply_time(
     [figure] = [json.loads(ln) for ln in capsys.readouterr().out.splitlines()]
     assert figure["summary_calls"] == len(summaries)
     assert figure["summary_seconds"] == pytest.approx(spent)
+
+
+async def test_a_failed_summary_is_one_log_line_and_an_error_record(
+    model_server: ModelServer, make_settings: SettingsFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(CONTEXT_TOKENS=300, REPLY_TOKENS=60)
+    async with open_service(settings) as svc:
+        conv, key = await prefill(svc, ["my name is Ana"] + [f"a longer filler message {i} " * 4
+                                                             for i in range(12)])
+        model_server.fault = "http500"
+        caplog.clear()
+        assert svc.memory.schedule(conv, svc.conversation_ref(incoming("x")), "dm-1", "llama3.2")
+        await asyncio.wait_for(svc.memory.wait_idle(), 10)
+        summary = await svc.store.summary(conv)
+    # The operator sees one line saying which conversation and why, no traceback.
+    lines = [r for r in caplog.records if r.name.startswith("bot") and r.levelno >= 30]
+    assert len(lines) == 1 and lines[0].exc_info is None
+    assert lines[0].getMessage().startswith(f"summary of {key} failed: ")
+    assert "500" in lines[0].getMessage() and "\n" not in lines[0].getMessage()
+    assert summary is None  # nothing was written
+    assert svc.memory.failures == 1
+    assert summary_calls(model_server)  # the call did reach the server

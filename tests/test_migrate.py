@@ -141,6 +141,10 @@ async def fill(db: Raw, upto: int) -> None:
             f"INSERT INTO audit ({base}, kind, summary_used) VALUES"
             f" ({', '.join('?' * 18)})",
             *row[:8], "User is Ana.", "ok", "", 2.0, None, None, None, 2, "summary", True)
+    if "006_model_info" in has:
+        await db.execute("INSERT INTO model_info (model, context_length, learned_window,"
+                         " token_factor, cjk_factor, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                         "qwen2.5", 32768, 4096, 1.1, 1.4, T)
     if "008_notes" in has:
         await db.execute("INSERT INTO notes (conversation_id, text, created_at)"
                          " VALUES (?, ?, ?)", 1, "I'm vegetarian", T)
@@ -213,7 +217,7 @@ async def test_schema_matches_the_copy_db_columns(db_url: str) -> None:
     await store.close()
     async with raw(db_url) as db:
         # A new table is copied by copy-db (TABLES, queries.COLUMNS) or named here.
-        internal = {"_migrations", "sqlite_sequence", "rate_events", "model_info"}
+        internal = {"_migrations", "sqlite_sequence", "rate_events"}
         # The recall index is rebuilt from the messages, not copied (copy-db reindexes).
         recall = {t for t in await db.tables() if t.startswith("recall_")}
         assert recall >= {"recall_vectors"} and recall & {"recall_fts", "recall_terms"}

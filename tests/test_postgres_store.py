@@ -375,7 +375,8 @@ async def test_forget_user(store: PostgresStore) -> None:
     assert await store.audit_log(10, "telegram:1") == []
     assert await store.user_model("telegram", "1") is None
     assert await store.table_counts() == {"conversations": 1, "messages": 2, "summaries": 0,
-                                          "user_settings": 1, "audit": 1, "notes": 0}
+                                          "user_settings": 1, "audit": 1,
+                                          "model_info": 0, "notes": 0}
     async with store.pool.acquire() as conn:
         keys = [r[0] for r in await conn.fetch("SELECT user_key FROM rate_events")]
     assert keys == ["discord:2"]

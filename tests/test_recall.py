@@ -256,11 +256,12 @@ def test_lower_hits_go_in_before_the_neighbours_of_other_lower_hits() -> None:
                       _msg(i + 1, "assistant", "after " * 10))
 
     ranked = [around(i) for i in (10, 20, 30, 40)]
-    # Room for seven lines: the first hit with both neighbours, then the other hits
-    # alone (their neighbours would have taken the room of the later hits).
-    got = fit_recalled(ranked, budget=200, paired=1)
+    # Room for six lines (the seventh, 21, needs 244 by the current estimate):
+    # the first hit with both neighbours, then the other hits alone (their neighbours
+    # would have taken the room of the later hits).
+    got = fit_recalled(ranked, budget=230, paired=1)
     assert got.hit_ids == [10, 20, 30, 40]
     assert got.ids == [9, 10, 11, 20, 30, 40]
-    assert got.tokens <= 200
+    assert got.tokens <= 230
     # Paired all the way, the same room holds fewer hits.
-    assert fit_recalled(ranked, budget=200, paired=4).hit_ids == [10, 20]
+    assert fit_recalled(ranked, budget=230, paired=4).hit_ids == [10, 20]
