@@ -356,30 +356,3 @@ async def _old_rows(conn: Any, dialect: str) -> None:
         await conn.execute("COMMIT")
     else:
         await conn.executemany(sql + "($1, $2, $3, $4)", rows)
-
-
-async def test_reindex_command_prints_plain_progress_when_not_a_terminal(
-    model_server: ModelServer, tmp_path: Any,
-) -> None:
-    from tests.test_console import bot_env, run_bot
-
-    model_server.models.append(EMBED)
-    env = bot_env(tmp_path, model_server, EMBED_MODEL=EMBED)
-    code, _, _ = await run_bot(["console"], env, "my sister moved to Tainan\n")
-    assert code == 0
-    code, _, err = await run_bot(["reindex", "--user", "console:nobody"], env)
-    assert code == 0 and "words index: 0/0 messages" in err
-    code, _, err = await run_bot(["reindex"], env)
-    assert code == 0
-    # Words were indexed with the exchange; the console's embeddings may have been
-    # cut off at exit: reindex does what is missing, and says so in plain lines.
-    assert "words index: 0/0 messages" in err and "embedded with all-minilm" in err
-    assert "\r" not in err  # no bar drawn into a file
-    code, _, err = await run_bot(["reindex", "--user", "bad"], env)
-    assert code == 2 and "PLATFORM:USER_ID" in err
-    store = open_store(env["DATABASE_URL"], pool_size=2)
-    await store.open()
-    try:
-        assert await store.count_missing(EMBED) == 0
-    finally:
-        await store.close()
