@@ -511,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
             kept = json.loads(output.read_text())
             missing = {k: v for k, v in (kept.get("not_available") or {}).items()
                        if k not in keys}
-            kept.update({k: figures[k] for k in keys if k in figures})
+            kept.update({k: figures[k] for k in sorted(keys) if k in figures})
             kept["not_available"] = {**missing, **run.missing}
             figures = kept
         output.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
