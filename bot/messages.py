@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bot.images import ImageRef
+
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
@@ -21,6 +23,10 @@ class Incoming:
     place_id: str | None  # the server / group; None in a direct message
     text: str  # what the model sees: mention of the bot already stripped
     raw: object = field(default=None, compare=False, repr=False)
+    # Pictures sent with the text (a photo, an image file or attachment), not downloaded yet.
+    images: tuple[ImageRef, ...] = ()
+    # What else came that the bot can't read ("sticker", "voice", "video", "file"); "": nothing.
+    unsupported: str = ""
 
     @property
     def user_key(self) -> str:

@@ -12,14 +12,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from bot import notes as note_commands
 from bot.commands import Arg, Commands, command, help_text, parse_command
+from bot.images import (
+    DOWNLOAD_TIMEOUT,
+    IMAGE_TOKENS,
+    Image,
+    ImageTooLarge,
+    ImageUnavailable,
+    attach,
+    can_see,
+    fetch_all,
+    human_bytes,
+    stand_in,
+)
 from bot.llm_call import CallCancelled, CallLimits, stream_reply
 from bot.logging_setup import RedactSecrets
 from bot.memory import Summarizer
@@ -90,6 +103,7 @@ class ChatService:
         self._answers: weakref.WeakValueDictionary[tuple[str, int], Reply] = \
             weakref.WeakValueDictionary()
         self._redact = RedactSecrets(settings.secrets()).redact
+        self.image_timeout = DOWNLOAD_TIMEOUT  # seconds, per image
         self.memory = Summarizer(settings, store, provider, self._calls, self._audit,
                                  self._slots, self.calibration, self.windows)
         # Recall of older messages (words, and meaning with EMBED_MODEL); bot.recaller.
@@ -142,7 +156,9 @@ class ChatService:
             return Reply.refusal(private=private)
         if command is not None:
             return await self._command(msg, *command)
-        if is_blank(text):
+        if msg.unsupported:  # a sticker, voice note, video or other file
+            return Reply.notice("I can only read text and pictures.")
+        if is_blank(text) and not msg.images:
             return Reply.notice("Send me some text and I'll answer. /help lists what I can do.")
         if len(text) > self.settings.MAX_INPUT_CHARS:
             await self._reject(msg, text, f"input {len(text)} chars")
@@ -151,10 +167,13 @@ class ChatService:
                 f"{self.settings.MAX_INPUT_CHARS:,}. Please send something shorter.")
         if self._closing:
             return Reply.notice("The bot is restarting. Please send that again in a minute.")
+        if msg.images and (refused := await self._image_refusal(msg, text)) is not None:
+            return refused
         ref = self.conversation_ref(msg)
         audit = AuditRecord(
             platform=msg.platform, user_id=msg.user_id, chat_id=msg.chat_id,
-            conversation=ref.key, user_input=text, provider=self.provider.name,
+            conversation=ref.key, user_input=_user_text(text, len(msg.images)),
+            provider=self.provider.name,
         )
         # The turn runs as the adapter reads the answer; its audit status is the outcome.
         reply = Reply.answer(self._chat(msg, text, ref, audit),
@@ -384,10 +403,16 @@ class ChatService:
         received = time.monotonic()
         self._turn_started()
         try:
-            async with self._order.turn(ref.key), \
-                    self.store.conversation_lock(ref.key, s.LLM_TIMEOUT + s.LLM_REPLY_TIMEOUT):
-                async with contextlib.aclosing(
-                        self._chat_locked(msg, text, ref, audit, received)) as deltas:
+            async with self._order.turn(ref.key):
+                # Downloaded in turn (a photo and the question after it stay in order) but
+                # before the conversation's lock: no connection or model slot waits on it.
+                images = await self._download_images(msg, audit) if msg.images else []
+                if isinstance(images, str):
+                    yield images
+                    return
+                async with self.store.conversation_lock(
+                        ref.key, s.LLM_TIMEOUT + s.LLM_REPLY_TIMEOUT), contextlib.aclosing(
+                        self._chat_locked(msg, text, ref, audit, received, images)) as deltas:
                     async for delta in deltas:
                         yield delta
         except StorageError as exc:
@@ -402,7 +427,8 @@ class ChatService:
             self._turn_ended()
 
     async def _chat_locked(self, msg: Incoming, text: str, ref: ConversationRef,
-                           audit: AuditRecord, received: float) -> AsyncIterator[str]:
+                           audit: AuditRecord, received: float,
+                           images: Sequence[Image] = ()) -> AsyncIterator[str]:
         s = self.settings
         try:
             conv = await self.store.conversation_id(ref)
@@ -425,8 +451,9 @@ class ChatService:
                                       factors.count)
 
         def build(budget: int) -> Prompt:
-            return self._turn_prompt(text, history, summary, notes_text, recalled, budget,
-                                     factors.count)
+            return _with_images(self._turn_prompt(
+                text, history, summary, notes_text, recalled,
+                budget - IMAGE_TOKENS * len(images), factors.count), images)
 
         try:
             prompt = await self._fit(model, build, win.budget)
@@ -531,7 +558,9 @@ class ChatService:
             self._log_exchange(audit)
             return
         try:
-            await self.store.save_exchange(conv, text, audit.model_response, audit)
+            # History keeps the images' stand-in text, never their bytes.
+            await self.store.save_exchange(conv, _user_text(text, len(images)),
+                                           audit.model_response, audit)
         except Exception as exc:
             log.exception("could not store the exchange of %s", ref.key)
             audit.status, audit.error = "error", f"storage: {type(exc).__name__}: {exc}"
@@ -540,7 +569,7 @@ class ChatService:
             return
         self._log_exchange(audit)
         self.recaller.stored(conv)  # embeds the new messages off the reply's path
-        if usage and usage.prompt_tokens:
+        if usage and usage.prompt_tokens and not images:  # images' tokens aren't text's
             await self.windows.observe(model, prompt.messages, usage.prompt_tokens)
         self._maybe_summarize(conv, ref, msg, model, prompt, history, text, audit.model_response,
                               win.budget, factors.count)
@@ -643,6 +672,60 @@ class ChatService:
                 and self.memory.due(history, text, reply, budget=budget, counter=counter):
             self.memory.schedule(conv, ref, msg.chat_id, model)
 
+    # -- images: checked before the turn, downloaded before the conversation's lock
+    async def _image_refusal(self, msg: Incoming, text: str) -> Reply | None:
+        """A refusal for an image announced over MAX_IMAGE_BYTES, or for a model that can't
+        see (naming one that can); None: go ahead."""
+        limit = self.settings.MAX_IMAGE_BYTES
+        shown = _user_text(text, len(msg.images))
+        if any(i.size is not None and i.size > limit for i in msg.images):
+            size = max(i.size or 0 for i in msg.images)
+            await self._reject(msg, shown, f"image {size} bytes > MAX_IMAGE_BYTES {limit}")
+            return Reply.refusal(f"That image is too large: the limit is {human_bytes(limit)}.")
+        try:
+            model = await self.catalog.current(msg.platform, msg.user_id)
+        except Exception:
+            return None  # the turn itself reports a database that is gone
+        if await self._sees(model):
+            return None
+        await self._reject(msg, shown, f"model {model} can't see images")
+        seeing = await self._vision_model()
+        if seeing is not None:
+            return Reply.refusal(f"The model `{model}` can't see images. `{seeing}` can: "
+                                 f"switch with /model {seeing}")
+        return Reply.refusal(f"The model `{model}` can't see images, and no model here can.")
+
+    async def _sees(self, model: str) -> bool:
+        info = (await self.windows.window(model)).info  # /api/show, asked once per model
+        return can_see(model, info, self.settings.vision_models)
+
+    async def _vision_model(self) -> str | None:
+        """The first model users may pick that sees images, if any."""
+        models = (await self.catalog.available())[:25]
+        sees = await asyncio.gather(*(self._sees(m) for m in models))
+        return next((m for m, ok in zip(models, sees, strict=True) if ok), None)
+
+    async def _download_images(self, msg: Incoming, audit: AuditRecord) -> list[Image] | str:
+        """The images' bytes, each bounded by MAX_IMAGE_BYTES and a timeout; or what to
+        tell the user (the audit record then written)."""
+        limit = self.settings.MAX_IMAGE_BYTES
+        try:
+            images = await fetch_all(msg.images, limit, self.image_timeout)
+        except ImageTooLarge as exc:
+            audit.status = "rejected"
+            audit.error = f"image over MAX_IMAGE_BYTES {limit} while reading ({exc.size}+ bytes)"
+            await self._audit(audit)
+            return f"That image is too large: the limit is {human_bytes(limit)}."
+        except (ImageUnavailable, TimeoutError) as exc:
+            audit.status = "error"
+            why = str(exc) or f"timed out ({self.image_timeout:g} s)"
+            audit.error = f"image download failed: {why}"
+            log.warning("image download failed for %s: %s", audit.conversation, audit.error)
+            await self._audit(audit)
+            return "I couldn't download that image. Please send it again."
+        audit.images = len(images)
+        return images
+
     def _log_exchange(self, audit: AuditRecord) -> None:
         if exchange_log.isEnabledFor(logging.INFO):
             exchange_log.info(
@@ -657,3 +740,13 @@ class ChatService:
         self._turns -= 1
         if self._turns == 0:
             self._idle.set()
+
+
+def _user_text(text: str, images: int) -> str:
+    """What history and the audit log keep of the user's message."""
+    return stand_in(text, images) if images else text
+
+
+def _with_images(prompt: Prompt, images: Sequence[Image]) -> Prompt:
+    return dataclasses.replace(prompt, messages=attach(prompt.messages, images)) if images \
+        else prompt

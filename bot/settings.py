@@ -149,6 +149,13 @@ class Settings(BaseSettings):
         "auto", description="the bot's own messages: auto (the user's platform language, else "
                             "LANG), en, zh-TW or zh-CN")
 
+    MAX_IMAGE_BYTES: int = Field(10_000_000, ge=1, description="images larger than this are "
+                                 "refused with a clear reply (checked before and while "
+                                 "downloading)")
+    VISION_MODELS: str = Field("", description="comma-separated models of an OpenAI-compatible "
+                                               "server that accept images (Ollama says so "
+                                               "itself)")
+
     @field_validator("RECALL", mode="before")
     @classmethod
     def _on_off(cls, value: object) -> object:
@@ -240,6 +247,10 @@ class Settings(BaseSettings):
     @property
     def models(self) -> tuple[str, ...]:
         return _csv(self.LLM_MODELS)
+
+    @property
+    def vision_models(self) -> tuple[str, ...]:
+        return _csv(self.VISION_MODELS)
 
     @property
     def allowed_users(self) -> frozenset[str]:

@@ -33,7 +33,7 @@ from tests.test_load import remote_model_server
 ROOT = Path(__file__).resolve().parent.parent
 KILLS = 8
 STARTUP_KILLS = (0.005, 0.015, 0.1)  # seconds after the fork
-LOAD_KILLS = (0.2, 0.6)  # seconds: the other runs die somewhere in this span of the load
+LOAD_KILLS = (0.2, 0.6)  # seconds after the first ACK: the others die in the load
 CONVERSATIONS = 32
 
 Acked = set[tuple[int, int, int]]  # (run, conversation, turn)
@@ -97,8 +97,12 @@ def _check_database(db: Path, acked: Acked) -> dict[int, int]:
 
 
 async def _run_and_kill(zygote: asyncio.subprocess.Process, run: int, after: float,
-                        stderr_file: Path) -> Acked:
-    """Start run `run` in a fresh child; SIGKILL it `after` seconds later."""
+                        stderr_file: Path, *, once_serving: bool = False) -> Acked:
+    """Start run `run` in a fresh child; SIGKILL it `after` seconds later.
+
+    With `once_serving`, the `after` seconds count from the child's first ACK,
+    so the kill lands in the load however slowly a loaded machine starts it.
+    """
     assert zygote.stdin is not None and zygote.stdout is not None
     zygote.stdin.write(f"RUN {run}\n".encode())
     await zygote.stdin.drain()
@@ -109,6 +113,10 @@ async def _run_and_kill(zygote: asyncio.subprocess.Process, run: int, after: flo
             assert line.endswith("\n"), ("the driver ended", _text(stderr_file))
             lines.append(line)
         pid = int(lines[-1].split()[1])
+        while once_serving and not lines[-1].startswith(("ACK ", "ERR ", "EXIT ")):
+            line = (await zygote.stdout.readline()).decode()
+            assert line.endswith("\n"), ("the driver ended", _text(stderr_file))
+            lines.append(line)
         try:
             # This sleep picks the moment of the kill; it waits for nothing.
             await asyncio.sleep(after)
@@ -149,7 +157,8 @@ async def test_kill_9_at_any_moment_under_load_loses_nothing_acknowledged(
                 # first turns), the others anywhere in the load.
                 after = STARTUP_KILLS[run - 1] if run <= len(STARTUP_KILLS) \
                     else moments.uniform(*LOAD_KILLS)
-                this_run = await _run_and_kill(zygote, run, after, stderr_file)
+                this_run = await _run_and_kill(zygote, run, after, stderr_file,
+                                               once_serving=run > len(STARTUP_KILLS))
                 served_runs += bool(this_run)
                 acked |= this_run
                 counts = _check_database(db, acked)

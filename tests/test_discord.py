@@ -242,18 +242,14 @@ async def test_answers_mentions_and_replies_ignores_the_rest(
         discord_api: DiscordEmulator, run_bot: StartBot, model_server: ModelServer) -> None:
     await run_bot()
     general = TEXT_CHANNEL_ID
-    image = {"id": "1", "filename": "cat.png", "size": 10, "url": "http://127.0.0.1/cat.png",
-             "proxy_url": "http://127.0.0.1/cat.png", "content_type": "image/png"}
-    # Ignored: no mention in a server, another bot, a webhook, nothing but the mention,
-    # an attachment alone.
+    # Ignored: no mention in a server, another bot, a webhook, nothing but the mention.
+    # (A mention with only an image is answered: tests/test_images.py.)
     await discord_api.user_says(ALICE, "hello everyone", channel_id=general)
     await discord_api.user_says(OTHER_BOT, "hi bot", channel_id=general, mentions_bot=True,
                                 is_bot=True)
     await discord_api.user_says(WEBHOOK, "hi bot", channel_id=general, mentions_bot=True,
                                 webhook=True)
     await discord_api.user_says(ALICE, "", channel_id=general, mentions_bot=True)
-    await discord_api.user_says(ALICE, "", channel_id=general, mentions_bot=True,
-                                attachments=[image])
     # Answered: a mention …
     question = await discord_api.user_says(ALICE, "question one", channel_id=general,
                                            mentions_bot=True)

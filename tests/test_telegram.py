@@ -170,6 +170,7 @@ async def test_chinese_end_to_end(bot: RunningBot, tg: TelegramApiEmulator,
 async def test_group_answers_only_what_is_addressed_to_it(
         tg: TelegramApiEmulator, tg_settings: SettingsFactory, model_server: ModelServer) -> None:
     model_server.tokens_per_chunk = 10_000  # one chunk a reply: few calls per group minute
+    model_server.vision_models = ["llama3.2"]  # the captioned photo goes to the model
     me = f"@{tg.bot_username}"
     group = {"chat_id": GROUP, "chat_type": "supergroup"}
     async with telegram_bot(tg, tg_settings()):
@@ -211,11 +212,16 @@ async def test_group_answers_only_what_is_addressed_to_it(
     assert len(replied) == 6 and set(replied) <= {m.message_id for m in users}
 
 
-async def test_photo_caption_in_private_chat(bot: RunningBot, tg: TelegramApiEmulator) -> None:
-    tg.user_says(ALICE, "", caption_photo=True)
+async def test_photo_caption_in_private_chat(bot: RunningBot, tg: TelegramApiEmulator,
+                                            model_server: ModelServer) -> None:
+    # More in tests/test_images.py: a sticker gets one short answer; a photo and its
+    # caption go to a model that sees images.
+    model_server.vision_models = ["llama3.2"]
     tg.user_says(ALICE, "", sticker=True)
+    await bot_says(tg, ALICE, ["I can only read text and pictures."])
     tg.user_says(ALICE, "a cat on a mat", caption_photo=True)
-    await bot_says(tg, ALICE, ["You said: a cat on a mat"])
+    await bot_says(tg, ALICE, ["I can only read text and pictures.", "You said: a cat on a mat"])
+    assert len(model_server.requests[-1].images) == 1
 
 
 # ----------------------------------------------------------------------------- commands

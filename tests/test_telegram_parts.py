@@ -46,8 +46,11 @@ def in_group(**kw: Any) -> dict[str, Any]:
 def test_private_chat_answers_everything_with_text(tg: TelegramApiEmulator) -> None:
     assert seen(tg, "hello") == "hello"
     assert seen(tg, "/weather") == "/weather"  # the core says it doesn't know it
-    assert seen(tg, "", sticker=True) is None
-    assert seen(tg, "", caption_photo=True) is None
+    # Media come through in private with their caption, or none: the core sees the
+    # picture, or says it reads only text and pictures.
+    assert seen(tg, "", sticker=True) == ""
+    assert seen(tg, "", caption_photo=True) == ""
+    assert seen(tg, "", voice=True) == ""
     assert seen(tg, "a caption", caption_photo=True) == "a caption"
     assert seen(tg, "hello", is_bot=True, user=99) is None
 
@@ -66,6 +69,11 @@ def test_group_needs_a_mention_a_reply_or_a_command(tg: TelegramApiEmulator) -> 
     assert seen(tg, "/reset@other_bot", **in_group()) is None
     assert seen(tg, "/weather", **in_group()) is None  # someone else's command
     assert seen(tg, f"look {me}", caption_photo=True, **in_group()) == "look"
+    # Uncaptioned media in a group: only as a reply to the bot.
+    assert seen(tg, "", caption_photo=True, **in_group()) is None
+    assert seen(tg, "", sticker=True, **in_group()) is None
+    mine = tg.post_as_bot(GROUP, "a question")
+    assert seen(tg, "", caption_photo=True, reply_to=mine, **in_group()) == ""
 
 
 def test_mentions_are_cut_by_utf16_offsets(tg: TelegramApiEmulator) -> None:

@@ -30,13 +30,16 @@ from discord.http import HTTPClient, Route
 from adapters.base import Adapter
 from adapters.discord.commands import SlashCommands
 from adapters.discord.inbound import (
+    images_of,
     incoming_from_message,
     is_addressed,
     place_of,
     text_for_model,
+    unsupported_kind,
 )
 from adapters.discord.settings import bot_token, shard_ids
 from adapters.discord.sink import MESSAGE_LIMIT, ChannelSink
+from bot.images import Downloader
 from bot.reply import Reply
 from bot.settings import Settings
 
@@ -139,6 +142,7 @@ class DiscordAdapter(Adapter[discord.Message]):
         self._tree: app_commands.CommandTree[_GatewayClient] | None = None
         self._endpoints = DiscordEndpoints(settings.DISCORD_API_BASE)
         self._connection: asyncio.Task[None] | None = None
+        self._downloads = Downloader()  # image attachments the users send
 
     @property
     def client(self) -> discord.AutoShardedClient | None:
@@ -200,6 +204,7 @@ class DiscordAdapter(Adapter[discord.Message]):
         finally:
             self._endpoints.__exit__(None, None, None)
             self._connection = None
+            await self._downloads.aclose()
         if connection is not None and connection.done() and not connection.cancelled():
             connection.result()  # the gateway failed for good (bad token, intents…)
 
@@ -243,12 +248,14 @@ class DiscordAdapter(Adapter[discord.Message]):
         if not is_addressed(message, me.id):
             return
         text = text_for_model(message, me.id)
-        if not text:  # an attachment alone, or just the mention: nothing to answer
+        images, unsupported = images_of(message, self._downloads), unsupported_kind(message)
+        if not text and not images and not unsupported:  # just the mention
             return
         with self.tracked():
             sink = _sink_for(message)
             try:
-                reply = await service.handle(incoming_from_message(message, text))
+                reply = await service.handle(incoming_from_message(
+                    message, text, images=images, unsupported=unsupported))
                 await self.stream(reply, sink, limit=MESSAGE_LIMIT)
             except Exception:
                 log.exception("discord: answering message %s in channel %s failed",

@@ -5,10 +5,12 @@ Pure functions over discord.py objects: no network, no core.
 
 from __future__ import annotations
 
+import mimetypes
 import re
 
 import discord
 
+from bot.images import Downloader, Fetch, ImageRef, is_image_type
 from bot.messages import Incoming
 
 PLATFORM = "discord"
@@ -72,7 +74,44 @@ def text_for_model(message: discord.Message, me_id: int) -> str:
     return _MENTION.sub(name_of, text).strip()
 
 
-def incoming_from_message(message: discord.Message, text: str) -> Incoming:
+def _mime(attachment: discord.Attachment) -> str:
+    # Discord names the type of nearly every upload; else the file name says.
+    return attachment.content_type or mimetypes.guess_type(attachment.filename)[0] or ""
+
+
+def images_of(message: discord.Message, downloader: Downloader) -> tuple[ImageRef, ...]:
+    """The image attachments (content_type image/*), with the size Discord announces;
+    downloaded from the attachment's URL with a cap, as Attachment.read() would uncapped."""
+
+    def fetcher(url: str) -> Fetch:
+        async def fetch(max_bytes: int) -> bytes:
+            return await downloader.get(url, max_bytes)
+        return fetch
+
+    return tuple(ImageRef(a.size, _mime(a), fetcher(a.url)) for a in message.attachments
+                 if is_image_type(_mime(a)))
+
+
+def unsupported_kind(message: discord.Message) -> str:
+    """What came that the bot can't read, when no picture came with it: "sticker",
+    "voice", "video", "audio" or "file"; "" otherwise."""
+    attachments = message.attachments
+    if any(is_image_type(_mime(a)) for a in attachments):
+        return ""
+    if message.stickers:
+        return "sticker"
+    if not attachments:
+        return ""
+    first = attachments[0]
+    if first.is_voice_message():
+        return "voice"
+    mime = _mime(first)
+    return "video" if mime.startswith("video/") else "audio" if mime.startswith("audio/") \
+        else "file"
+
+
+def incoming_from_message(message: discord.Message, text: str, *,
+                          images: tuple[ImageRef, ...] = (), unsupported: str = "") -> Incoming:
     return Incoming(
         platform=PLATFORM,
         user_id=str(message.author.id),
@@ -81,6 +120,8 @@ def incoming_from_message(message: discord.Message, text: str) -> Incoming:
         place_id=place_of(message),
         text=text,
         raw=message,
+        images=images,
+        unsupported=unsupported,
     )
 
 

@@ -34,10 +34,12 @@ from telegram.ext import (
 from adapters.base import Adapter, utf16_len
 from adapters.telegram.addressing import BotIdentity, addressed_text
 from adapters.telegram.log_secrets import secrets_kept_out_of_logs
+from adapters.telegram.media import has_media, images_of, unsupported_kind
 from adapters.telegram.menu import choices_keyboard, decode_choice, resolve_choice
 from adapters.telegram.pacing import ChatPacer
 from adapters.telegram.settings import bot_token, webhook_secret
 from adapters.telegram.sink import TelegramSink
+from bot.images import Downloader
 from bot.messages import Incoming
 from bot.render import FormattingRejected
 from bot.reply import Reply
@@ -90,6 +92,7 @@ class TelegramAdapter(Adapter[Destination]):
         self._pacer = ChatPacer(settings.STREAM_EDIT_INTERVAL)
         self._app: Application | None = None
         self._quiet = contextlib.ExitStack()  # the token kept out of logs while running
+        self._downloads = Downloader()  # photos and image files the users send
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -139,6 +142,7 @@ class TelegramAdapter(Adapter[Destination]):
             await app.shutdown()
         finally:
             self._app = None
+            await self._downloads.aclose()
             self._quiet.close()
 
     def _build_application(self) -> Application:
@@ -210,6 +214,9 @@ class TelegramAdapter(Adapter[Destination]):
         if text is None:
             return  # not for us: decided without a single await
         msg = self._incoming(message.from_user, message.chat, text, message)
+        if has_media(message):  # the core downloads the picture; it names what it can't read
+            msg = replace(msg, unsupported=unsupported_kind(message), images=images_of(
+                message, self._bot, self._downloads, self._settings.MAX_IMAGE_BYTES))
         with self.tracked():
             reply = await self.service.handle(msg)
             await self.send(reply, Destination(

@@ -1,10 +1,12 @@
 """Which Telegram messages are for the bot, and what text the core should see.
 
-Private chats: every message with text (or a captioned photo). Groups: only
-a message that mentions @botname, replies to one of the bot's messages, or
-is a command addressed to it (`/reset@botname`, or a bare `/reset` when
-`reset` is one of our commands). Bots, stickers and uncaptioned media are
-never answered. The bot's own mention is removed from the text.
+Private chats: every message with text, and every photo, sticker, voice note
+or file (captioned or not: the core sees the picture or says what it can't
+read). Groups: only a message that mentions @botname, replies to one of the
+bot's messages, or is a command addressed to it (`/reset@botname`, or a bare
+`/reset` when `reset` is one of our commands); media without a caption count
+there only as a reply to the bot. Bots and service messages are never
+answered. The bot's own mention is removed from the text.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from dataclasses import dataclass
 
 from telegram import Message, MessageEntity
 from telegram.constants import ChatType
+
+from adapters.telegram.media import has_media
 
 _HOLE = "\x00"  # marks where a mention was cut out
 _AROUND_HOLE = re.compile(rf"[ \t]*{_HOLE}[,:;]?[ \t]*")
@@ -27,7 +31,8 @@ class BotIdentity:
 
 
 def addressed_text(message: Message, me: BotIdentity, commands: Collection[str]) -> str | None:
-    """The text for the core, or None when the bot should stay silent."""
+    """The text for the core ("" for uncaptioned media), or None when the bot should
+    stay silent."""
     sender = message.from_user
     if sender is None or sender.is_bot:
         return None
@@ -36,9 +41,13 @@ def addressed_text(message: Message, me: BotIdentity, commands: Collection[str])
     elif message.caption is not None:
         text, entities = message.caption, message.caption_entities
     else:
-        return None  # a sticker, a photo without caption, a service message
+        text, entities = "", ()
     if not text.strip():
-        return None
+        if not has_media(message):
+            return None  # a service message, or nothing but spaces
+        # A sticker or a bare photo: every one in private, in a group a reply to the bot.
+        private = message.chat.type == ChatType.PRIVATE
+        return "" if private or _replies_to(message, me) else None
     # One UTF-16 encoding for every entity: linear in text and entities, however
     # many a (self-hosted) Bot API sends. (python-telegram-bot's parse_entities
     # encodes the whole text again for each entity, which is what made this quadratic.)

@@ -46,6 +46,9 @@ class ModelInfo:
     context_length: int | None = None
     parameter_size: str | None = None
     quantization: str | None = None
+    # What the model can do, as Ollama's /api/show `capabilities` lists it
+    # ("completion", "vision", "tools", ...); None where the server doesn't say.
+    capabilities: tuple[str, ...] | None = None
 
 
 class ProviderError(Exception):

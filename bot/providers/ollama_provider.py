@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import ollama
 
+from bot.images import ollama_messages
 from bot.providers.base import (
     NO_OPTIONS,
     CallOptions,
@@ -39,7 +40,7 @@ class OllamaProvider:
             # own default window.
             parts = await self._client.chat(
                 model=model,
-                messages=messages,
+                messages=ollama_messages(messages),
                 stream=True,
                 options={**options.ollama, "num_ctx": num_ctx, "num_predict": max_tokens},
             )
@@ -95,6 +96,7 @@ class OllamaProvider:
             context_length=length if isinstance(length, int) and length > 0 else None,
             parameter_size=details.parameter_size if details else None,
             quantization=details.quantization_level if details else None,
+            capabilities=tuple(shown.capabilities) if shown.capabilities is not None else None,
         )
 
     async def count_tokens(self, model: str, text: str) -> int | None:

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 import openai
 
+from bot.images import openai_messages
 from bot.providers.base import (
     NO_OPTIONS,
     CallOptions,
@@ -127,7 +128,7 @@ class OpenAIProvider:
             extra["stream_options"] = {"include_usage": True}
         return await self._client.chat.completions.create(
             model=model,
-            messages=messages,  # type: ignore[arg-type]
+            messages=openai_messages(messages),  # type: ignore[arg-type]
             stream=stream,
             extra_body=extra,
         )

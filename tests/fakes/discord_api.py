@@ -23,6 +23,11 @@ What it emulates, the way Discord does it:
   typing, DM channels, command sync, interaction callbacks (the 3-second rule and
   "already acknowledged"), the webhook routes of interaction responses and followups.
 - the bot's own messages come back to it as MESSAGE_CREATE, as on Discord.
+- attachments: `attachment(data, filename, content_type)` keeps bytes and returns the
+  attachment object for `user_says(..., attachments=[...])`; its `url` (and `proxy_url`)
+  points at this server's `/attachments/...`, served without authorisation as Discord's
+  CDN does (discord.py's `Attachment.read()` GETs that URL); `size` may lie (`size=`),
+  the body may be chunked, and `StoredAttachment.sent` counts what went out.
 - `fail_next` injects a 429 (with the headers and body Discord sends) or any status.
 
 What a user sees is kept per channel (`channel_messages`, `seen_by`): content after
@@ -305,6 +310,19 @@ class _Fault:
 
 
 @dataclass
+class StoredAttachment:
+    """An uploaded file the emulator serves from its CDN path."""
+
+    id: int
+    filename: str
+    data: bytes
+    chunked: bool = False  # served without Content-Length, in 64 KiB pieces
+    pad_to: int = 0  # bytes served when more than data (zeros follow)
+    sent: int = 0  # bytes written to downloaders so far
+    downloads: int = 0
+
+
+@dataclass
 class _Session:
     ws: web.WebSocketResponse
     compressor: Any  # zlib compressobj, or None for text frames
@@ -347,6 +365,7 @@ class DiscordEmulator:
         self.sessions: dict[int, _Session] = {}  # by shard id
         self.closed_sessions: list[_Session] = []
         self.unknown_routes: list[str] = []
+        self.attachments: dict[int, StoredAttachment] = {}
         self._calls: list[Call] = []
         self._faults: list[_Fault] = []
         self._counter = itertools.count(1)
@@ -388,6 +407,7 @@ class DiscordEmulator:
             web.patch(f"{p}/webhooks/{{app}}/{{token}}/messages/{{mid}}", self._edit_webhook),
             web.delete(f"{p}/webhooks/{{app}}/{{token}}/messages/{{mid}}", self._delete_webhook),
             web.post(f"{p}/webhooks/{{app}}/{{token}}", self._followup),
+            web.get("/attachments/{cid}/{aid}/{name}", self._attachment),
             web.route("*", "/{tail:.*}", self._unknown),
         ])
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
@@ -462,6 +482,26 @@ class DiscordEmulator:
         channel = Channel(self.snowflake(), CHANNEL_DM, recipient_id=user_id)
         self.channels[channel.id] = channel
         return channel.id
+
+    def attachment(self, data: bytes, filename: str = "cat.png",
+                   content_type: str | None = "image/png", *, size: int | None = None,
+                   chunked: bool = False, pad_to: int = 0, flags: int = 0,
+                   channel_id: int = TEXT_CHANNEL_ID) -> dict[str, Any]:
+        """An attachment object as Discord sends it, its bytes served from this server.
+        `size`: the size announced (default: what is served); `pad_to`: serve that many
+        bytes (zeros after `data`); `flags` 8192: a voice message."""
+        stored = StoredAttachment(self.snowflake(), filename, data, chunked, pad_to)
+        self.attachments[stored.id] = stored
+        url = f"http://127.0.0.1:{self.port}/attachments/{channel_id}/{stored.id}/{filename}"
+        payload: dict[str, Any] = {
+            "id": str(stored.id), "filename": filename,
+            "size": max(len(data), pad_to) if size is None else size,
+            "url": url, "proxy_url": url.replace("127.0.0.1", "localhost"), "flags": flags}
+        if content_type is not None:
+            payload["content_type"] = content_type
+        if content_type and content_type.startswith("image/"):
+            payload["width"] = payload["height"] = 64
+        return payload
 
     # -- what users do --------------------------------------------------------------------------
 
@@ -878,8 +918,9 @@ class DiscordEmulator:
         call = Call(request.method, path, dict(request.query), body, time.monotonic())
         self._calls.append(call)
         request[_BODY] = body
-        # Interaction and webhook routes are authorised by their token in the path.
-        token_route = path.startswith(("/interactions/", "/webhooks/"))
+        # Interaction and webhook routes are authorised by their token in the path; CDN
+        # files by knowing their URL.
+        token_route = path.startswith(("/interactions/", "/webhooks/", "/attachments/"))
         if not token_route and request.headers.get("Authorization") != f"Bot {self.token}":
             response: web.StreamResponse = _error(401, 0, "401: Unauthorized")
         else:
@@ -927,6 +968,26 @@ class DiscordEmulator:
         }
         return _json({"message": "You are being rate limited.",
                       "retry_after": fault.retry_after, "global": False}, 429, headers)
+
+    async def _attachment(self, request: web.Request) -> web.StreamResponse:
+        stored = self.attachments.get(int(request.match_info["aid"]))
+        if stored is None or stored.filename != request.match_info["name"]:
+            return _error(404, 0, "404: Not Found")
+        stored.downloads += 1
+        body = stored.data + b"\0" * max(0, stored.pad_to - len(stored.data))
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        if not stored.chunked:
+            response.content_length = len(body)
+        await response.prepare(request)
+        try:
+            for start in range(0, len(body), 64 * 1024):
+                piece = body[start:start + 64 * 1024]
+                await response.write(piece)
+                stored.sent += len(piece)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the downloader hung up: what it read is in `sent`
+        return response
 
     async def _unknown(self, request: web.Request) -> web.Response:
         self.unknown_routes.append(f"{request.method} {request.path}")

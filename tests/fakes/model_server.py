@@ -21,7 +21,10 @@ does (llama-cpp-python: HTTP 200 and an empty stream when streaming); ``send_usa
 ignores ``stream_options.include_usage`` (llama-cpp-python); ``reject_param`` refuses a
 request field (reasoning models refuse ``max_tokens``); ``strict_roles`` refuses a second
 system message or non-alternating roles (Mistral's template); ``llamacpp_routes`` adds
-``/tokenize`` and ``/props``. ``peak_active`` is the most chat requests handled at once.
+``/tokenize`` and ``/props``; ``vision_models`` are the models whose ``/api/show``
+``capabilities`` include ``"vision"`` (as Ollama's do for llava, gemma3, ...): images a
+request carried (Ollama's base64 ``images``, OpenAI's ``image_url`` data URLs) are decoded
+in ``Recorded.images``. ``peak_active`` is the most chat requests handled at once.
 
 A subprocess can be reconfigured at runtime with ``POST /_fake/config`` (a JSON object of
 attribute names, see ``_CONFIG_KEYS``) and inspected with ``GET /_fake/requests``.
@@ -232,6 +235,22 @@ class Recorded:
     body: dict[str, Any]
     headers: dict[str, str]
     prompt_tokens: int
+
+    @property
+    def images(self) -> list[tuple[str, bytes]]:
+        """(mime, bytes) of every image the request carried, in order ("" mime for Ollama's,
+        which names none)."""
+        found: list[tuple[str, bytes]] = []
+        for m in self.messages:
+            for b64 in m.get("images") or []:
+                found.append(("", base64.b64decode(b64)))
+            content = m.get("content")
+            for part in content if isinstance(content, list) else []:
+                url = part.get("image_url", {}).get("url", "") if isinstance(part, dict) else ""
+                head, sep, data = url.partition(";base64,")
+                if sep and head.startswith("data:"):
+                    found.append((head.removeprefix("data:"), base64.b64decode(data)))
+        return found
 
     @property
     def last_user_message(self) -> str:
@@ -511,6 +530,7 @@ _CONFIG_KEYS = (
     "strict_roles",
     "report_window",
     "llamacpp_routes",
+    "vision_models",
 )
 
 
@@ -546,6 +566,7 @@ class ModelServer:
         self.strict_roles = False
         self.report_window = False
         self.llamacpp_routes = False
+        self.vision_models: list[str] = []  # /api/show says "vision" for these
         self.tokenize_calls = 0
         self.active = 0  # chat requests being handled now
         self.peak_active = 0
@@ -860,7 +881,8 @@ class ModelServer:
                     "general.architecture": family,
                     f"{family}.context_length": self.context_length(name),
                 },
-                "capabilities": ["completion"],
+                "capabilities": ["completion", *(["vision"] if _strip_latest(name)
+                                                 in self.vision_models else [])],
                 "modified_at": entry["modified_at"],
             }
         )

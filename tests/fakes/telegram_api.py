@@ -8,6 +8,13 @@ would see them (text after parsing, entities, edit history, keyboards) and
 every call it received, so tests can assert both what the user saw and what
 crossed the wire.
 
+Files: `add_file` keeps bytes to serve (`photo_size`, `document` build the
+objects a message carries); `getFile` answers with a `file_path`, and
+`/file/bot<TOKEN>/<file_path>` (what python-telegram-bot builds from
+`base_file_url`) serves the bytes, with Content-Length or chunked, and may send
+more than the `file_size` it announced (a lying file, for read-time checks);
+`StoredFile.sent` counts what actually went out.
+
 Tests drive it with `user_says`, `press_button`, `fail_next`, and wait with
 `await wait_for(predicate)`, which re-checks after every state change (no
 sleeping). It is stricter than the real server in one place: a bare `&`
@@ -386,7 +393,7 @@ class VisibleMessage:
         if self.thread_id is not None:
             msg["message_thread_id"] = self.thread_id
             msg["is_topic_message"] = True
-        if "caption" in self.extra or "photo" in self.extra or "sticker" in self.extra:
+        if any(key in self.extra for key in _MEDIA_KEYS):
             msg.update(self.extra)
         elif self.text:
             msg["text"] = self.text
@@ -399,6 +406,35 @@ class VisibleMessage:
         if with_reply and self.reply_to is not None:
             msg["reply_to_message"] = self.reply_to.to_api(with_reply=False)
         return msg
+
+
+@dataclass
+class StoredFile:
+    """A file the emulator serves: its bytes, and the size it announces."""
+
+    file_id: str
+    file_unique_id: str
+    file_path: str
+    data: bytes
+    announced: int | None  # file_size in messages and getFile; None: not said
+    chunked: bool = False  # served without Content-Length, in 64 KiB pieces
+    pad_to: int = 0  # bytes served when more than data (zeros follow): lying about its size
+    sent: int = 0  # bytes written to downloaders so far
+    downloads: int = 0
+    gate: asyncio.Event | None = None  # a download waits for it before the first byte
+
+    @property
+    def served_size(self) -> int:
+        return max(len(self.data), self.pad_to)
+
+    def meta(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"file_id": self.file_id, "file_unique_id": self.file_unique_id}
+        if self.announced is not None:
+            meta["file_size"] = self.announced
+        return meta
+
+
+_MEDIA_KEYS = ("caption", "photo", "sticker", "document", "voice", "video")
 
 
 @dataclass
@@ -465,6 +501,8 @@ class TelegramApiEmulator:
         self._closing = False
         self._delivery: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.files: dict[str, StoredFile] = {}  # by file_id
+        self._file_ids = itertools.count(1)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -523,14 +561,20 @@ class TelegramApiEmulator:
         reply_to: VisibleMessage | None = None,
         is_bot: bool = False,
         caption_photo: bool = False,
+        photo: list[dict[str, Any]] | None = None,
+        document: dict[str, Any] | None = None,
         sticker: bool = False,
+        voice: bool = False,
+        video: bool = False,
         edited: bool = False,
         thread_id: int | None = None,
     ) -> dict[str, Any]:
         """A user sends `text`; queue the update and return the message as the bot gets it.
 
-        `caption_photo`: a photo with `text` as its caption (no caption when text is "").
-        `sticker`: a sticker (no text). `edited`: the update is an edit of this message.
+        `caption_photo`: a photo with `text` as its caption (no caption when text is "");
+        `photo` (sizes from `photo_size`) or `document` (from `document`): that one, `text`
+        its caption. `sticker`, `voice`, `video`: that (no text). `edited`: the update is an
+        edit of this message.
         """
         user = self._user(user_id, first_name=first_name, username=username, is_bot=is_bot)
         if chat_type == "private":
@@ -544,20 +588,33 @@ class TelegramApiEmulator:
         chat_id = int(chat["id"])
         self._chats[chat_id] = chat
         extra: dict[str, Any] = {}
-        if sticker:
-            extra["sticker"] = {
-                "file_id": "CAACAgIAAxkBAAE", "file_unique_id": "AgADsticker", "type": "regular",
-                "width": 512, "height": 512, "is_animated": False, "is_video": False,
-                "emoji": "🙂"}
-            text = ""
-        elif caption_photo:
-            extra["photo"] = [{"file_id": "AgACAgIAAxkBAAE", "file_unique_id": "AQADphoto",
-                               "width": 90, "height": 90, "file_size": 1200}]
+        if caption_photo and photo is None:
+            photo = [self.photo_size(bytes(range(256)) * 4 + b"\xff" * 176, 90, 90)]  # 1200
+        if photo is not None or document is not None:
+            if photo is not None:
+                extra["photo"] = photo
+            if document is not None:
+                extra["document"] = document
             if text:
                 extra["caption"] = text
                 caption_entities = detect_entities(text)
                 if caption_entities:
                     extra["caption_entities"] = caption_entities
+            text = ""
+        elif voice:
+            extra["voice"] = {**self.add_file(b"OggS" + b"\0" * 96, path_hint="voice.oga").meta(),
+                              "duration": 2, "mime_type": "audio/ogg"}
+            text = ""
+        elif video:
+            extra["video"] = {**self.add_file(b"\0" * 100, path_hint="video.mp4").meta(),
+                              "width": 64, "height": 64, "duration": 1,
+                              "mime_type": "video/mp4"}
+            text = ""
+        elif sticker:
+            extra["sticker"] = {
+                "file_id": "CAACAgIAAxkBAAE", "file_unique_id": "AgADsticker", "type": "regular",
+                "width": 512, "height": 512, "is_animated": False, "is_video": False,
+                "emoji": "🙂"}
             text = ""
         msg = self._store(chat, user, text, detect_entities(text), reply_to=reply_to,
                           thread_id=thread_id, extra=extra)
@@ -568,6 +625,35 @@ class TelegramApiEmulator:
         else:
             self._queue_update({"message": api})
         return api
+
+    def add_file(self, data: bytes, *, announced: int | str | None = "exact",
+                 chunked: bool = False, pad_to: int = 0,
+                 path_hint: str = "photo.jpg") -> StoredFile:
+        """Keep `data` to serve. `announced`: the file_size given out ("exact": its real
+        size; None: none); `pad_to`: serve that many bytes (zeros after `data`)."""
+        n = next(self._file_ids)
+        stem, _, ext = path_hint.rpartition(".")
+        stored = StoredFile(
+            file_id=f"AgACAgIAAxkBAAE{n:06d}", file_unique_id=f"AQAD{n:06d}",
+            file_path=f"{stem or 'file'}s/file_{n}.{ext}", data=data,
+            announced=announced if not isinstance(announced, str)
+            else max(len(data), pad_to),
+            chunked=chunked, pad_to=pad_to)
+        self.files[stored.file_id] = stored
+        return stored
+
+    def photo_size(self, data: bytes, width: int, height: int, **file: Any) -> dict[str, Any]:
+        """One PhotoSize of a photo, its bytes served (`file`: add_file's options)."""
+        return {**self.add_file(data, **file).meta(), "width": width, "height": height}
+
+    def document(self, data: bytes, mime_type: str, file_name: str = "picture.png",
+                 **file: Any) -> dict[str, Any]:
+        """A Document (a file sent as a file), its bytes served."""
+        return {**self.add_file(data, path_hint=file_name, **file).meta(),
+                "file_name": file_name, "mime_type": mime_type}
+
+    def file_by_id(self, file_id: str) -> StoredFile:
+        return self.files[file_id]
 
     def post_as_bot(self, chat_id: int, text: str) -> VisibleMessage:
         """Put a message from the bot into a known chat, without any call (for unit tests)."""
@@ -705,9 +791,35 @@ class TelegramApiEmulator:
 
     # ----------------------------------------------------------------- HTTP
 
-    async def _file(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": False, "error_code": 404, "description": "Not Found"},
-                                 status=404)
+    async def _file(self, request: web.Request) -> web.StreamResponse:
+        """A file download, as the Bot API's file server answers it."""
+        path = request.match_info["path"]
+        self._calls.append(ApiCall("file", {"file_path": path}, time.monotonic()))
+        stored = next((f for f in self.files.values() if f.file_path == path), None)
+        if request.match_info["token"] != self.bot_token or stored is None:
+            self._notify()
+            return web.json_response({"ok": False, "error_code": 404,
+                                      "description": "Not Found"}, status=404)
+        stored.downloads += 1
+        self._notify()
+        if stored.gate is not None:
+            await stored.gate.wait()
+        body = stored.data + b"\0" * (stored.served_size - len(stored.data))
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        if not stored.chunked:
+            response.content_length = len(body)
+        await response.prepare(request)
+        try:
+            for start in range(0, len(body), 64 * 1024):
+                piece = body[start:start + 64 * 1024]
+                await response.write(piece)
+                stored.sent += len(piece)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the downloader hung up: what it read is in `sent`
+        finally:
+            self._notify()
+        return response
 
     async def _handle(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
@@ -830,6 +942,12 @@ class TelegramApiEmulator:
                         0 < len(str(data).encode("utf-8")) <= MAX_CALLBACK_DATA_BYTES):
                     raise bad_request("BUTTON_DATA_INVALID")
         return markup if markup.get("inline_keyboard") else None
+
+    async def _get_file(self, p: dict[str, Any]) -> Any:
+        stored = self.files.get(str(p.get("file_id", "")))
+        if stored is None:
+            raise bad_request("invalid file_id")
+        return {**stored.meta(), "file_path": stored.file_path}
 
     async def _send_message(self, p: dict[str, Any]) -> Any:
         chat = self._chat(p.get("chat_id"))
@@ -988,6 +1106,7 @@ _METHODS: dict[str, Callable[[TelegramApiEmulator, dict[str, Any]], Any]] = {
     "getmycommands": TelegramApiEmulator._get_my_commands,
     "deletemycommands": TelegramApiEmulator._delete_my_commands,
     "answercallbackquery": TelegramApiEmulator._answer_callback_query,
+    "getfile": TelegramApiEmulator._get_file,
 }
 
 
