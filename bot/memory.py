@@ -14,13 +14,13 @@ import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from bot.llm_call import CallLimits, stream_reply
 from bot.prompt import TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
-from bot.records import AuditRecord, ConversationRef, StoredMessage
+from bot.records import AuditRecord, ConversationRef, StoredMessage, utcnow_precise
 from bot.sanitize import storable
 from bot.settings import Settings
 from bot.slots import ModelSlots
@@ -108,6 +108,8 @@ class SummaryLimits:
     budget: int  # what the prompt may take: the window minus the reply limit
     cap: int  # tokens the summary may keep
     count: Callable[[str], int]  # the model's (calibrated) estimate
+    # When the pass began reading the conversation: a forget after it voids its records.
+    read_at: str = ""
 
 
 class Summarizer:
@@ -284,6 +286,17 @@ class Summarizer:
     async def summarize(self, conversation_id: int, ref: ConversationRef, chat_id: str,
                         model: str) -> bool:
         """Fold what no longer fits into the summary, oldest first; True if written."""
+        # One summariser per conversation across processes (PostgreSQL): if
+        # another holds it, it folds these messages.
+        async with self._store.summary_lock(conversation_id) as ours:
+            if not ours:
+                log.info("summary of %s skipped: another process is writing it", ref.key)
+                return False
+            return await self._summarize(conversation_id, ref, chat_id, model,
+                                         utcnow_precise())
+
+    async def _summarize(self, conversation_id: int, ref: ConversationRef, chat_id: str,
+                         model: str, started: str) -> bool:
         summary = await self._store.summary(conversation_id)
         cursor = summary.upto_id if summary else 0
         text = summary.text if summary else ""
@@ -293,7 +306,7 @@ class Summarizer:
             chat_counter)
         if keep_from is None:
             return False
-        lim = await self.limits(model)
+        lim = replace(await self.limits(model), read_at=started)
         written = False
         batch: list[StoredMessage] = []
         exchange: list[StoredMessage] = []  # fold whole exchanges only
@@ -368,6 +381,7 @@ class Summarizer:
             platform=ref.platform, user_id=ref.user_id, chat_id=chat_id,
             conversation=ref.key, user_input=user, kind="summary",
             provider=self._provider.name, model=lim.model,
+            read_at=lim.read_at or utcnow_precise(),  # a forget after it voids the record
         )
         started = time.monotonic()
         parts: list[str] = []

@@ -20,9 +20,19 @@ class StorageError(Exception):
     """The database cannot be used; the message is one line for the operator."""
 
 
+class StoreUnavailable(StorageError):
+    """The store stopped taking turns for good (its file was deleted or replaced)."""
+
+
 def utcnow() -> str:
     """UTC timestamp, ISO 8601 with milliseconds."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def utcnow_precise() -> str:
+    """UTC timestamp with microseconds: erasures and turn starts compare at this grain
+    (a turn begun a millisecond after a `forget` is not the forget's to void)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,9 +106,19 @@ class AuditRecord:
     est_prompt_tokens: int | None = None
     est_completion_tokens: int | None = None
     timestamp: str = field(default_factory=utcnow)
+    # When the user's data in this record was read (the turn's start, or a
+    # summary pass's): a `forget` after it voids the record. Not a column.
+    read_at: str = field(default_factory=utcnow_precise)
+
+    @property
+    def since(self) -> str:
+        """The moment a later erasure of this user must void the record from."""
+        return self.read_at
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        del d["read_at"]
+        return d
 
     def values(self) -> tuple[Any, ...]:
         """The record as a row, in AUDIT_COLUMNS order."""

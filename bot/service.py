@@ -44,7 +44,14 @@ from bot.providers.base import Provider, ProviderError, Usage
 from bot.ratelimit import MovingWindowLimiter, NoticeOnce
 from bot.recall import Recalled
 from bot.recaller import NOTHING, Recaller
-from bot.records import AuditRecord, ConversationRef, StorageError, StoredMessage, Summary
+from bot.records import (
+    AuditRecord,
+    ConversationRef,
+    StorageError,
+    StoredMessage,
+    StoreUnavailable,
+    Summary,
+)
 from bot.reply import Choice, Choices, Outcome, Reply
 from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
@@ -69,6 +76,9 @@ def _model_options(models: ModelChoices) -> Choices:
     return Choices("model", tuple(Choice(m, m, m == models.current) for m in models.available))
 
 
+STORE_UNAVAILABLE = ("Sorry, my memory is unavailable right now (its database file was moved "
+                     "or replaced), so I'm not answering. The bot's operator needs to "
+                     "restart me.")
 LENGTH_NOTE = "\n\n_(reply cut off at the length limit)_"
 
 
@@ -261,6 +271,9 @@ class ChatService:
             return Reply.refusal(f"Only the bot's admins can see /{name}.", private=cmd.private)
         try:
             reply = await cmd.handler(self, msg, args)
+        except StoreUnavailable:
+            # The store logged why, once.
+            return Reply.error(STORE_UNAVAILABLE, private=cmd.private)
         except Exception:
             log.exception("command /%s failed", name)
             return Reply.error("Sorry, that didn't work because of a problem on my side. "
@@ -415,6 +428,10 @@ class ChatService:
                         self._chat_locked(msg, text, ref, audit, received, images)) as deltas:
                     async for delta in deltas:
                         yield delta
+        except StoreUnavailable:
+            # The store logged why, once; the user hears it every time.
+            audit.status, audit.error = "error", "storage: database unavailable"
+            yield STORE_UNAVAILABLE
         except StorageError as exc:
             # Only taking the conversation's lock raises here (another process
             # is still answering this conversation); the turn itself handles

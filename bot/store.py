@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 import re
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, suppress
@@ -81,10 +82,16 @@ class Store(abc.ABC):
     async def save_exchange(
         self, conversation_id: int, user_text: str, reply_text: str, audit: AuditRecord
     ) -> int:
-        """Store both messages and the audit record in one transaction."""
+        """Store both messages and the audit record in one transaction; the audit id.
+
+        0, and nothing written, if the user was forgotten since `audit.since`
+        (the turn read their data before the erasure). A conversation erased
+        by another process before that is resolved again (created anew).
+        """
 
     @abc.abstractmethod
-    async def save_audit(self, audit: AuditRecord) -> int: ...
+    async def save_audit(self, audit: AuditRecord) -> int:
+        """The record's id; 0, nothing written, if its user was forgotten since `audit.since`."""
 
     @abc.abstractmethod
     async def reset_conversation(self, conversation_id: int) -> int:
@@ -96,7 +103,15 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def save_summary(self, conversation_id: int, text: str, upto_id: int) -> bool:
-        """Write the summary whole, only if message `upto_id` still exists."""
+        """Write the summary whole, only if message `upto_id` still exists and no
+        summary covering more is stored."""
+
+    @contextlib.asynccontextmanager
+    async def summary_lock(self, conversation_id: int) -> AsyncIterator[bool]:
+        """Whether this process may summarise the conversation now (held while
+        it does); False: another process is at it, skip. One process owns a
+        SQLite file, and the Summarizer runs one summary per conversation."""
+        yield True
 
     async def turn_context(
         self, conversation_id: int, platform: str, user_id: str, limit: int,

@@ -179,7 +179,19 @@ def _model_info(d: Dialect) -> list[str]:
     ]
 
 
-@migration("007_recall")
+@migration("007_erasures")
+def _erasures(d: Dialect) -> list[str]:
+    # `forget` notes when it erased a user, in its own transaction: a turn or
+    # summary that read the user's data before then writes nothing afterwards,
+    # in whichever process it runs. Kept a day (see queries.ERASURE_KEEP).
+    return [
+        "CREATE TABLE erasures (platform TEXT NOT NULL, user_id TEXT NOT NULL,"
+        " erased_at TEXT NOT NULL, PRIMARY KEY (platform, user_id))",
+        "CREATE INDEX erasures_at ON erasures(erased_at)",
+    ]
+
+
+@migration("008_recall")
 def _recall(d: Dialect) -> list[str]:
     # The recall index (storage/recall_index.py): the tokenizer's terms per message,
     # and embedding vectors per message and model. SQLite: an FTS5 table whose
@@ -211,7 +223,7 @@ def _recall(d: Dialect) -> list[str]:
     ]
 
 
-@migration("008_notes")
+@migration("009_notes")
 def _notes(d: Dialect) -> list[str]:
     # What a user asked the bot to keep (/remember), per conversation.
     return [

@@ -11,6 +11,13 @@ being the only process, PostgreSQL gets from locks:
   per user by a transaction advisory lock, so the limit holds across processes.
 * Writes that must not interleave with a /reset or a forget (a summary being
   saved) lock the conversation row first.
+* `forget` holds a transaction advisory lock on the user ("erase:…") and notes
+  the erasure in `erasures`; every write of a user's data takes that lock
+  shared, then checks for an erasure since its turn began: a turn or summary
+  in flight in any process writes nothing of a forgotten user afterwards.
+* A summary pass holds a session advisory lock on "summary:<conversation>"
+  (try-lock: another process already at it is left to it), and a summary is
+  never replaced by one covering less.
 
 Pool sizing. Every turn in flight holds one pooled connection for its
 conversation lock, for up to LLM_TIMEOUT + LLM_STALL_TIMEOUT seconds (turns
@@ -29,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -36,13 +44,15 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from bot.records import AuditRecord, ConversationRef, StorageError, utcnow
+from bot.records import AuditRecord, ConversationRef, StorageError, utcnow, utcnow_precise
 from bot.store import redact_url
 from storage import queries, recall_index
 from storage.dialect import POSTGRES
 from storage.migrations import MIGRATIONS, MIGRATIONS_TABLE, Migration
 from storage.queries import COLUMNS, POSTGRES_QUERIES, SERIAL_TABLES
 from storage.sql_store import SQLStore
+
+log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the server at open
 COMMAND_TIMEOUT = 60.0  # default bound on one statement (the lock wait sets its own)
@@ -91,21 +101,45 @@ def _import_value(kind: type, value: Any) -> Any:
     return value
 
 
+def _erase_key(platform: str, user_id: str) -> str:
+    return f"erase:{platform}:{user_id}"
+
+
 async def _release_lock_connection(
     pool: asyncpg.Pool, conn: asyncpg.Connection, key: str, *, locked: bool
 ) -> None:
-    """Unlock and give the connection back (to the pool it came from, even if closing)."""
+    """Unlock and give the connection back (to the pool it came from, even if closing).
+
+    Never raises: the turn it ends may have stored its exchange already. A
+    lock whose session ended early (the connection was killed or lost) is
+    reported, once: for a while the conversation was not locked.
+    """
     try:
-        if locked and not conn.is_closed():
-            await conn.execute(f"SELECT pg_advisory_unlock({_LOCK_KEY})", key,
-                               timeout=UNLOCK_TIMEOUT)
-    except Exception:
+        if locked:
+            if conn.is_closed():
+                _lock_lost(key, "its connection was closed")
+            elif not await conn.fetchval(f"SELECT pg_advisory_unlock({_LOCK_KEY})", key,
+                                         timeout=UNLOCK_TIMEOUT):
+                _lock_lost(key, "the server no longer held it")
+    except asyncpg.InterfaceError:
+        # The pool took the dead connection back already (the session ended).
+        if locked:
+            _lock_lost(key, "its connection was lost")
+    except Exception as exc:
+        if locked:
+            _lock_lost(key, f"{type(exc).__name__}: {exc}")
         # Ending the session is what surely frees a session lock.
-        conn.terminate()
+        with contextlib.suppress(Exception):
+            conn.terminate()
     finally:
         # release() also resets the session: pg_advisory_unlock_all(), RESET ALL.
         with contextlib.suppress(Exception):
             await pool.release(conn)
+
+
+def _lock_lost(key: str, why: str) -> None:
+    log.warning("lock of %s was lost before its turn ended (%s); another process may have "
+                "worked on it meanwhile", key, " ".join(why.split()))
 
 
 async def migrate(conn: asyncpg.Connection, steps: Sequence[Migration] = MIGRATIONS) -> None:
@@ -229,11 +263,27 @@ class PostgresStore(SQLStore):
                 # Another process inserted it meanwhile: the next SELECT sees it.
         raise StorageError(f"conversation {ref.key!r} keeps disappearing; is it being forgotten?")
 
+    async def _erased(self, conn: asyncpg.Connection, audit: AuditRecord) -> bool:
+        """Inside a transaction: wait for a `forget` of the user in flight (and
+        keep one from starting until commit), then whether it came after `since`."""
+        # Its own statement: a statement's snapshot predates the lock it waits for.
+        await conn.execute("SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 0))",
+                           _erase_key(audit.platform, audit.user_id))
+        return await conn.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM erasures WHERE platform = $1 AND user_id = $2"
+            " AND erased_at >= $3)", audit.platform, audit.user_id, audit.since)
+
     async def save_exchange(
         self, conversation_id: int, user_text: str, reply_text: str, audit: AuditRecord
     ) -> int:
         now = audit.timestamp
         async with self.pool.acquire() as conn, conn.transaction():
+            if await self._erased(conn, audit):
+                return 0
+            if await conn.fetchval("SELECT 1 FROM conversations WHERE id = $1",
+                                   conversation_id) is None:
+                # Erased before this turn began (by another process): anew.
+                conversation_id = await self._resolve(conn, audit)
             ids = [int(r[0]) for r in await conn.fetch(
                 self.q.message_pair_insert, conversation_id, "user", user_text, now,
                 conversation_id, "assistant", reply_text, now)]
@@ -241,6 +291,21 @@ class PostgresStore(SQLStore):
             await recall_index.index_messages(conn, list(zip(
                 sorted(ids), (conversation_id, conversation_id), (user_text, reply_text),
                 strict=True)))
+            return int(await conn.fetchval(self.q.audit_insert, *audit.values()))
+
+    async def _resolve(self, conn: asyncpg.Connection, audit: AuditRecord) -> int:
+        key = audit.conversation
+        place = key.rpartition("@")[2] if "@" in key else "dm"
+        found = await conn.fetchval(self.q.conversation_insert, key, audit.platform,
+                                    audit.user_id, place, utcnow())
+        if found is None:
+            found = await conn.fetchval(self.q.conversation_by_key, key)
+        return int(found)
+
+    async def save_audit(self, audit: AuditRecord) -> int:
+        async with self.pool.acquire() as conn, conn.transaction():
+            if await self._erased(conn, audit):
+                return 0
             return int(await conn.fetchval(self.q.audit_insert, *audit.values()))
 
     async def reset_conversation(self, conversation_id: int) -> int:
@@ -271,6 +336,10 @@ class PostgresStore(SQLStore):
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         counts: dict[str, int] = {}
         async with self.pool.acquire() as conn, conn.transaction():
+            # Writes of this user's data in flight commit first (then are
+            # deleted below); later ones wait, then see the erasure.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+                               _erase_key(platform, user_id))
             # Lock the user's conversations first: a summary being saved
             # finishes or gives up.
             await conn.execute(self.q.lock_user_conversations, platform, user_id)
@@ -280,7 +349,37 @@ class PostgresStore(SQLStore):
             await conn.execute(
                 "DELETE FROM rate_events WHERE user_key = $1", f"{platform}:{user_id}"
             )
+            await conn.execute(self.q.prune_erasures, queries.erasure_horizon())
+            await conn.execute(self.q.record_erasure, platform, user_id, utcnow_precise())
         return counts
+
+    @contextlib.asynccontextmanager
+    async def summary_lock(self, conversation_id: int) -> AsyncIterator[bool]:
+        # A lock slot, not waited for: a summary may be skipped, a turn not.
+        if self._lock_slots.locked():
+            yield False
+            return
+        await self._lock_slots.acquire()
+        key = f"summary:{conversation_id}"
+        try:
+            pool = self.pool
+            conn = await pool.acquire(timeout=CONNECT_TIMEOUT)
+            got = False
+            try:
+                # Advisory locks are per database: conversation ids of another
+                # schema (another bot on the same database) must not collide.
+                key = f"summary:{await conn.fetchval('SELECT current_schema()')}:{conversation_id}"
+                got = bool(await conn.fetchval(
+                    f"SELECT pg_try_advisory_lock({_LOCK_KEY})", key))
+            except BaseException:
+                await asyncio.shield(_release_lock_connection(pool, conn, key, locked=False))
+                raise
+            try:
+                yield got
+            finally:
+                await asyncio.shield(_release_lock_connection(pool, conn, key, locked=got))
+        finally:
+            self._lock_slots.release()
 
     # -- cross-process coordination
     @contextlib.asynccontextmanager

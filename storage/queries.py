@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from bot.records import AUDIT_COLUMNS, StorageError, StoredMessage, Summary, TurnContext
@@ -51,6 +52,9 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "notes": ("id",),
 }
 SERIAL_TABLES = ("conversations", "messages", "audit", "notes")  # their `id` never repeats
+# Seconds an erasure is remembered: far longer than any turn or summary pass
+# that could have read the user's data before it.
+ERASURE_KEEP = 86_400.0
 
 
 def quoted(name: str) -> str:
@@ -122,7 +126,16 @@ UNION ALL SELECT 2, 0, NULL, model, NULL FROM user_settings WHERE platform = ? A
         " SELECT CAST(? AS BIGINT), CAST(? AS TEXT), CAST(? AS BIGINT), CAST(? AS TEXT)"
         " WHERE EXISTS (SELECT 1 FROM messages WHERE id = ? AND conversation_id = ?)"
         " ON CONFLICT (conversation_id) DO UPDATE SET text = excluded.text,"
-        " upto_id = excluded.upto_id, updated_at = excluded.updated_at")
+        " upto_id = excluded.upto_id, updated_at = excluded.updated_at"
+        # A slower summariser (another process) never moves a newer summary back.
+        " WHERE summaries.upto_id <= excluded.upto_id")
+    # Erasures since the oldest turn of a batch (usually none: a cheap index probe).
+    erasures_since: str = (
+        "SELECT platform, user_id, erased_at FROM erasures WHERE erased_at >= ?")
+    record_erasure: str = (
+        "INSERT INTO erasures (platform, user_id, erased_at) VALUES (?, ?, ?)"
+        " ON CONFLICT (platform, user_id) DO UPDATE SET erased_at = excluded.erased_at")
+    prune_erasures: str = "DELETE FROM erasures WHERE erased_at < ?"
     user_model: str = "SELECT model FROM user_settings WHERE platform = ? AND user_id = ?"
     set_user_model: str = (
         "INSERT INTO user_settings (platform, user_id, model, updated_at)"
@@ -183,6 +196,17 @@ def forget(d: Dialect) -> list[tuple[str, str]]:
     steps = [("recall_fts", _FORGET_FTS)] if d.is_sqlite else []
     return [*steps, *((t, d.sql(f"DELETE FROM {t} WHERE {where}")) for t, where in
                       _FORGET.items())]
+
+
+def erased(rows: Iterable[Sequence[Any]], platform: str, user_id: str, since: str) -> bool:
+    """Whether `erasures_since` rows erase this user at or after `since`."""
+    return any(r[0] == platform and r[1] == user_id and r[2] >= since for r in rows)
+
+
+def erasure_horizon() -> str:
+    """Erasures older than this are pruned (as the ISO strings compare)."""
+    then = datetime.now(UTC) - timedelta(seconds=ERASURE_KEEP)
+    return then.isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def count_rows(table: str) -> str:

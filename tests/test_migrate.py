@@ -145,7 +145,7 @@ async def fill(db: Raw, upto: int) -> None:
         await db.execute("INSERT INTO model_info (model, context_length, learned_window,"
                          " token_factor, cjk_factor, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
                          "qwen2.5", 32768, 4096, 1.1, 1.4, T)
-    if "008_notes" in has:
+    if "009_notes" in has:
         await db.execute("INSERT INTO notes (conversation_id, text, created_at)"
                          " VALUES (?, ?, ?)", 1, "I'm vegetarian", T)
     if "003_rate_events" in has and db.dialect is POSTGRES:
@@ -196,7 +196,7 @@ async def test_each_past_version_upgrades_with_no_row_lost(db_url: str, upto: in
         # The recall index: a new exchange is indexed as it is stored; the old rows
         # once reindexed (they were stored before the index existed).
         old_ids = [r["id"] for r in before["messages"]]
-        if upto < NAMES.index("007_recall") + 1:
+        if upto < NAMES.index("008_recall") + 1:
             assert await store.count_missing(None) == len(old_ids)
         assert [h[0] for h in await store.recall_search(conv, ["q"], 10**9, 5)] == [newest - 1]
         while (await store.index_unindexed(0, 2))[0]:
@@ -217,7 +217,7 @@ async def test_schema_matches_the_copy_db_columns(db_url: str) -> None:
     await store.close()
     async with raw(db_url) as db:
         # A new table is copied by copy-db (TABLES, queries.COLUMNS) or named here.
-        internal = {"_migrations", "sqlite_sequence", "rate_events"}
+        internal = {"_migrations", "sqlite_sequence", "rate_events", "erasures"}
         # The recall index is rebuilt from the messages, not copied (copy-db reindexes).
         recall = {t for t in await db.tables() if t.startswith("recall_")}
         assert recall >= {"recall_vectors"} and recall & {"recall_fts", "recall_terms"}
