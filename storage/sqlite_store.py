@@ -392,6 +392,10 @@ class SQLiteStore(SQLStore):
                 cur = await db.execute(sql, (platform, user_id))
                 if table in TABLES:  # the index is not a table of its own to report
                     counts[table] = int(cur.rowcount or 0)
+            # In the same transaction: whatever read this user's data before
+            # now writes nothing of it later (see _insert_exchanges, save_audit).
+            await db.execute(self.q.prune_erasures, (queries.erasure_horizon(),))
+            await db.execute(self.q.record_erasure, (platform, user_id, utcnow_precise()))
         self._conv_ids.clear()
         return counts
 
