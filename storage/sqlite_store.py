@@ -27,6 +27,7 @@ from bot.records import (
     StorageError,
     StoreUnavailable,
     utcnow,
+    utcnow_precise,
 )
 from bot.store import TABLES
 from storage import queries, recall_index
