@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from bot.render import MessageSink, StreamRenderer
@@ -121,11 +121,24 @@ class Adapter(ABC, Generic[Target]):
                 await waiting
 
     async def stream(self, reply: Reply, sink: MessageSink, *, limit: int,
-                     measure: Callable[[str], int] = len) -> list[str]:
-        """Show a reply through `sink` as it streams; the texts of the messages shown."""
+                     measure: Callable[[str], int] = len,
+                     on_end: Callable[[], None] | None = None) -> list[str]:
+        """Show a reply through `sink` as it streams; the texts of the messages shown.
+
+        `on_end` runs when the reply's last delta is in, before the final edit
+        (a Stop button can leave with it)."""
         renderer = StreamRenderer(sink, limit=limit, measure=measure,
                                   edit_interval=self._settings.STREAM_EDIT_INTERVAL)
-        return await renderer.run(reply.deltas())
+        if on_end is None:
+            return await renderer.run(reply.deltas())
+
+        async def deltas() -> AsyncIterator[str]:
+            async with contextlib.aclosing(reply.deltas()) as stream:
+                async for delta in stream:
+                    yield delta
+            on_end()
+
+        return await renderer.run(deltas())
 
     @staticmethod
     async def collect(reply: Reply) -> str:

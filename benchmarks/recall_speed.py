@@ -157,6 +157,135 @@ def measure(reps: int = 200, sizes: dict[str, int] = SIZES) -> dict[str, float]:
     return out
 
 
+# -- PostgreSQL: the same conversations and queries on recall_terms (tsvector + GIN)
+
+PG_DB_PREFIX = "bench_recall_"
+
+
+def _pg_name(size: int) -> str:
+    return f"{PG_DB_PREFIX}{size}_{_cache_key().replace('-', '_')}"
+
+
+async def _pg_build(size: int) -> str:
+    """The URL of a kept database holding the SQLite cache's rows (built once)."""
+    import asyncpg
+
+    from storage import open_store
+    from tests.pg import _with_database, admin_connection, admin_url
+
+    name = _pg_name(size)
+    url = _with_database(admin_url(), name)
+    admin = await admin_connection()
+    try:
+        have = {r[0] for r in await admin.fetch(
+            "SELECT datname FROM pg_database WHERE datname LIKE $1", f"{PG_DB_PREFIX}{size}_%")}
+        if name in have:
+            return url
+        for stale in have:
+            await admin.execute(f'DROP DATABASE "{stale}"')
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}_tmp"')  # an interrupted build
+        await admin.execute(f'CREATE DATABASE "{name}_tmp"')
+    finally:
+        await admin.close()
+    t0 = time.perf_counter()
+    tmp_url = _with_database(admin_url(), f"{name}_tmp")
+    store = open_store(tmp_url, pool_size=2)
+    await store.open()  # the schema by the store's own migrations
+    await store.close()
+    src = sqlite3.connect(build(size))
+    conn = await asyncpg.connect(tmp_url)
+    try:
+        if await conn.fetchval("SELECT to_regclass('recall_terms')") is None:
+            # The recall migration, where the store does not run it yet.
+            await conn.execute(recall_index.POSTGRES_MIGRATIONS[0][1])
+        await conn.copy_records_to_table(
+            "conversations", columns=["id", "key", "platform", "user_id", "place", "created_at"],
+            records=src.execute("SELECT id, key, platform, user_id, place, created_at "
+                                "FROM conversations").fetchall())
+        cur = src.execute("SELECT id, conversation_id, role, content FROM messages ORDER BY id")
+        while batch := cur.fetchmany(50_000):
+            await conn.copy_records_to_table(
+                "messages", columns=["id", "conversation_id", "role", "content", "created_at"],
+                records=[(*r, "2026-01-01T00:00:00.000Z") for r in batch])
+            # tsvector has no binary codec in asyncpg: COPY it as text.
+            lines = "".join(
+                f"{mid}\t{cid}\t"
+                + recall_index.tsvector_literal(recall_index.index_terms(text))
+                .replace("\\", "\\\\").replace("\t", "\\t").replace("\n", "\\n") + "\n"
+                for mid, cid, _role, text in batch)
+            await conn.copy_to_table("recall_terms", source=_Bytes(lines.encode()),
+                                     columns=["message_id", "conversation_id", "terms"])
+        await conn.execute("SELECT setval(pg_get_serial_sequence('messages', 'id'), "
+                           "(SELECT max(id) FROM messages))")
+        await conn.execute("VACUUM ANALYZE")
+    finally:
+        await conn.close()
+        src.close()
+    admin = await admin_connection()
+    try:
+        await admin.execute(f'ALTER DATABASE "{name}_tmp" RENAME TO "{name}"')
+    finally:
+        await admin.close()
+    print(f"  PostgreSQL: built {size:,} + {OTHERS * 1000:,} messages in "
+          f"{time.perf_counter() - t0:.0f} s → database {name} (kept)", flush=True)
+    return url
+
+
+class _Bytes:
+    """A file-like source for COPY FROM (asyncpg reads it with `read`)."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = memoryview(data)
+        self._at = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._data) if n < 0 else self._at + n
+        out = bytes(self._data[self._at:end])
+        self._at += len(out)
+        return out
+
+
+async def _pg_measure(url: str, reps: int) -> list[float]:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        newest = int(await conn.fetchval(
+            "SELECT max(id) FROM messages WHERE conversation_id = 1"))
+        before = newest - 60
+        times = []
+        for rep in range(reps):
+            q = QUERIES[rep % len(QUERIES)]
+            t0 = time.perf_counter()
+            hits = await recall_index.search(conn, 1, query_terms(q), before, 25)
+            arounds = await recall_index.around(conn, 1, [h[0] for h in hits], before)
+            fit_recalled(arounds, RECALL_TOKENS)
+            times.append(time.perf_counter() - t0)
+    finally:
+        await conn.close()
+    return times
+
+
+def measure_pg(reps: int = 200, sizes: dict[str, int] = SIZES) -> dict[str, float]:
+    """`recall_pg_p50_ms_*` per size and the ratio, on the local PostgreSQL server."""
+    out: dict[str, float] = {}
+
+    async def one(size: int) -> list[float]:
+        url = await _pg_build(size)
+        return (await _pg_measure(url, reps + len(QUERIES)))[len(QUERIES):]
+
+    for name, size in sizes.items():
+        times = asyncio.run(one(size))
+        out[f"recall_pg_p50_ms_{name}"] = statistics.median(times) * 1000
+        out[f"recall_pg_p99_ms_{name}"] = sorted(times)[int(len(times) * 0.99) - 1] * 1000
+    if "recall_pg_p50_ms_1m" in out and "recall_pg_p50_ms_1k" in out:
+        out["recall_pg_ratio_1m_vs_1k"] = out["recall_pg_p50_ms_1m"] / out["recall_pg_p50_ms_1k"]
+    return out
+
+
 if __name__ == "__main__":
-    for k, v in measure().items():
+    import sys
+
+    fn = measure_pg if "--postgres" in sys.argv else measure
+    for k, v in fn().items():
         print(f"{k}: {v:.3f}")

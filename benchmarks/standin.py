@@ -8,7 +8,7 @@ import random
 import time
 from collections.abc import AsyncGenerator
 
-from bot.providers.base import Usage
+from bot.providers.base import NO_OPTIONS, CallOptions, ModelInfo, Usage
 
 MODEL = "bench-model"
 REPLY_TOKENS = 50
@@ -31,7 +31,8 @@ class InstantProvider:
         self.calls = 0
 
     async def stream(
-        self, model: str, messages: list[dict[str, str]], *, num_ctx: int, max_tokens: int
+        self, model: str, messages: list[dict[str, str]], *, num_ctx: int, max_tokens: int,
+        options: CallOptions = NO_OPTIONS,
     ) -> AsyncGenerator[str | Usage, None]:
         self.calls += 1
         for token in REPLY:
@@ -41,6 +42,12 @@ class InstantProvider:
 
     async def list_models(self) -> list[str]:
         return [MODEL]
+
+    async def model_info(self, model: str) -> ModelInfo:
+        return ModelInfo(context_length=4096)
+
+    async def count_tokens(self, model: str, text: str) -> int | None:
+        return None
 
     async def close(self) -> None:
         return None
@@ -65,7 +72,8 @@ class PacedProvider(InstantProvider):
         self._random = random.Random(seed)
 
     async def stream(
-        self, model: str, messages: list[dict[str, str]], *, num_ctx: int, max_tokens: int
+        self, model: str, messages: list[dict[str, str]], *, num_ctx: int, max_tokens: int,
+        options: CallOptions = NO_OPTIONS,
     ) -> AsyncGenerator[str | Usage, None]:
         t0 = time.perf_counter()
         await asyncio.sleep(self.first_token_s * self._random.uniform(0.5, 1.5))  # the model

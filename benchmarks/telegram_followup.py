@@ -22,7 +22,8 @@ from benchmarks.core import quantile, quiet_logging
 from benchmarks.standin import first_token_s
 
 
-async def measure(pairs: int, pause: float) -> dict[str, Any]:
+async def measure(pairs: int, pause: float, gap: float = 0.0) -> dict[str, Any]:
+    """`gap`: seconds between the first reply's last edit and the follow-up."""
     from adapters.telegram.adapter import TelegramAdapter
     from tests.fakes.telegram_api import TelegramApiEmulator
 
@@ -53,6 +54,8 @@ async def measure(pairs: int, pause: float) -> dict[str, Any]:
                     "the next getUpdates",
                     tg.wait_for(lambda polls=polls: len(tg.calls("getUpdates")) > polls, 10),
                     task)
+                if i % 2 == 0 and gap:
+                    await asyncio.sleep(gap)  # the user reads the reply, then asks again
                 if i % 2 == 1:
                     added.append(max(0.0, first.sent_at - t0 - ttft))
                     await asyncio.sleep(pause)  # the user reads
@@ -62,16 +65,18 @@ async def measure(pairs: int, pause: float) -> dict[str, Any]:
             await asyncio.wait({task}, timeout=15)
     return {"followup_p50_ms": round(quantile(added, 0.5) * 1000, 1),
             "followup_p99_ms": round(quantile(added, 0.99) * 1000, 1),
-            "pairs": pairs, "pause_s": pause, "stream_edit_interval_s": 1.0}
+            "pairs": pairs, "pause_s": pause, "gap_s": gap, "stream_edit_interval_s": 1.0}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.telegram_followup")
     parser.add_argument("--pairs", type=int, default=10)
     parser.add_argument("--pause", type=float, default=3.0)
+    parser.add_argument("--gap", type=float, default=0.0,
+                        help="seconds after the first reply's last edit before the follow-up")
     args = parser.parse_args()
     quiet_logging()
-    print(json.dumps(asyncio.run(measure(args.pairs, args.pause))), flush=True)
+    print(json.dumps(asyncio.run(measure(args.pairs, args.pause, args.gap))), flush=True)
 
 
 if __name__ == "__main__":

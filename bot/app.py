@@ -6,16 +6,58 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from adapters.base import Adapter
+from bot.health import operations
 from bot.providers import make_provider
 from bot.service import ChatService
 from bot.settings import Settings
 from storage import open_store
 
 log = logging.getLogger(__name__)
+
+
+class Reloads:
+    """The SIGHUP reloads of PERSONAS_FILE: in flight, and their results in order."""
+
+    def __init__(self, service: ChatService) -> None:
+        self._service = service
+        self.tasks: set[asyncio.Task[bool]] = set()
+        self._results: asyncio.Queue[bool] = asyncio.Queue()
+
+    def start(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._service.personas.reload_async())
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[bool]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is None:
+            self._results.put_nowait(task.result())
+
+    async def next(self) -> bool:
+        """The result of the next reload to finish (True: the new file is in use)."""
+        return await self._results.get()
+
+
+@contextlib.contextmanager
+def reload_on_sighup(service: ChatService) -> Iterator[Reloads]:
+    """While open, SIGHUP re-reads PERSONAS_FILE (off the loop); a bad edit keeps the old."""
+    loop = asyncio.get_running_loop()
+    reloads = Reloads(service)
+    installed = False
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, reloads.start)
+        installed = True
+    try:
+        yield reloads
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGHUP)
+        for task in reloads.tasks:
+            task.cancel()
 
 
 @contextlib.asynccontextmanager
@@ -73,14 +115,16 @@ async def run_bot(settings: Settings, *, console: bool = False) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    async with open_service(settings) as service:
+    async with open_service(settings) as service, contextlib.AsyncExitStack() as stack:
+        stack.enter_context(reload_on_sighup(service))
         if not console and adapters[0].name != "console":
             log_access(settings)  # once the store opened: a bad database says only that
         tasks = {asyncio.create_task(a.run(service, stop), name=a.name): a for a in adapters}
         stopper = asyncio.create_task(stop.wait())
-        await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-        stop.set()  # one adapter ending (console EOF, a crash) ends them all
-        await service.shutdown(settings.SHUTDOWN_GRACE)
+        async with operations(settings, service, tasks):  # retention, /metrics, /healthz
+            await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+            stop.set()  # one adapter ending (console EOF, a crash) ends them all
+            await service.shutdown(settings.SHUTDOWN_GRACE)
         code = 0
         for task, adapter in tasks.items():
             try:

@@ -32,6 +32,10 @@ class CallCancelled(Exception):
     """The call was stopped from outside (shutdown)."""
 
 
+class CallStopped(CallCancelled):
+    """The user stopped the reply (/stop); the model's connection was closed."""
+
+
 @dataclass(frozen=True, slots=True)
 class CallLimits:
     first_token: float  # seconds until the first text
@@ -69,12 +73,17 @@ async def stream_reply(
     limits: CallLimits,
     running: set[asyncio.Task[None]],
     options: CallOptions = NO_OPTIONS,
+    stop: asyncio.Event | None = None,
 ) -> AsyncIterator[str | Usage]:
     """Yield text deltas then one Usage; raise ProviderError or CallCancelled.
 
     `running` holds the feeding task while it runs, so that shutdown can
     cancel it. Past `limits.reply` seconds the call stops with a
     ProviderError of kind "reply_timeout" (the text so far stays shown).
+    Setting `stop` ends the call at once with CallStopped, even while the model
+    is still thinking: the feeding task is cancelled, which closes the stream
+    and with it the connection (Ollama and OpenAI-compatible servers stop
+    generating when it closes).
     """
     deadline = None if limits.reply is None else time.monotonic() + limits.reply
     queue: asyncio.Queue[object] = asyncio.Queue()
@@ -140,9 +149,19 @@ async def stream_reply(
     task = asyncio.create_task(feed())
     running.add(task)
     task.add_done_callback(running.discard)
+    watcher: asyncio.Task[None] | None = None
+    if stop is not None:
+        async def watch() -> None:
+            await stop.wait()
+            task.cancel()  # closes the model's stream now, not at its next token
+            queue.put_nowait(CallStopped())  # wakes the reader below
+
+        watcher = asyncio.create_task(watch())
     got_text = False
     try:
         while True:
+            if stop is not None and stop.is_set():
+                raise CallStopped()
             if deadline is not None and time.monotonic() >= deadline:
                 raise _reply_timeout(limits.reply or 0.0)
             if not queue.empty():
@@ -174,7 +193,11 @@ async def stream_reply(
                 got_text = True
             yield item  # type: ignore[misc]
     finally:
-        if not task.done():
+        if watcher is not None:
+            watcher.cancel()
+        # Once: a second cancel would interrupt the stream's own close, and leave
+        # the model's connection open (the server would go on generating).
+        if not task.done() and not task.cancelling():
             task.cancel()
 
 

@@ -71,12 +71,16 @@ def build_prompt(
     sections: Sequence[tuple[str, str]] = (),
     late_sections: Sequence[tuple[str, str]] = (),
     system_as_user: bool = False,
+    examples: Sequence[dict[str, str]] = (),
 ) -> Prompt:
     """System text, summary, as many newest messages as fit, the new message.
 
     Oldest whole messages go first; the system prompt, the sections and the
     new message always stay, the summary if it fits. `counter` is the
     model's (calibrated) estimate; `factor` an extra multiplier on it.
+    `examples` (a persona's Modelfile MESSAGE lines) always stay, right
+    after the system text: user/assistant turns before the history, and a
+    system example joins the system text.
     """
 
     def cost(text: str) -> int:
@@ -84,8 +88,11 @@ def build_prompt(
 
     # `sections` come before the summary (notes), `late_sections` after it (recall);
     # all of them always stay, the summary only if it fits.
+    shown = [e for e in examples if e["role"] in ("user", "assistant")]
+    system = "\n\n".join([system, *(e["content"] for e in examples if e["role"] == "system")])
     base_system = system_text(system, [*sections, *late_sections])
-    fixed = math.ceil(PROMPT_OVERHEAD * factor) + cost(base_system)
+    fixed = math.ceil(PROMPT_OVERHEAD * factor) + cost(base_system) \
+        + sum(cost(e["content"]) for e in shown)
     new_cost = cost(new_text)
     if fixed + new_cost > budget:
         raise TooLong(fixed + new_cost, budget - fixed)
@@ -110,8 +117,8 @@ def build_prompt(
     while kept and kept[0].role == "assistant":
         used -= cost(kept[0].content)
         kept.pop(0)
-    turns = alternate([{"role": m.role, "content": m.content} for m in kept]
-                      + [{"role": "user", "content": new_text}])
+    turns = alternate([*shown, *({"role": m.role, "content": m.content} for m in kept),
+                       {"role": "user", "content": new_text}])
     if system_as_user:
         head = f"{full_system}\n\n{turns[0]['content']}" if full_system else turns[0]["content"]
         messages = [{"role": "user", "content": head}, *turns[1:]]

@@ -83,7 +83,8 @@ class Reply:
     def __init__(self, kind: Kind, text: str = "", *, private: bool = False,
                  choices: Choices | None = None,
                  stream: AsyncGenerator[str, None] | None = None,
-                 final: OutcomeOf | None = None) -> None:
+                 final: OutcomeOf | None = None,
+                 on_cancel: Callable[[], None] | None = None) -> None:
         self.kind = kind
         self.private = private
         self.choices = choices
@@ -91,6 +92,7 @@ class Reply:
         self._text = text
         self._stream = stream
         self._final = final
+        self._on_cancel = on_cancel
         self._used = False
         self._cancelled = False
         if stream is None:
@@ -115,9 +117,14 @@ class Reply:
 
     @classmethod
     def answer(cls, stream: AsyncGenerator[str, None], final: OutcomeOf, *,
-               private: bool = False) -> Reply:
-        """The model's reply as it streams; `final()` says how it ended."""
-        return cls(Kind.ANSWER, private=private, stream=stream, final=final)
+               private: bool = False, on_cancel: Callable[[], None] | None = None) -> Reply:
+        """The model's reply as it streams; `final()` says how it ended.
+
+        With `on_cancel`, `cancel()` calls it instead of cutting the reading:
+        the stream then ends itself at once (its model call closed, a stopped
+        mark as its last delta)."""
+        return cls(Kind.ANSWER, private=private, stream=stream, final=final,
+                   on_cancel=on_cancel)
 
     # -- reading it
     @property
@@ -170,7 +177,10 @@ class Reply:
         (It takes effect when the reader next asks for a delta; a /stop that must
         also cut a model call that is thinking can cancel the reading task.)"""
         if self._stream is not None and self.outcome is Outcome.PENDING:
-            self._cancelled = True
+            if self._on_cancel is not None:
+                self._on_cancel()
+            else:
+                self._cancelled = True
 
     async def aclose(self) -> None:
         """Let go of a reply that will not be read (closes its stream)."""

@@ -33,12 +33,15 @@ from bot.images import (
     human_bytes,
     stand_in,
 )
-from bot.llm_call import CallCancelled, CallLimits, stream_reply
+from bot.llm_call import CallCancelled, CallLimits, CallStopped, stream_reply
 from bot.logging_setup import RedactSecrets
 from bot.memory import Summarizer
 from bot.messages import Incoming, ModelChoices
+from bot.metrics import Metrics
 from bot.models import ModelCatalog, ModelWindows
 from bot.ordering import ConversationOrder
+from bot.persona_turn import NO_PERSONA, PersonaTurn
+from bot.personas import PersonaBook
 from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
 from bot.ratelimit import MovingWindowLimiter, NoticeOnce
@@ -53,10 +56,11 @@ from bot.records import (
     Summary,
 )
 from bot.reply import Choice, Choices, Outcome, Reply
+from bot.retention import trim_summary_record
 from bot.sanitize import clean_text, is_blank, storable
 from bot.settings import Settings
 from bot.slots import ModelSlots
-from bot.stats import compute_stats, format_model_time, format_stats
+from bot.stats import stats_report
 from bot.store import Store
 from bot.tokens import MESSAGE_OVERHEAD, PROMPT_OVERHEAD, Calibration, count_tokens
 
@@ -72,6 +76,12 @@ _OUTCOMES = {"ok": Outcome.OK, "error": Outcome.ERROR, "cancelled": Outcome.CANC
              "rejected": Outcome.REFUSED}
 
 
+def _persona_label(name: str, description: str) -> str:
+    # A button or an autocomplete entry: short (Discord allows 100 characters).
+    label = f"{name}: {description}" if description else name
+    return label if len(label) <= 64 else label[:63] + "…"
+
+
 def _model_options(models: ModelChoices) -> Choices:
     return Choices("model", tuple(Choice(m, m, m == models.current) for m in models.available))
 
@@ -80,14 +90,19 @@ STORE_UNAVAILABLE = ("Sorry, my memory is unavailable right now (its database fi
                      "or replaced), so I'm not answering. The bot's operator needs to "
                      "restart me.")
 LENGTH_NOTE = "\n\n_(reply cut off at the length limit)_"
+STOPPED_MARK = "⏹ stopped"
 
 
 class ChatService:
     """Thin adapters call `handle`; everything else lives below it."""
 
     def __init__(self, settings: Settings, store: Store, provider: Provider, *,
-                 commands: Commands | None = None) -> None:
+                 commands: Commands | None = None,
+                 personas: PersonaBook | None = None) -> None:
         self.settings = settings
+        # PERSONAS_FILE (reloaded on SIGHUP by the app); a bad file raises PersonaError.
+        self.personas = personas if personas is not None else PersonaBook(
+            settings.PERSONAS_FILE or None, settings.PERSONA_DEFAULTS)
         # The chat commands: the handlers marked below, unless a caller gives others.
         self.commands = commands if commands is not None else Commands.of(type(self))
         self.store = store
@@ -112,12 +127,16 @@ class ChatService:
         # entry goes with its Reply once the adapter lets go of it.
         self._answers: weakref.WeakValueDictionary[tuple[str, int], Reply] = \
             weakref.WeakValueDictionary()
+        self._askers: dict[int, str] = {}  # reply id → user_key, while the Reply lives
         self._redact = RedactSecrets(settings.secrets()).redact
         self.image_timeout = DOWNLOAD_TIMEOUT  # seconds, per image
         self.memory = Summarizer(settings, store, provider, self._calls, self._audit,
                                  self._slots, self.calibration, self.windows)
         # Recall of older messages (words, and meaning with EMBED_MODEL); bot.recaller.
         self.recaller = Recaller(settings, store, self._slots)
+        self.metrics = Metrics()
+        # Turns in flight, and model calls waiting for a slot (replies and summaries).
+        self.metrics.watch(lambda: self._turns, lambda: self._slots.waiting())
 
     # -- what adapters call
     def conversation_ref(self, msg: Incoming) -> ConversationRef:
@@ -141,6 +160,8 @@ class ChatService:
         buttons; no rate limit or audit: nothing is run)."""
         if command == "model":
             return _model_options(await self.model_choices(msg))
+        if command == "persona":
+            return await self._persona_choices(msg)
         return None
 
     def is_admin(self, msg: Incoming) -> bool:
@@ -186,9 +207,14 @@ class ChatService:
             provider=self.provider.name,
         )
         # The turn runs as the adapter reads the answer; its audit status is the outcome.
-        reply = Reply.answer(self._chat(msg, text, ref, audit),
-                             lambda: _OUTCOMES.get(audit.status, Outcome.ERROR))
+        # /stop (or a Stop button) sets `stop`: the turn cuts its model call at once.
+        stop = asyncio.Event()
+        reply = Reply.answer(self._chat(msg, text, ref, audit, stop),
+                             lambda: _OUTCOMES.get(audit.status, Outcome.ERROR),
+                             on_cancel=stop.set)
         self._answers[ref.key, reply.id] = reply
+        self._askers[reply.id] = msg.user_key
+        weakref.finalize(reply, self._askers.pop, reply.id, None)
         return reply
 
     def answers_in(self, msg: Incoming) -> list[Reply]:
@@ -257,10 +283,17 @@ class ChatService:
         # A model server's error may quote the key it was sent (some proxies
         # do); `python -m bot logs` prints this field, so no secret goes in.
         record.error = self._redact(record.error)
+        self._observe(record)
         try:
             await self.store.save_audit(record)
         except Exception:
+            self.metrics.storage_error()
             log.exception("could not write the audit record")
+
+    def _observe(self, record: AuditRecord) -> None:
+        """Metrics of a record about to be written; summaries keep only a prompt head."""
+        trim_summary_record(record)
+        self.metrics.record(record)
 
     # -- commands: dispatched from the declarations (bot.commands); handlers below
     async def _command(self, msg: Incoming, name: str, args: str) -> Reply:
@@ -345,24 +378,25 @@ class ChatService:
 
     @command("stats", "Usage figures (admins only)", admin=True, private=True)
     async def _cmd_stats(self, msg: Incoming, args: str) -> Reply:
-        table = format_stats(compute_stats(await self.store.audit_rows_for_stats()))
-        model_time = format_model_time(await self.store.model_time())
-        return Reply.notice("```\n" + table + (f"\n\n{model_time}" if model_time else "")
-                            + "\n```")
+        report = await stats_report(self.store, self.settings.AUDIT_RETENTION_DAYS)
+        return Reply.notice("```\n" + report + "\n```")
 
     async def _memory_report(self, msg: Incoming, ref: ConversationRef) -> str:
         conv = await self.store.conversation_id(ref)
         stored = await self.store.count_messages(conv)
         summary = await self.store.summary(conv) \
             if self.settings.MEMORY_STRATEGY == "summarize" else None
-        model = await self.catalog.current(msg.platform, msg.user_id)
+        persona = await self._persona_turn(msg, ref)  # its model, system and window count
+        model = await self._persona_model(
+            persona, await self.catalog.current(msg.platform, msg.user_id))
         history = await self.store.recent_messages(
             conv, self._load_limit(), after_id=summary.upto_id if summary else 0)
-        win = await self.windows.window(model)
+        win = persona.window(await self.windows.window(model))
         factors = await self.windows.factors(model)
-        prompt = build_prompt(self.settings.SYSTEM_PROMPT, history, "", win.budget,
-                              summary=summary.text if summary else None, counter=factors.count,
-                              system_as_user=self.settings.SYSTEM_AS_USER)
+        prompt = build_prompt(persona.system(self.settings.SYSTEM_PROMPT), history, "",
+                              win.budget, summary=summary.text if summary else None,
+                              counter=factors.count, system_as_user=self.settings.SYSTEM_AS_USER,
+                              examples=persona.examples())
         lines = [f"Stored messages in this conversation: {stored}",
                  f"Messages that fit the context window now: {prompt.history_used} "
                  f"(`{model}`: {win.num_ctx:,} tokens)"]
@@ -409,9 +443,116 @@ class ChatService:
         # more than could possibly fit.
         return min(HISTORY_LOAD_LIMIT, self.settings.prompt_budget // 5 + 1)
 
+    # -- personas (/persona) and /stop: handlers and their helpers
+    async def _persona_turn(self, msg: Incoming, ref: ConversationRef) -> PersonaTurn:
+        """This conversation's persona: its own pick, else the place's default set in
+        chat, else PERSONA_DEFAULTS, else none. A name the file no longer has is skipped."""
+        book = self.personas
+        if not len(book.current):
+            return NO_PERSONA
+        picked, place_default = await self.store.personas_of(ref.key, msg.platform,
+                                                             msg.place_id)
+        for name in (picked, place_default):
+            if name and (persona := book.get(name)) is not None:
+                return PersonaTurn(persona)
+        return PersonaTurn(book.default_for(msg.platform, msg.place_id))
+
+    async def _persona_model(self, persona: PersonaTurn, model: str) -> str:
+        """The persona's model where the catalog offers it, else the user's."""
+        wanted = persona.persona.model if persona.persona is not None else None
+        if not wanted:
+            return model
+        resolved = await self.catalog.resolve(wanted)
+        if resolved is None:
+            log.warning("persona %s names model %s, which is not offered; using %s",
+                        persona.name, wanted, model)
+            return model
+        return resolved
+
+    async def _persona_choices(self, msg: Incoming) -> Choices | None:
+        book = self.personas.current
+        if not len(book):
+            return None
+        current = (await self._persona_turn(msg, self.conversation_ref(msg))).name
+        options = [Choice(p.name, _persona_label(p.name, p.description), p.name == current)
+                   for p in book]
+        options.append(Choice("off", "off (the default)", False))
+        return Choices("persona", tuple(options))
+
+    @command("persona", "List the personas, or pick one: /persona NAME (off: the default)",
+             private=True,
+             args=(Arg("name", "a persona, or off; add 'default' to set this server's or "
+                               "group's default (its admins)", choices="persona"),))
+    async def _cmd_persona(self, msg: Incoming, args: str) -> Reply:
+        book = self.personas.current
+        if not len(book):
+            return Reply.notice("No personas are set up on this bot (its operator sets "
+                                "PERSONAS_FILE).")
+        ref = self.conversation_ref(msg)
+        words = args.split()
+        if not words:
+            current = (await self._persona_turn(msg, ref)).name
+            lines = [f"• `{p.name}`{' (yours now)' if p.name == current else ''}"
+                     + (f": {p.description}" if p.description else "") for p in book]
+            now = f"Persona here: `{current}`" if current else "Persona here: none"
+            return Reply.notice(f"{now}\nPersonas:\n" + "\n".join(lines)
+                                + "\nPick one with /persona NAME; /persona off goes back "
+                                  "to the default.", choices=await self._persona_choices(msg))
+        as_default = len(words) == 2 and words[1].lower() == "default"
+        if len(words) > 2 or (len(words) == 2 and not as_default):
+            return Reply.refusal("Use /persona NAME, /persona off, or /persona NAME default.")
+        name = words[0]
+        persona = None if name.lower() == "off" else book.get(name)
+        if persona is None and name.lower() != "off":
+            shown = name[:32].replace("`", "'")
+            return Reply.refusal(f"There's no persona called `{shown}`. Personas: "
+                                 + ", ".join(f"`{n}`" for n in book.names()))
+        if as_default:
+            return await self._set_place_persona(msg, persona.name if persona else None)
+        await self.store.set_conversation_persona(ref, persona.name if persona else None)
+        if persona is None:
+            fallback = (await self._persona_turn(msg, ref)).name
+            return Reply.notice("Done: back to the default persona"
+                                + (f" (`{fallback}`)." if fallback else " (none)."))
+        return Reply.notice(f"Done: this conversation now uses the persona `{persona.name}`.")
+
+    async def _set_place_persona(self, msg: Incoming, name: str | None) -> Reply:
+        """`/persona NAME default`: the platform says who runs the place; the core decides."""
+        if msg.place_id is None:
+            return Reply.refusal("A default persona is for a server or group: send "
+                                 "/persona NAME default there.")
+        if not (self.is_admin(msg) or await msg.is_place_admin()):
+            return Reply.refusal("Only this server's or group's admins can set its default "
+                                 "persona.")
+        await self.store.set_place_persona(msg.platform, msg.place_id, name)
+        if name is None:
+            return Reply.notice("Done: this place has no default persona set in chat now.")
+        return Reply.notice(f"Done: `{name}` is now the default persona here.")
+
+    @command("stop", "Stop the reply in progress in this conversation")
+    async def _cmd_stop(self, msg: Incoming, args: str) -> Reply:
+        running = self.answers_in(msg)
+        if not running:
+            return Reply.notice("Nothing to stop: no reply is in progress here.")
+        for reply in running:
+            reply.cancel()
+        return Reply.notice(f"{STOPPED_MARK}.")
+
+    async def stop_answer(self, msg: Incoming, reply_id: int) -> Reply:
+        """A Stop button on answer `reply_id`, pressed by `msg`'s sender: only the asker,
+        a bot admin or the place's admin may stop it."""
+        found = next((r for (_, i), r in list(self._answers.items()) if i == reply_id), None)
+        if found is None or found.outcome is not Outcome.PENDING:
+            return Reply.notice("That reply has already finished.")
+        if self._askers.get(reply_id) != msg.user_key and not self.is_admin(msg) \
+                and not await msg.is_place_admin():
+            return Reply.refusal("Only the person who asked (or an admin) can stop this reply.")
+        found.cancel()
+        return Reply.notice(f"{STOPPED_MARK}.")
+
     # -- a chat turn
     async def _chat(self, msg: Incoming, text: str, ref: ConversationRef,
-                    audit: AuditRecord) -> AsyncIterator[str]:
+                    audit: AuditRecord, stop: asyncio.Event) -> AsyncIterator[str]:
         s = self.settings
         received = time.monotonic()
         self._turn_started()
@@ -425,7 +566,8 @@ class ChatService:
                     return
                 async with self.store.conversation_lock(
                         ref.key, s.LLM_TIMEOUT + s.LLM_REPLY_TIMEOUT), contextlib.aclosing(
-                        self._chat_locked(msg, text, ref, audit, received, images)) as deltas:
+                        self._chat_locked(msg, text, ref, audit, received, images,
+                                          stop=stop)) as deltas:
                     async for delta in deltas:
                         yield delta
         except StoreUnavailable:
@@ -445,7 +587,8 @@ class ChatService:
 
     async def _chat_locked(self, msg: Incoming, text: str, ref: ConversationRef,
                            audit: AuditRecord, received: float,
-                           images: Sequence[Image] = ()) -> AsyncIterator[str]:
+                           images: Sequence[Image] = (), *,
+                           stop: asyncio.Event) -> AsyncIterator[str]:
         s = self.settings
         try:
             conv = await self.store.conversation_id(ref)
@@ -455,13 +598,16 @@ class ChatService:
             model = audit.model = self.catalog.choose(context.model_choice)
             summary, history = context.summary, context.history
             notes = await self.store.notes(conv)
+            persona = await self._persona_turn(msg, ref)
+            model = audit.model = await self._persona_model(persona, model)
+            audit.persona = persona.name
         except Exception as exc:
             log.exception("storage failed before the model call")
             audit.status, audit.error = "error", f"storage: {type(exc).__name__}: {exc}"
             await self._audit(audit)
             yield "Sorry, I can't reach my memory right now. Please try again in a moment."
             return
-        win = await self.windows.window(model)
+        win = persona.window(await self.windows.window(model))
         factors = await self.windows.factors(model)
         notes_text = note_commands.notes_section(notes, win.budget // 4, factors.count)
         recalled = await self._recall(conv, text, history, summary, notes_text, win.budget,
@@ -469,6 +615,7 @@ class ChatService:
 
         def build(budget: int) -> Prompt:
             return _with_images(self._turn_prompt(
+                persona.system(s.SYSTEM_PROMPT), persona.examples(),
                 text, history, summary, notes_text, recalled,
                 budget - IMAGE_TOKENS * len(images), factors.count), images)
 
@@ -494,13 +641,17 @@ class ChatService:
                     async with self._slots:
                         if self._closing:
                             raise CallCancelled()
+                        if stop.is_set():  # stopped while waiting its turn
+                            raise CallStopped()
                         call_started = time.monotonic()
+                        max_tokens = persona.max_tokens(win, prompt.tokens)
                         async for item in stream_reply(
                             self.provider, model, prompt.messages,
-                            num_ctx=win.num_ctx, max_tokens=win.reply,
+                            num_ctx=win.num_ctx, max_tokens=max_tokens,
                             limits=CallLimits(s.LLM_TIMEOUT, s.LLM_STALL_TIMEOUT,
                                               s.LLM_RETRIES, reply=s.LLM_REPLY_TIMEOUT),
                             running=self._calls,
+                            options=persona.options(win, max_tokens), stop=stop,
                         ):
                             if isinstance(item, Usage):
                                 usage = item
@@ -522,7 +673,7 @@ class ChatService:
                     if refitted:
                         raise
                     refitted = True
-                    win = await self.windows.window(model)
+                    win = persona.window(await self.windows.window(model))
                     try:
                         prompt = await self._fit(model, build, win.budget)
                     except TooLong:
@@ -541,6 +692,11 @@ class ChatService:
                 yield ("\n\n" if parts else "") + f"_({exc.user_message})_"
             else:
                 yield ("\n\n⚠️ " if parts else "⚠️ ") + exc.user_message
+        except CallStopped:
+            # /stop: what was shown stays, marked; the audit keeps it, history does not.
+            status = "cancelled"
+            audit.error = "stopped by the user"
+            yield ("\n\n" if parts else "") + STOPPED_MARK
         except CallCancelled:
             status = "cancelled"
             audit.error = "shutdown"
@@ -584,6 +740,7 @@ class ChatService:
             await self._audit(audit)
             yield "\n\n⚠️ I couldn't save this exchange, so I won't remember it."
             return
+        self._observe(audit)
         self._log_exchange(audit)
         self.recaller.stored(conv)  # embeds the new messages off the reply's path
         if usage and usage.prompt_tokens and not images:  # images' tokens aren't text's
@@ -623,7 +780,8 @@ class ChatService:
     def _notes_sections(notes_text: str) -> list[tuple[str, str]]:
         return [(note_commands.NOTES_HEADING, notes_text)] if notes_text else []
 
-    def _turn_prompt(self, text: str, history: list[StoredMessage], summary: Summary | None,
+    def _turn_prompt(self, system: str, examples: Sequence[dict[str, str]], text: str,
+                     history: list[StoredMessage], summary: Summary | None,
                      notes_text: str, recalled: Recalled, budget: int,
                      counter: Callable[[str], int]) -> Prompt:
         """System prompt, notes, summary, recalled block, the window, the new message;
@@ -634,11 +792,11 @@ class ChatService:
                                                                []), ([], [])]
         for n, (sections, late_sections) in enumerate(attempts):
             try:
-                return build_prompt(s.SYSTEM_PROMPT, history, text, budget,
+                return build_prompt(system, history, text, budget,
                                     summary=summary.text if summary else None,
                                     counter=counter, sections=sections,
                                     late_sections=late_sections,
-                                    system_as_user=s.SYSTEM_AS_USER)
+                                    system_as_user=s.SYSTEM_AS_USER, examples=examples)
             except TooLong:
                 if n == len(attempts) - 1:
                     raise

@@ -50,8 +50,9 @@ class Settings(BaseSettings):
         validate_default=True, env_ignore_empty=True,
     )
 
-    LLM_PROVIDER: Literal["ollama", "openai"] = Field(
-        "ollama", description="ollama, or openai for any OpenAI-compatible server")
+    LLM_PROVIDER: Literal["ollama", "openai", "local"] = Field(
+        "ollama", description="ollama, openai for any OpenAI-compatible server, or local for "
+                              "a GGUF model inside the bot (pip install -e '.[local]')")
     LLM_MODEL: str = Field("llama3.2", min_length=1,
                            description="the model a user gets until they pick one with /model")
     LLM_MODELS: str = Field("", description="comma-separated models users may pick; "
@@ -61,6 +62,12 @@ class Settings(BaseSettings):
                                                                "server (secret)")
     OPENAI_BASE_URL: str | None = Field(None, description="base URL of the OpenAI-compatible "
                                                           "server; empty: OpenAI's")
+    LOCAL_MODEL: str = Field("", description="with LLM_PROVIDER=local: the .gguf file to run; "
+                                             "empty: the Gemma 3 270M the local extra installs")
+    LOCAL_CONTEXT: int = Field(4096, ge=256, le=1_000_000,
+                               description="with LLM_PROVIDER=local: the model's window (n_ctx)")
+    LOCAL_THREADS: int | None = Field(None, ge=1, description="with LLM_PROVIDER=local: CPU "
+                                      "threads generating; empty: llama.cpp's choice")
     SYSTEM_PROMPT: str = Field(DEFAULT_SYSTEM_PROMPT,
                                description="the system message of every conversation")
     CONTEXT_TOKENS: int = Field(4096, ge=256, le=2_000_000,
@@ -138,6 +145,14 @@ class Settings(BaseSettings):
     SQLITE_SYNCHRONOUS: Literal["NORMAL", "FULL"] = Field(
         "NORMAL", description="NORMAL: a commit survives the process being killed, not a power "
                               "cut; FULL: both, each commit waiting for the disk")
+    METRICS_PORT: int | None = Field(None, ge=1, le=65535,
+                                     description="serves Prometheus /metrics and /healthz on "
+                                                 "this port; empty: off")
+    METRICS_LISTEN: str = Field("127.0.0.1", description="address the metrics and health "
+                                                         "server listens on")
+    AUDIT_RETENTION_DAYS: int = Field(0, ge=0, le=36_500,
+                                      description="audit records older than this many days are "
+                                                  "deleted at start-up and daily; 0: keep all")
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="DEBUG, INFO, WARNING or ERROR")
     LOG_FORMAT: Literal["text", "json"] = Field("text", description="json: one JSON object a "
@@ -217,6 +232,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _budget(self) -> Settings:
+        if self.LLM_PROVIDER == "local" and "LLM_MODEL" not in self.model_fields_set:
+            # One model in the bot: call it by its file, not by Ollama's default name.
+            self.LLM_MODEL = Path(self.LOCAL_MODEL).stem if self.LOCAL_MODEL \
+                else "gemma-3-270m"
         if self.LLM_STALL_TIMEOUT is None:
             # An operator who tightens LLM_TIMEOUT expects a stall cut as fast.
             self.LLM_STALL_TIMEOUT = self.LLM_TIMEOUT

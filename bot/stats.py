@@ -1,18 +1,25 @@
-"""Per-model figures from the audit log: `python -m bot stats` and `/stats`."""
+"""Per-model figures from the audit log: `python -m bot stats` and `/stats`.
+
+The database aggregates (storage.audit_queries.stats): nothing is loaded row
+by row, and the event loop only formats a few lines.
+"""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bot.store import Store
 
 
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
     values = sorted(values)
-    k = max(0, math.ceil(q * len(values)) - 1)
-    return values[k]
+    # Rank ceil(n * q) in integers, as the SQL does: floats differ at some n.
+    k = max(1, (len(values) * round(q * 100) + 99) // 100)
+    return values[k - 1]
 
 
 def compute_stats(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -62,6 +69,73 @@ def _tokens(known: int | None, estimate: int | None, unknown: int) -> str:
     if unknown and est:
         return f"{known} + {est}"
     return str(known) + (" + unknown" if unknown else "")
+
+
+async def store_stats(store: Store, since: str | None = None) -> list[dict[str, Any]]:
+    """The same figures as compute_stats (to the millisecond), aggregated by the database:
+    counts per model, and how many replies took each millisecond."""
+    groups, histogram = await store.audit_stats(since)
+    buckets: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
+    for h in histogram:
+        buckets.setdefault((h["provider"], h["model"], h["metric"]), []).append(
+            (int(h["ms"]), int(h["n"])))
+    out = []
+    for row in groups:
+        exchanges, errors = int(row["exchanges"]), int(row["errors"])
+        figures = {
+            "provider": row["provider"], "model": row["model"],
+            "exchanges": exchanges, "errors": errors,
+            "error_rate": errors / exchanges if exchanges else 0.0,
+        }
+        for metric in ("latency", "ttft"):
+            counts = buckets.get((row["provider"], row["model"], metric), [])
+            for pct in (50, 95):
+                figures[f"{metric}_p{pct}"] = _histogram_percentile(counts, pct)
+        # None where no row had a count: unknown, not 0.
+        figures["tokens_in"] = _int(row["tokens_in"])
+        figures["tokens_out"] = _int(row["tokens_out"])
+        figures["tokens_unknown"] = int(row["tokens_unknown"] or 0)
+        # The bot's own estimates for the rows the server sent no counts for.
+        figures["est_tokens_in"] = _int(row["est_tokens_in"])
+        figures["est_tokens_out"] = _int(row["est_tokens_out"])
+        out.append(figures)
+    return out
+
+
+def _histogram_percentile(counts: list[tuple[int, int]], pct: int) -> float | None:
+    """The value at rank ceil(n * pct / 100) of (milliseconds, how many), in order."""
+    total = sum(n for _, n in counts)
+    if not total:
+        return None
+    rank = max(1, (total * pct + 99) // 100)
+    seen = 0
+    for ms, n in counts:
+        seen += n
+        if seen >= rank:
+            return ms / 1000
+    return counts[-1][0] / 1000
+
+
+def _int(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+async def stats_report(store: Store, retention_days: int = 0) -> str:
+    """The stats table, model time (replies beside summaries), then how far back the
+    audit log reaches."""
+    table = format_stats(await store_stats(store))
+    model_time = format_model_time(await store.model_time())
+    if model_time:
+        table += "\n\n" + model_time
+    return table + "\n" + reach_line(*await store.audit_span(), retention_days)
+
+
+def reach_line(oldest: str | None, records: int, retention_days: int) -> str:
+    kept = (f"records older than {retention_days} days are deleted daily"
+            if retention_days else "kept without limit (AUDIT_RETENTION_DAYS=0)")
+    if oldest is None:
+        return f"Audit log: empty; {kept}."
+    return f"Audit log: {records:,} records since {oldest}; {kept}."
 
 
 def _s(v: float | None) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, suppress
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 # Tables in the order copy-db must fill them (parents before children).
 # The recall index is not copied: it is rebuilt from the messages (see copy-db).
 TABLES = ("conversations", "messages", "summaries", "user_settings", "audit", "model_info",
-          "notes")
+          "conversation_settings", "place_settings", "notes")
 
 
 def redact_url(url: str) -> str:
@@ -47,6 +47,9 @@ def redact_url(url: str) -> str:
 
 class Store(abc.ABC):
     """Memory and audit log; every method is safe to call concurrently."""
+
+    # Called as (steps done, steps in all) while open() migrates: `migrate`'s progress.
+    on_migration: Callable[[int, int], None] | None = None
 
     @abc.abstractmethod
     async def open(self) -> None:
@@ -184,6 +187,22 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def set_user_model(self, platform: str, user_id: str, model: str) -> None: ...
 
+    # -- personas (/persona)
+    @abc.abstractmethod
+    async def personas_of(self, conversation_key: str, platform: str,
+                          place_id: str | None) -> tuple[str | None, str | None]:
+        """(this conversation's persona, its place's default), None where unset."""
+
+    @abc.abstractmethod
+    async def set_conversation_persona(self, ref: ConversationRef,
+                                       persona: str | None) -> None:
+        """Pick a persona for one conversation; None goes back to the default."""
+
+    @abc.abstractmethod
+    async def set_place_persona(self, platform: str, place_id: str,
+                                persona: str | None) -> None:
+        """A server's or group's default persona; None removes it."""
+
     # -- what the bot learned about each model (its window, its token counts)
     @abc.abstractmethod
     async def model_info(self, model: str) -> dict[str, Any] | None:
@@ -209,6 +228,32 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
         """Erase everything kept about a user; return rows removed per table."""
+
+    # -- operators: the filtered log, retention, stats (SQL in storage.audit_queries)
+    async def audit_query(self, f: Any, limit: int) -> list[dict[str, Any]]:
+        """The last `limit` records matching an AuditFilter, oldest first."""
+        raise NotImplementedError
+
+    async def audit_after(self, f: Any, after_id: int, limit: int) -> list[dict[str, Any]]:
+        """Matching records with id > after_id, oldest first, at most `limit`."""
+        raise NotImplementedError
+
+    async def last_audit_id(self) -> int:
+        raise NotImplementedError
+
+    async def delete_audit_before(self, cutoff: str, batch: int) -> int:
+        """Delete up to `batch` records older than `cutoff`; return how many went."""
+        raise NotImplementedError
+
+    async def audit_span(self) -> tuple[str | None, int]:
+        """The oldest record's timestamp (None when empty) and the number of records."""
+        raise NotImplementedError
+
+    async def audit_stats(self, since: str | None = None
+                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Per-model counts and the millisecond histograms, aggregated by the database
+        (bot.stats reads the percentiles off them)."""
+        raise NotImplementedError
 
     # -- cross-process coordination (a no-op where one process owns the file)
     @abc.abstractmethod

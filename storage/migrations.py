@@ -191,7 +191,22 @@ def _erasures(d: Dialect) -> list[str]:
     ]
 
 
-@migration("008_recall")
+@migration("008_personas")
+def _personas(d: Dialect) -> list[str]:
+    # /persona NAME: the pick of one conversation; /persona NAME default: a
+    # server's or group's default, set by its admins.
+    return [
+        "CREATE TABLE conversation_settings (conversation_key TEXT PRIMARY KEY,"
+        " platform TEXT NOT NULL, user_id TEXT NOT NULL, persona TEXT NOT NULL,"
+        " updated_at TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS conversation_settings_user"
+        " ON conversation_settings(platform, user_id)",
+        "CREATE TABLE place_settings (platform TEXT NOT NULL, place_id TEXT NOT NULL,"
+        " persona TEXT NOT NULL, updated_at TEXT NOT NULL, PRIMARY KEY (platform, place_id))",
+    ]
+
+
+@migration("009_recall")
 def _recall(d: Dialect) -> list[str]:
     # The recall index (storage/recall_index.py): the tokenizer's terms per message,
     # and embedding vectors per message and model. SQLite: an FTS5 table whose
@@ -223,7 +238,7 @@ def _recall(d: Dialect) -> list[str]:
     ]
 
 
-@migration("009_notes")
+@migration("010_notes")
 def _notes(d: Dialect) -> list[str]:
     # What a user asked the bot to keep (/remember), per conversation.
     return [

@@ -36,9 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -105,6 +106,41 @@ def _erase_key(platform: str, user_id: str) -> str:
     return f"erase:{platform}:{user_id}"
 
 
+class _Connection(asyncpg.Connection):
+    """A pooled connection that is not reset on release.
+
+    The default reset (pg_advisory_unlock_all, CLOSE ALL, UNLISTEN *, RESET ALL) is
+    a round trip per release, a third of an exchange's. The store leaves no session
+    state behind: the lock connection unlocks and restores lock_timeout in the
+    unlock statement itself, and is ended if that fails. An open transaction is
+    still rolled back on release (asyncpg always does that).
+    """
+
+    def get_reset_query(self) -> str:
+        return ""
+
+
+@dataclasses.dataclass
+class _Turn:
+    """The connection holding one conversation's lock, lent to that turn's own calls."""
+
+    conn: asyncpg.Connection
+    key: str
+    conversation_id: int | None  # read with the lock; None: not created yet
+    busy: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+
+
+# Both messages and the audit row of an exchange in one statement: data-modifying
+# WITH parts always run, and the statement is one transaction.
+_SAVE_EXCHANGE = POSTGRES.sql(
+    f"WITH m AS ({POSTGRES_QUERIES.message_insert_head}(?, 'user', ?, ?), "
+    "($1, 'assistant', ?, $3)) "
+    f"{POSTGRES_QUERIES.audit_insert_head}{queries.AUDIT_ROW} RETURNING id")
+# Unlock and restore the default lock_timeout in one round trip.
+_UNLOCK = f"SELECT pg_advisory_unlock({_LOCK_KEY}), set_config('lock_timeout', '0', false)"
+_UNLOCK_ALL = "SELECT pg_advisory_unlock_all(), set_config('lock_timeout', '0', false)"
+
+
 async def _release_lock_connection(
     pool: asyncpg.Pool, conn: asyncpg.Connection, key: str, *, locked: bool
 ) -> None:
@@ -118,13 +154,17 @@ async def _release_lock_connection(
         if locked:
             if conn.is_closed():
                 _lock_lost(key, "its connection was closed")
-            elif not await conn.fetchval(f"SELECT pg_advisory_unlock({_LOCK_KEY})", key,
-                                         timeout=UNLOCK_TIMEOUT):
+            elif not await conn.fetchval(_UNLOCK, key, timeout=UNLOCK_TIMEOUT):
                 _lock_lost(key, "the server no longer held it")
+        elif not conn.is_closed():
+            # Not locked: the server may still have granted it as we were cancelled.
+            await conn.execute(_UNLOCK_ALL, timeout=UNLOCK_TIMEOUT)
     except asyncpg.InterfaceError:
         # The pool took the dead connection back already (the session ended).
         if locked:
             _lock_lost(key, "its connection was lost")
+        with contextlib.suppress(Exception):
+            conn.terminate()
     except Exception as exc:
         if locked:
             _lock_lost(key, f"{type(exc).__name__}: {exc}")
@@ -132,7 +172,6 @@ async def _release_lock_connection(
         with contextlib.suppress(Exception):
             conn.terminate()
     finally:
-        # release() also resets the session: pg_advisory_unlock_all(), RESET ALL.
         with contextlib.suppress(Exception):
             await pool.release(conn)
 
@@ -142,22 +181,25 @@ def _lock_lost(key: str, why: str) -> None:
                 "worked on it meanwhile", key, " ".join(why.split()))
 
 
-async def migrate(conn: asyncpg.Connection, steps: Sequence[Migration] = MIGRATIONS) -> None:
-    """Apply the steps not yet recorded, each in its own transaction."""
+async def migrate(conn: asyncpg.Connection, steps: Sequence[Migration] = MIGRATIONS,
+                  progress: Callable[[int, int], None] | None = None) -> None:
+    """Apply the steps not yet recorded, each in its own transaction; `progress` is
+    told (steps done, steps in all) after each."""
     q = POSTGRES_QUERIES
     # The advisory lock makes a second process starting at once wait, then
     # find each step recorded (CREATE ... IF NOT EXISTS alone races in PG).
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
         await conn.execute(MIGRATIONS_TABLE)
-    for name, statements in steps:
+    for step, (name, statements) in enumerate(steps, 1):
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-            if await conn.fetchval(q.migration_done, name):
-                continue
-            for statement in statements(POSTGRES):
-                await conn.execute(statement)
-            await conn.execute(q.insert_migration, name, utcnow())
+            if not await conn.fetchval(q.migration_done, name):
+                for statement in statements(POSTGRES):
+                    await conn.execute(statement)
+                await conn.execute(q.insert_migration, name, utcnow())
+        if progress is not None:
+            progress(step, len(steps))
 
 
 class PostgresStore(SQLStore):
@@ -166,14 +208,18 @@ class PostgresStore(SQLStore):
     dialect = POSTGRES
     q = POSTGRES_QUERIES
 
-    def __init__(self, url: str, *, pool_size: int = 10) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, read_only: bool = False) -> None:
         self.url = url
         self.pool_size = pool_size
+        # Read-only (logs, stats): no migrations, and the server refuses writes.
+        self.read_only = read_only
         self._pool: asyncpg.Pool | None = None
         # Connections that may hold conversation locks: one is always kept for
         # store calls, so a lock holder's own calls always get a connection.
         self._lock_slots = asyncio.Semaphore(max(1, pool_size - 1))
         self._hits_since_prune = 0
+        # The task running a turn → its lock connection (see _conn).
+        self._turns: dict[asyncio.Task[Any], _Turn] = {}
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -193,8 +239,15 @@ class PostgresStore(SQLStore):
         try:
             self._pool = await asyncpg.create_pool(
                 self.url, min_size=1, max_size=self.pool_size, timeout=CONNECT_TIMEOUT,
-                command_timeout=COMMAND_TIMEOUT,
-                server_settings={"application_name": "memorybot"},
+                command_timeout=COMMAND_TIMEOUT, connection_class=_Connection,
+                # Keepalives: if this host dies, the server ends the session and frees
+                # its conversation locks in about a minute and a half, not two hours.
+                server_settings={"application_name": "memorybot",
+                                 "tcp_keepalives_idle": "60",
+                                 "tcp_keepalives_interval": "10",
+                                 "tcp_keepalives_count": "3",
+                                 **({"default_transaction_read_only": "on"}
+                                    if self.read_only else {})},
             )
             async with self._pool.acquire() as conn:
                 encoding = await conn.fetchval("SHOW server_encoding")
@@ -203,8 +256,11 @@ class PostgresStore(SQLStore):
                         f"database {where} uses encoding {encoding}; the bot needs UTF8 to "
                         "keep any text (create it with ENCODING 'UTF8')"
                     )
-                await migrate(conn)
-                await self._prune_rate_events(conn, RATE_HORIZON)
+                if self.read_only:
+                    await conn.fetchval("SELECT count(*) FROM _migrations")
+                else:
+                    await migrate(conn, progress=self.on_migration)
+                    await self._prune_rate_events(conn, RATE_HORIZON)
         except StorageError:
             await self.close()
             raise
@@ -231,8 +287,22 @@ class PostgresStore(SQLStore):
                 raise
 
     @contextlib.asynccontextmanager
-    async def _reading(self) -> AsyncIterator[asyncpg.Connection]:
+    async def _conn(self) -> AsyncIterator[asyncpg.Connection]:
+        """The connection for one call: the turn's lock connection when the task
+        holding a conversation lock calls (no pool round, and its reads see its
+        own conversation), else one from the pool."""
+        task = asyncio.current_task()
+        turn = self._turns.get(task) if task is not None else None
+        if turn is not None and not turn.busy.locked():
+            async with turn.busy:
+                yield turn.conn
+            return
         async with self.pool.acquire() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._conn() as conn:
             yield conn
 
     @contextlib.asynccontextmanager
@@ -241,15 +311,22 @@ class PostgresStore(SQLStore):
             yield conn
 
     async def _fetch(self, sql: str, *args: Any) -> Sequence[Any]:
-        return await self.pool.fetch(sql, *args)
+        async with self._conn() as conn:
+            return await conn.fetch(sql, *args)
 
     async def _write(self, sql: str, *args: Any) -> Sequence[Any]:
-        return await self.pool.fetch(sql, *args)
+        async with self._conn() as conn:
+            return await conn.fetch(sql, *args)
 
     # -- conversations and messages
     async def conversation_id(self, ref: ConversationRef) -> int:
-        # Not cached: another process (or `memorybot forget`) may delete it.
-        async with self.pool.acquire() as conn:
+        # Not cached across turns: another process (or `memorybot forget`) may delete
+        # it. The turn's lock statement read it already.
+        task = asyncio.current_task()
+        turn = self._turns.get(task) if task is not None else None
+        if turn is not None and turn.key == ref.key and turn.conversation_id is not None:
+            return turn.conversation_id
+        async with self._conn() as conn:
             for _ in range(3):
                 found = await conn.fetchval(self.q.conversation_by_key, ref.key)
                 if found is not None:
@@ -277,6 +354,9 @@ class PostgresStore(SQLStore):
         self, conversation_id: int, user_text: str, reply_text: str, audit: AuditRecord
     ) -> int:
         now = audit.timestamp
+        # The erasure check needs a transaction (see _erased). A pooled connection,
+        # not the turn's lock connection: a killed lock session must not lose a
+        # reply that can still be stored.
         async with self.pool.acquire() as conn, conn.transaction():
             if await self._erased(conn, audit):
                 return 0
@@ -404,40 +484,48 @@ class PostgresStore(SQLStore):
                     f"conversation {key!r}: no database connection within {wait:g} s"
                 ) from None
             try:
-                await self._advisory_lock(conn, key, wait, deadline - loop.time())
+                found = await self._advisory_lock(conn, key, wait, deadline - loop.time())
             except BaseException:
-                # Even if the server granted it as we were cancelled, release's
-                # reset (pg_advisory_unlock_all) frees it.
+                # Even if the server granted it as we were cancelled, the release
+                # unlocks everything this session holds.
                 await asyncio.shield(_release_lock_connection(pool, conn, key, locked=False))
                 raise
+            task = asyncio.current_task()
+            turn = _Turn(conn, key, found)
+            if task is not None:
+                self._turns[task] = turn
             try:
                 yield
             finally:
+                if task is not None and self._turns.get(task) is turn:
+                    del self._turns[task]
                 # Shielded: a second cancellation must not leave the lock held.
-                await asyncio.shield(_release_lock_connection(pool, conn, key, locked=True))
+                await asyncio.shield(self._unlock(pool, turn))
         finally:
             self._lock_slots.release()
 
+    async def _unlock(self, pool: asyncpg.Pool, turn: _Turn) -> None:
+        async with turn.busy:  # a call of the turn still on the connection ends first
+            await _release_lock_connection(pool, turn.conn, turn.key, locked=True)
+
     async def _advisory_lock(
         self, conn: asyncpg.Connection, key: str, wait: float, remaining: float
-    ) -> None:
+    ) -> int | None:
+        """Take the lock; the conversation's id read once it is held (None: none yet)."""
         # 0 would mean "wait forever"; the server takes at most 2^31-1 ms.
         ms = min(max(1, int(remaining * 1000)), 2**31 - 1)
         try:
-            # Session-level, for as long as this connection holds the lock (the
-            # pool's reset on release restores the defaults). Keepalives: if
-            # this host dies, the server ends the session and frees the lock in
-            # about a minute and a half, not after the kernel's two hours.
-            await conn.execute(
-                "SELECT set_config('lock_timeout', $1, false),"
-                " set_config('tcp_keepalives_idle', '60', false),"
-                " set_config('tcp_keepalives_interval', '10', false),"
-                " set_config('tcp_keepalives_count', '3', false)",
-                f"{ms}ms",
-            )
+            # One round trip: lock_timeout bounds the wait (set_config runs first),
+            # then the lock, then the id (its subquery runs after the lock is held;
+            # a conversation forgotten meanwhile fails the turn's writes as it would
+            # have any time during the turn). The unlock restores lock_timeout.
             # The client-side timeout is only a backstop for a server that hangs.
-            await conn.execute(f"SELECT pg_advisory_lock({_LOCK_KEY})", key,
-                               timeout=ms / 1000 + 5)
+            row = await conn.fetchrow(
+                "SELECT set_config('lock_timeout', $2, false),"
+                f" pg_advisory_lock({_LOCK_KEY}),"
+                " (SELECT id FROM conversations WHERE key = $1)",
+                key, f"{ms}ms", timeout=ms / 1000 + 5)
+            return None if row is None or row[2] is None else int(row[2])
         except (asyncpg.exceptions.LockNotAvailableError, TimeoutError):
             raise StorageError(
                 f"conversation {key!r} is busy: another turn held its lock for more than "

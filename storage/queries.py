@@ -41,6 +41,9 @@ COLUMNS: dict[str, dict[str, type]] = {
     "model_info": {"model": str, "context_length": int, "learned_window": int,
                    "token_factor": float, "cjk_factor": float, "updated_at": str},
     "notes": {"id": int, "conversation_id": int, "text": str, "created_at": str},
+    "conversation_settings": {"conversation_key": str, "platform": str, "user_id": str,
+                              "persona": str, "updated_at": str},
+    "place_settings": {"platform": str, "place_id": str, "persona": str, "updated_at": str},
 }
 PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "conversations": ("id",),
@@ -50,6 +53,8 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "audit": ("id",),
     "model_info": ("model",),
     "notes": ("id",),
+    "conversation_settings": ("conversation_key",),
+    "place_settings": ("platform", "place_id"),
 }
 SERIAL_TABLES = ("conversations", "messages", "audit", "notes")  # their `id` never repeats
 # Seconds an erasure is remembered: far longer than any turn or summary pass
@@ -75,6 +80,7 @@ _FORGET = {
     "conversations": _OF_USER,
     "user_settings": _OF_USER,
     "audit": _OF_USER,
+    "conversation_settings": _OF_USER,
 }
 
 
@@ -141,6 +147,21 @@ UNION ALL SELECT 2, 0, NULL, model, NULL FROM user_settings WHERE platform = ? A
         "INSERT INTO user_settings (platform, user_id, model, updated_at)"
         " VALUES (?, ?, ?, ?) ON CONFLICT (platform, user_id)"
         " DO UPDATE SET model = excluded.model, updated_at = excluded.updated_at")
+    # One round trip for a turn's persona: the conversation's pick, the place's default.
+    personas_of: str = (
+        "SELECT (SELECT persona FROM conversation_settings WHERE conversation_key = ?),"
+        " (SELECT persona FROM place_settings WHERE platform = ? AND place_id = ?)")
+    set_conversation_persona: str = (
+        "INSERT INTO conversation_settings (conversation_key, platform, user_id, persona,"
+        " updated_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (conversation_key)"
+        " DO UPDATE SET persona = excluded.persona, updated_at = excluded.updated_at")
+    clear_conversation_persona: str = (
+        "DELETE FROM conversation_settings WHERE conversation_key = ?")
+    set_place_persona: str = (
+        "INSERT INTO place_settings (platform, place_id, persona, updated_at)"
+        " VALUES (?, ?, ?, ?) ON CONFLICT (platform, place_id)"
+        " DO UPDATE SET persona = excluded.persona, updated_at = excluded.updated_at")
+    clear_place_persona: str = "DELETE FROM place_settings WHERE platform = ? AND place_id = ?"
     audit_log: str = f"SELECT id, {_AUDIT_COLS} FROM audit ORDER BY id DESC LIMIT ?"
     audit_log_of_user: str = (
         f"SELECT id, {_AUDIT_COLS} FROM audit WHERE {_OF_USER} ORDER BY id DESC LIMIT ?")

@@ -25,7 +25,7 @@ import aiosqlite
 from bot.recall.fitting import Around, RecallMessage
 from bot.recall.terms import index_terms
 
-MIGRATION_NAME = "008_recall"  # the step of storage/migrations.py that makes the tables
+MIGRATION_NAME = "009_recall"  # the step of storage/migrations.py that makes the tables
 
 MAX_POSITION = 16383  # PostgreSQL's largest tsvector position
 # SQLite ranks at most this many candidate matches, the newest first: bm25 costs per

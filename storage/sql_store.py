@@ -14,11 +14,29 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from bot.recall.fitting import Around
-from bot.records import AuditRecord, Note, StoredMessage, Summary, TurnContext, utcnow
+from bot.records import (
+    AuditRecord,
+    ConversationRef,
+    Note,
+    StoredMessage,
+    Summary,
+    TurnContext,
+    utcnow,
+)
 from bot.store import TABLES, Store
+from storage import audit_queries as aq
 from storage import queries, recall_index
 from storage.dialect import Dialect
 from storage.queries import Queries
+
+
+def _query(query: tuple[str, list[Any]]) -> list[Any]:
+    """A built query as _fetch's positional arguments."""
+    return [query[0], *query[1]]
+
+
+def _dict(row: Any) -> dict[str, Any]:
+    return {k: row[k] for k in row.keys()}
 
 
 class SQLStore(Store):
@@ -88,6 +106,27 @@ class SQLStore(Store):
     async def set_user_model(self, platform: str, user_id: str, model: str) -> None:
         await self._write(self.q.set_user_model, platform, user_id, model, utcnow())
 
+    async def personas_of(self, conversation_key: str, platform: str,
+                          place_id: str | None) -> tuple[str | None, str | None]:
+        rows = await self._fetch(self.q.personas_of, conversation_key, platform,
+                                 place_id or "")
+        return (rows[0][0], rows[0][1]) if rows else (None, None)
+
+    async def set_conversation_persona(self, ref: ConversationRef,
+                                       persona: str | None) -> None:
+        if persona is None:
+            await self._write(self.q.clear_conversation_persona, ref.key)
+        else:
+            await self._write(self.q.set_conversation_persona, ref.key, ref.platform,
+                              ref.user_id, persona, utcnow())
+
+    async def set_place_persona(self, platform: str, place_id: str,
+                                persona: str | None) -> None:
+        if persona is None:
+            await self._write(self.q.clear_place_persona, platform, place_id)
+        else:
+            await self._write(self.q.set_place_persona, platform, place_id, persona, utcnow())
+
     async def audit_log(self, limit: int, user: str | None = None) -> list[dict[str, Any]]:
         n = self.dialect.limit(limit)
         if user:
@@ -99,6 +138,35 @@ class SQLStore(Store):
 
     async def audit_rows_for_stats(self) -> list[dict[str, Any]]:
         return [{k: r[k] for k in r.keys()} for r in await self._fetch(self.q.audit_for_stats)]
+
+    # -- operators: the filtered log, retention, stats (SQL in storage.audit_queries)
+    async def audit_query(self, f: aq.AuditFilter, limit: int) -> list[dict[str, Any]]:
+        sql, args = aq.audit_log(self.dialect, f, limit)
+        return [queries.audit_row(r) for r in reversed(await self._fetch(sql, *args))]
+
+    async def audit_after(self, f: aq.AuditFilter, after_id: int,
+                          limit: int) -> list[dict[str, Any]]:
+        sql, args = aq.audit_after(self.dialect, f, after_id, limit)
+        return [queries.audit_row(r) for r in await self._fetch(sql, *args)]
+
+    async def last_audit_id(self) -> int:
+        sql, args = aq.last_audit_id(self.dialect)
+        return int((await self._fetch(sql, *args))[0][0])
+
+    async def delete_audit_before(self, cutoff: str, batch: int) -> int:
+        sql, args = aq.delete_older_than(self.dialect, cutoff, batch)
+        return len(await self._write(sql, *args))
+
+    async def audit_span(self) -> tuple[str | None, int]:
+        sql, args = aq.oldest_timestamp(self.dialect)
+        row = (await self._fetch(sql, *args))[0]
+        return row[0], int(row[1])
+
+    async def audit_stats(self, since: str | None = None
+                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        groups = await self._fetch(*_query(aq.stats(self.dialect, since)))
+        histogram = await self._fetch(*_query(aq.stats_histogram(self.dialect, since)))
+        return [_dict(r) for r in groups], [_dict(r) for r in histogram]
 
     async def model_info(self, model: str) -> dict[str, Any] | None:
         rows = await self._fetch(self.q.model_info, model)

@@ -14,7 +14,7 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -73,10 +73,18 @@ def _prepare_file(path: str) -> None:
         p.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
+        # WAL maps the -shm file into memory: one this process may not write
+        # kills it with SIGBUS at the first access, without a word. Say so first.
+        for side in (p.with_name(p.name + "-shm"), p.with_name(p.name + "-wal")):
+            if side.exists() and not os.access(side, os.R_OK | os.W_OK):
+                raise OSError(f"{side.name} is not writable by this user (another user "
+                              "ran the bot here?); fix its owner, or use read-only commands")
 
 
-async def migrate(db: aiosqlite.Connection, steps: Sequence[Migration] = MIGRATIONS) -> None:
-    """Apply the steps not yet recorded, each in its own transaction."""
+async def migrate(db: aiosqlite.Connection, steps: Sequence[Migration] = MIGRATIONS,
+                  progress: Callable[[int, int], None] | None = None) -> None:
+    """Apply the steps not yet recorded, each in its own transaction; `progress` is
+    told (steps done, steps in all) after each."""
     q = SQLITE_QUERIES
     async with db.execute("SELECT name FROM sqlite_master WHERE type = 'table'") as c:
         tables = {r[0] for r in await c.fetchall()}
@@ -89,7 +97,7 @@ async def migrate(db: aiosqlite.Connection, steps: Sequence[Migration] = MIGRATI
     # A table rebuild needs foreign keys off (it can't change inside a
     # transaction); they are checked, then turned back on, afterwards.
     await db.execute("PRAGMA foreign_keys = OFF")
-    for name, statements in steps:
+    for step, (name, statements) in enumerate(steps, 1):
         # BEGIN IMMEDIATE takes the write lock first, so two processes
         # starting at once apply each step exactly once.
         await db.execute("BEGIN IMMEDIATE")
@@ -101,14 +109,18 @@ async def migrate(db: aiosqlite.Connection, steps: Sequence[Migration] = MIGRATI
                     await db.execute(statement)
                 await db.execute(q.insert_migration, (name, utcnow()))
                 log.info("database migration %s applied", name)
-            async with db.execute("PRAGMA foreign_key_check") as c:
-                broken = await c.fetchall()
-            if broken:
-                raise StorageError(f"migration {name} broke {len(broken)} references")
+                # Only after a step that ran: the check reads every row (seconds with a
+                # million messages), and start-up must not grow with the history.
+                async with db.execute("PRAGMA foreign_key_check") as c:
+                    broken = await c.fetchall()
+                if broken:
+                    raise StorageError(f"migration {name} broke {len(broken)} references")
             await db.execute("COMMIT")
         except BaseException:
             await db.execute("ROLLBACK")
             raise
+        if progress is not None:
+            progress(step, len(steps))
     await db.execute("PRAGMA foreign_keys = ON")
 
 
@@ -119,8 +131,11 @@ class SQLiteStore(SQLStore):
     q = SQLITE_QUERIES
 
     def __init__(self, path: str, *, busy_timeout: float = 5.0,
-                 synchronous: Synchronous = "NORMAL", file_check_every: float = 1.0) -> None:
+                 synchronous: Synchronous = "NORMAL", read_only: bool = False,
+                 file_check_every: float = 1.0) -> None:
         self.path = path
+        # Read-only (logs, stats): opened with mode=ro, no migrations, no writes.
+        self.read_only = read_only
         # Seconds between checks that the path is still the file we opened.
         self.file_check_every = file_check_every
         self._file: tuple[int, int] | None = None
@@ -147,6 +162,8 @@ class SQLiteStore(SQLStore):
         return self._db
 
     async def open(self) -> None:
+        if self.read_only:
+            return await self._open_read_only()
         try:
             await asyncio.to_thread(_prepare_file, self.path)
             self._db = await aiosqlite.connect(self.path, isolation_level=None)
@@ -158,12 +175,23 @@ class SQLiteStore(SQLStore):
             # cache and memory-mapped reads keep history loads flat as it grows.
             await self._db.execute("PRAGMA cache_size = -32768")
             await self._db.execute("PRAGMA mmap_size = 268435456")
-            await migrate(self._db)
+            await migrate(self._db, progress=self.on_migration)
             if self.path != ":memory:":
                 self._file = await asyncio.to_thread(_identity, self.path)
         except (OSError, sqlite3.Error, StorageError) as exc:
             await self.close()
             raise StorageError(f"cannot use database {self.path!r}: {exc}") from None
+
+    async def _open_read_only(self) -> None:
+        try:
+            uri = await asyncio.to_thread(_read_only_uri, self.path)
+            self._db = await aiosqlite.connect(uri, uri=True, isolation_level=None)
+            self._db.row_factory = aiosqlite.Row
+            await self._db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            await self._db.execute("SELECT count(*) FROM _migrations")
+        except sqlite3.Error as exc:
+            await self.close()
+            raise StorageError(f"cannot read database {self.path!r}: {exc}") from None
 
     async def close(self) -> None:
         if self._writer is not None and not self._writer.done():
@@ -419,6 +447,14 @@ class SQLiteStore(SQLStore):
 
     async def finish_import(self) -> None:
         """SQLite's AUTOINCREMENT continues after the largest id by itself."""
+
+
+def _read_only_uri(path: str) -> str:
+    """file: URI opening an existing database read-only (runs in a thread)."""
+    p = Path(path)
+    if not p.is_file():
+        raise StorageError(f"no database at {path!r}")
+    return p.resolve().as_uri() + "?mode=ro"
 
 
 def _fail(batch: list[_PendingExchange], exc: BaseException) -> None:

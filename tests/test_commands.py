@@ -63,7 +63,8 @@ async def test_ping_is_in_telegrams_menu(tg: TelegramApiEmulator, tg_settings: S
             menu = [(c["command"], c["description"]) for c in tg.commands()]
             assert menu[-1] == ("ping", "Check that the bot answers")
             assert [name for name, _ in menu] == [
-                "start", "help", "reset", "model", "memory", "remember", "forget", "stats", "ping"]
+                "start", "help", "reset", "model", "memory", "remember", "forget", "stats",
+                "persona", "stop", "ping"]
             tg.user_says(1001, "/ping hello")
             await tg.wait_for(lambda: len(tg.bot_messages(1001)) == 1)
             assert tg.bot_texts(1001) == ["pong hello"]
@@ -86,7 +87,7 @@ async def test_ping_is_synced_to_discord_and_its_answer_is_ephemeral(
     await discord_api.wait_for(lambda: "ping" in discord_api.commands_synced())
     synced = {c["name"]: c for c in discord_api.commands.get(None, [])}
     assert list(synced) == ["help", "reset", "model", "memory", "remember", "forget", "stats",
-                            "ping"]
+                            "persona", "stop", "ping"]
     assert synced["ping"]["description"] == "Check that the bot answers"
     [option] = synced["ping"]["options"]
     assert option["name"] == "text" and not option.get("required", False)
@@ -124,14 +125,15 @@ async def test_ping_is_in_the_consoles_help(make_settings: SettingsFactory,
 def test_declared_commands_and_their_flags() -> None:
     commands = Commands.of(ChatService)
     assert [c.name for c in commands.menu("telegram")] == [
-        "start", "help", "reset", "model", "memory", "remember", "forget", "stats"]
+        "start", "help", "reset", "model", "memory", "remember", "forget", "stats", "persona",
+        "stop"]
     assert [c.name for c in commands.menu("discord")] == [
-        "help", "reset", "model", "memory", "remember", "forget", "stats"]
-    assert {c.name for c in commands if c.private} == {"reset", "model", "memory", "remember",
-                                                       "forget", "stats"}
+        "help", "reset", "model", "memory", "remember", "forget", "stats", "persona", "stop"]
+    assert {c.name for c in commands if c.private} == {
+        "reset", "model", "memory", "remember", "forget", "stats", "persona"}
     assert [c.name for c in commands if c.admin] == ["stats"]
     assert commands.names == {"start", "help", "reset", "model", "memory", "remember",
-                              "forget", "stats"}
+                              "forget", "stats", "persona", "stop"}
     text = help_text("llama3.2", commands)
     assert "/start" not in text and "/stats — Usage figures (admins only)" in text
     with pytest.raises(ValueError, match="twice"):
@@ -215,7 +217,8 @@ async def test_a_cancelled_answer_stops_and_is_recorded_cancelled(
             seen.append(delta)
             reply.cancel()  # what a /stop will do
     rows = await service.store.audit_log(5)
-    assert len(seen) == 1 and reply.outcome is Outcome.CANCELLED
+    # The turn ends itself at once: the text so far, then the stopped mark.
+    assert seen[1:] == ["\n\n⏹ stopped"] and reply.outcome is Outcome.CANCELLED
     assert rows[-1]["status"] == "cancelled"
     assert rows[-1]["model_response"] == seen[0]
 
@@ -269,6 +272,8 @@ async def test_a_streaming_answer_is_found_by_its_conversation_and_stopped(
                 for running in service.answers_in(incoming("/stop", user="7")):
                     running.cancel()
     rows = await service.store.audit_log(5)
-    assert len(seen) == 3 and reply.outcome is Outcome.CANCELLED
-    assert rows[-1]["status"] == "cancelled" and rows[-1]["model_response"] == "".join(seen)
+    assert len(seen) == 4 and seen[-1] == "\n\n⏹ stopped"
+    assert reply.outcome is Outcome.CANCELLED
+    assert rows[-1]["status"] == "cancelled"
+    assert rows[-1]["model_response"] == "".join(seen[:3])
     assert service.answers_in(incoming("/stop", user="7")) == []

@@ -89,7 +89,7 @@ async def test_bad_setting_stops_startup_with_one_line(tmp_path: Path,
                                                        model_server: ModelServer) -> None:
     for name, value, allowed in [
         ("CONTEXT_TOKENS", "abc", "integer"),
-        ("LLM_PROVIDER", "foo", "'ollama' or 'openai'"),
+        ("LLM_PROVIDER", "foo", "'ollama', 'openai' or 'local'"),
         ("REPLY_TOKENS", "5000", "must be less than CONTEXT_TOKENS"),
     ]:
         code, _out, err = await run_bot(["console"], bot_env(tmp_path, model_server,

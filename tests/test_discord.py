@@ -332,7 +332,8 @@ async def test_model_command_autocomplete_and_per_user_switch(
         discord_api: DiscordEmulator, run_bot: StartBot, model_server: ModelServer) -> None:
     await run_bot()
     assert sorted(discord_api.commands_synced()) == ["forget", "help", "memory", "model",
-                                                     "remember", "reset", "stats"]
+                                                     "persona", "remember", "reset", "stats",
+                                                     "stop"]
     typed = await discord_api.autocomplete(ALICE, "model", "name", "qw")
     await discord_api.wait_for(lambda: typed.choices is not None)
     assert [c["value"] for c in typed.choices or []] == ["qwen2.5"]
@@ -393,6 +394,7 @@ async def test_reset_is_private_and_forgets(discord_api: DiscordEmulator, run_bo
     help_ = await discord_api.slash(BOB, "help", channel_id=general)
     await discord_api.wait_for(lambda: help_.answered)
     assert "/model" in help_.texts[0] and not help_.messages[0].ephemeral
+    assert "/persona" in help_.texts[0] and "/stop" in help_.texts[0]
     assert help_.callbacks[0].data["allowed_mentions"] == {"parse": []}
 
 
@@ -685,3 +687,92 @@ async def test_sigterm_finishes_in_flight_and_exits_0(
     async with open_service(make_settings()) as svc:
         rows = await svc.store.audit_log(10)
     assert [r["status"] for r in rows] == ["ok", "cancelled"]
+
+
+# -- /stop's button and /persona ------------------------------------------------------------------
+
+STORY = " ".join(f"word{i}" for i in range(400))
+CAROL = 2_100_000_000_000_000_005
+
+
+async def _streaming(api: DiscordEmulator, model_server: ModelServer, user: int,
+                     channel_id: int) -> ShownMessage:
+    model_server.reply = STORY
+    model_server.chunk_delay = 0.03
+    await api.user_says(user, "tell me a long story", channel_id=channel_id, mentions_bot=True)
+    await api.wait_for(lambda: any(m.content.startswith("word0") and m.buttons
+                                   for m in api.bot_messages(channel_id)))
+    return next(m for m in api.bot_messages(channel_id)
+                if m.content.startswith("word0") and m.buttons)
+
+
+async def test_discord_stop_button_stops_the_stream_only_for_the_asker_or_an_admin(
+        discord_api: DiscordEmulator, run_bot: StartBot, model_server: ModelServer) -> None:
+    bot = await run_bot()
+    answer = await _streaming(discord_api, model_server, ALICE, TEXT_CHANNEL_ID)
+    [button] = answer.buttons
+    assert button["label"] == "Stop" and button["custom_id"].startswith(f"stop:{ALICE}:")
+    # Bob is no admin of the server: his press is refused, the stream goes on.
+    bobs = await discord_api.press(BOB, answer, button["custom_id"])
+    await discord_api.wait_for(lambda: bobs.answered)
+    assert "Only the person who asked" in bobs.texts[0]
+    assert all(m.ephemeral for m in bobs.messages)
+    assert model_server.disconnects == 0 and answer.buttons
+    alices = await discord_api.press(ALICE, answer, button["custom_id"])
+    await model_server.wait_for_disconnects(1, timeout=1)
+    await discord_api.wait_for(lambda: answer.content.endswith("⏹ stopped")
+                               and not answer.buttons)
+    assert alices.callbacks[0].type == 6 and (alices.ack_after or 9) < 3.0  # deferred update
+    rows = [r for r in await bot.service.store.audit_log(10) if r["kind"] == "chat"]
+    assert rows[-1]["status"] == "cancelled"
+    assert answer.content == rows[-1]["model_response"] + "\n\n⏹ stopped"
+    # The next prompt lacks the stopped exchange.
+    model_server.reply = None
+    model_server.chunk_delay = 0
+    await discord_api.user_says(ALICE, "again", channel_id=TEXT_CHANNEL_ID,
+                                mentions_bot=True)
+    await discord_api.wait_for(lambda: any(m.content == "You said: again"
+                                           for m in discord_api.bot_messages(TEXT_CHANNEL_ID)))
+    prompt = model_server.requests[-1].messages
+    assert not any("word0" in m["content"] or "long story" in m["content"] for m in prompt)
+    # A server admin (Manage Server) may stop someone else's reply.
+    answer = await _streaming(discord_api, model_server, BOB, TEXT_CHANNEL_ID)
+    discord_api.admins.add((GUILD_ID, CAROL))
+    await discord_api.press(CAROL, answer, answer.buttons[0]["custom_id"])
+    await model_server.wait_for_disconnects(2, timeout=1)
+    await discord_api.wait_for(lambda: answer.content.endswith("⏹ stopped"))
+
+
+async def test_discord_persona_autocomplete_pick_and_admin_default(
+        discord_api: DiscordEmulator, run_bot: StartBot, model_server: ModelServer,
+        tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[teacher]\ndescription = "老師"\nsystem = "你是一位老師。"\n'
+                    '[coach]\ndescription = "a coach"\nsystem = "Coach me."\n',
+                    encoding="utf-8")
+    bot = await run_bot(PERSONAS_FILE=str(path))
+    typed = await discord_api.autocomplete(ALICE, "persona", "name", "co")
+    await discord_api.wait_for(lambda: typed.choices is not None)
+    assert typed.choices == [{"name": "coach: a coach", "value": "coach"}]
+    picked = await discord_api.slash(ALICE, "persona", {"name": "teacher"})
+    await discord_api.wait_for(lambda: picked.answered)
+    assert picked.texts == ["Done: this conversation now uses the persona `teacher`."]
+    await discord_api.user_says(ALICE, "hi")
+    await said(discord_api, discord_api.dm_channel(ALICE), "You said: hi")
+    assert model_server.requests[-1].messages[0]["content"] == "你是一位老師。"
+    # The server's default: Bob (no Manage Server) may not set it, Carol may.
+    refused = await discord_api.slash(BOB, "persona", {"name": "coach default"},
+                                      channel_id=TEXT_CHANNEL_ID)
+    await discord_api.wait_for(lambda: refused.answered)
+    assert "admins" in refused.texts[0]
+    discord_api.admins.add((GUILD_ID, CAROL))
+    done = await discord_api.slash(CAROL, "persona", {"name": "coach default"},
+                                   channel_id=TEXT_CHANNEL_ID)
+    await discord_api.wait_for(lambda: done.answered)
+    assert done.texts == ["Done: `coach` is now the default persona here."]
+    assert await bot.service.store.personas_of("-", "discord", str(GUILD_ID)) == (None, "coach")
+    await discord_api.user_says(BOB, "hello", channel_id=TEXT_CHANNEL_ID,
+                                mentions_bot=True)
+    await discord_api.wait_for(lambda: any(m.content == "You said: hello"
+                                           for m in discord_api.bot_messages(TEXT_CHANNEL_ID)))
+    assert model_server.requests[-1].messages[0]["content"] == "Coach me."

@@ -21,6 +21,7 @@ from bot.records import AUDIT_COLUMNS, AuditRecord, ConversationRef
 from bot.settings import load_settings
 from bot.store import TABLES
 from storage import open_store, postgres_store, queries, sqlite_store
+from storage.audit_queries import AuditFilter
 from storage.dialect import POSTGRES, SQLITE, Dialect
 from storage.migrations import MIGRATIONS, Migration
 from tests.backends import db_url_both_backends as db_url_both_backends
@@ -145,7 +146,13 @@ async def fill(db: Raw, upto: int) -> None:
         await db.execute("INSERT INTO model_info (model, context_length, learned_window,"
                          " token_factor, cjk_factor, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
                          "qwen2.5", 32768, 4096, 1.1, 1.4, T)
-    if "009_notes" in has:
+    if "008_personas" in has:
+        await db.execute("INSERT INTO conversation_settings (conversation_key, platform,"
+                         " user_id, persona, updated_at) VALUES (?, ?, ?, ?, ?)",
+                         "telegram:1@dm", "telegram", "1", "teacher", T)
+        await db.execute("INSERT INTO place_settings (platform, place_id, persona, updated_at)"
+                         " VALUES (?, ?, ?, ?)", "telegram", "-100", "coach", T)
+    if "010_notes" in has:
         await db.execute("INSERT INTO notes (conversation_id, text, created_at)"
                          " VALUES (?, ?, ?)", 1, "I'm vegetarian", T)
     if "003_rate_events" in has and db.dialect is POSTGRES:
@@ -196,7 +203,7 @@ async def test_each_past_version_upgrades_with_no_row_lost(db_url: str, upto: in
         # The recall index: a new exchange is indexed as it is stored; the old rows
         # once reindexed (they were stored before the index existed).
         old_ids = [r["id"] for r in before["messages"]]
-        if upto < NAMES.index("008_recall") + 1:
+        if upto < NAMES.index("009_recall") + 1:
             assert await store.count_missing(None) == len(old_ids)
         assert [h[0] for h in await store.recall_search(conv, ["q"], 10**9, 5)] == [newest - 1]
         while (await store.index_unindexed(0, 2))[0]:
@@ -242,7 +249,7 @@ async def test_audit_fields_reach_logs_json(db_url: str, capsys: pytest.CaptureF
             user_input="look", recalled=2, persona="tutor", images=3))
     finally:
         await store.close()
-    assert await logs(settings, 10, None, True) == 0
+    assert await logs(settings, 10, AuditFilter(), True) == 0
     (line,) = capsys.readouterr().out.splitlines()
     row = json.loads(line)
     assert (row["recalled"], row["persona"], row["images"]) == (2, "tutor", 3)
@@ -273,3 +280,38 @@ async def test_step_that_fails_leaves_nothing(db_url: str) -> None:
         (row,) = await db.rows("audit")
     assert first == [] and "half" not in row
     assert await applied_on_open(db_url) == NAMES
+
+
+async def test_reopening_a_migrated_database_reads_no_table_in_full(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Start-up must not grow with the history: no foreign-key sweep once migrated."""
+    path = tmp_path / "bot.db"
+    first = open_store(f"sqlite:///{path}")
+    await first.open()
+    ref = ConversationRef(key="telegram:1@dm", platform="telegram", user_id="1", place="dm")
+    conv = await first.conversation_id(ref)
+    await first.close()
+    statements: list[str] = []
+    connect = aiosqlite.connect
+
+    def traced(*args: Any, **kwargs: Any) -> aiosqlite.Connection:
+        conn = connect(*args, **kwargs)
+        original = conn._connect
+
+        async def with_trace() -> aiosqlite.Connection:
+            await original()
+            await conn.set_trace_callback(statements.append)
+            return conn
+
+        conn._connect = with_trace  # type: ignore[method-assign]
+        return conn
+
+    monkeypatch.setattr(sqlite_store.aiosqlite, "connect", traced)
+    again = open_store(f"sqlite:///{path}")
+    await again.open()
+    try:
+        assert await again.conversation_id(ref) == conv  # the same database, still usable
+    finally:
+        await again.close()
+    assert any("migrations" in s for s in statements)  # the trace saw the migration pass
+    assert not [s for s in statements if "foreign_key_check" in s]

@@ -366,17 +366,19 @@ async def test_forget_user(store: PostgresStore) -> None:
     await store.save_summary(conv, "s", (await store.recent_messages(conv, 1))[0].id)
     await store.set_user_model("telegram", "1", "m")
     await store.set_user_model("discord", "2", "m")
+    await store.set_conversation_persona(REF, "teacher")  # /persona: forgotten too
     await store.save_audit(audit(status="rejected"))
     await store.rate_hit("telegram:1", 10, 60)
     await store.rate_hit("discord:2", 10, 60)
     counts = await store.forget_user("telegram", "1")
     assert counts == {"notes": 0, "messages": 4, "summaries": 1, "conversations": 2,
-                      "user_settings": 1, "audit": 3}
+                      "user_settings": 1, "audit": 3, "conversation_settings": 1}
     assert await store.audit_log(10, "telegram:1") == []
     assert await store.user_model("telegram", "1") is None
     assert await store.table_counts() == {"conversations": 1, "messages": 2, "summaries": 0,
                                           "user_settings": 1, "audit": 1,
-                                          "model_info": 0, "notes": 0}
+                                          "model_info": 0, "conversation_settings": 0,
+                                          "place_settings": 0, "notes": 0}
     async with store.pool.acquire() as conn:
         keys = [r[0] for r in await conn.fetch("SELECT user_key FROM rate_events")]
     assert keys == ["discord:2"]
@@ -765,3 +767,99 @@ async def test_turn_context_in_one_query_matches_separate_reads(store: PostgresS
             assert one == three
     ctx = await store.turn_context(conv, "nobody", "0", 5, True)
     assert ctx.model_choice is None and ctx.summary is not None
+
+
+# -- round trips of a turn (the performance issue: ≤ 4 per chat exchange)
+
+
+# Advisory locks in this test's database (the server is shared with other databases).
+_ADVISORY_HERE = ("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND database = "
+                  "(SELECT oid FROM pg_database WHERE datname = current_database())")
+
+
+class _CountedProtocol:
+    """An asyncpg protocol whose requests that wait for the server are recorded."""
+
+    TRIPS = frozenset({"query", "prepare", "bind_execute", "bind_execute_many", "bind",
+                       "execute", "close_statement", "copy_in", "copy_out"})
+
+    def __init__(self, protocol: Any, seen: list[str]) -> None:
+        self._p, self._seen = protocol, seen
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._p, name)
+        if name not in self.TRIPS:
+            return attr
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            first = args[0] if args else kwargs.get("state", kwargs.get("query", "?"))
+            query = first if name == "query" else getattr(first, "query", first)
+            self._seen.append(" ".join(str(query).split())[:60])
+            return attr(*args, **kwargs)
+        return counted
+
+
+async def test_a_turn_counts_its_round_trips_and_leaves_no_session_state(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+
+    class Counting(pgs._Connection):
+        def __init__(self, protocol: Any, *args: Any, **kwargs: Any) -> None:
+            super().__init__(protocol, *args, **kwargs)
+            self._protocol = _CountedProtocol(protocol, seen)
+
+    monkeypatch.setattr(pgs, "_Connection", Counting)
+    s = PostgresStore(pg_url, pool_size=3)
+    await s.open()
+    try:
+        first = await s.conversation_id(REF)  # the conversation exists (a returning user)
+        for n in range(3):  # the first turn prepares its statements; later ones reuse them
+            seen.clear()
+            async with asyncio.timeout(BOUND), s.conversation_lock(REF.key, BOUND):
+                conv = await s.conversation_id(REF)
+                context = await s.turn_context(conv, "telegram", "1", 50, with_summary=False)
+                await s.save_exchange(conv, f"q{n}", f"a{n}", audit(user_input=f"q{n}"))
+        # lock + id, context, unlock, and the save's transaction: BEGIN, the erasure
+        # lock, its check, the conversation check, the messages, the audit row,
+        # COMMIT (issue 18's bar of 4 is not met since the erasure check; see README).
+        assert conv == first
+        assert [m.content for m in context.history] == ["q0", "a0", "q1", "a1"]
+        assert len(seen) <= 10, seen
+        assert seen[0].startswith("SELECT set_config('lock_timeout'"), seen
+        assert not any("RESET" in q for q in seen), seen
+    finally:
+        await s.close()
+    conn = await asyncpg.connect(pg_url)
+    try:
+        rows = await conn.fetch("SELECT role, content FROM messages ORDER BY id")
+        assert [(r["role"], r["content"]) for r in rows][-2:] == [("user", "q2"),
+                                                                  ("assistant", "a2")]
+        assert await conn.fetchval("SELECT count(*) FROM audit") == 3
+        # No reset on release, yet no advisory lock outlives its turn (the pool is closed,
+        # so also none of a session that was not reset).
+        assert await conn.fetchval(_ADVISORY_HERE) == 0
+    finally:
+        await conn.close()
+
+
+async def test_lock_connection_restores_lock_timeout_for_the_next_borrower(
+        pg_url: str) -> None:
+    s = PostgresStore(pg_url, pool_size=2)  # one lock connection, reused by the next call
+    await s.open()
+    try:
+        async with asyncio.timeout(BOUND):
+            async with s.conversation_lock(REF.key, 3.0):
+                async with s._conn() as conn:
+                    held = await conn.fetchval("SHOW lock_timeout")
+                    locks = await conn.fetchval(
+                        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                        "AND pid = pg_backend_pid()")
+            async with s.pool.acquire() as a, s.pool.acquire() as b:
+                after = {await a.fetchval("SHOW lock_timeout"),
+                         await b.fetchval("SHOW lock_timeout")}
+                left = await a.fetchval(_ADVISORY_HERE)
+    finally:
+        await s.close()
+    # Inside the turn its own call ran on the lock connection, with the wait's bound.
+    assert held != "0" and locks == 1
+    assert after == {"0"} and left == 0

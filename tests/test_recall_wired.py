@@ -265,7 +265,7 @@ async def test_reindex_builds_what_an_old_database_lacks_interrupted_and_resumed
 ) -> None:
     model_server.models.append(EMBED)
     # A database made before recall: the migrations up to 006, rows written then.
-    pre = [m for m in MIGRATIONS if m.name < "008_recall"]
+    pre = [m for m in MIGRATIONS if m.name < "009_recall"]
     if db_url.startswith("sqlite"):
         from storage.sqlite_store import migrate as sqlite_migrate
         path = db_url.removeprefix("sqlite:///")

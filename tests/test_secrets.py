@@ -282,6 +282,7 @@ async def test_forget_erases_history_summaries_settings_and_audit_of_one_user_on
                 conv = await svc.store.conversation_id(ref)
                 newest = (await svc.store.recent_messages(conv, 1))[0].id
                 assert await svc.store.save_summary(conv, f"U{user} likes tea", newest)
+                await svc.store.set_conversation_persona(ref, "teacher")  # /persona
     before = _rows_by_user(db)
     assert before["2"] == before["1"] and before["1"]["summaries"] == 2
 
@@ -293,8 +294,10 @@ async def test_forget_erases_history_summaries_settings_and_audit_of_one_user_on
     for table in ("messages 4", "summaries 2", "conversations 2", "user_settings 1", "audit 3"):
         assert table in output, output
     after = _rows_by_user(db)
-    # model_info holds what was learned about models, nobody's data.
-    assert after["1"] == {table: 0 for table in TABLES if table != "model_info"}
+    # model_info holds what was learned about models, place_settings a server's or
+    # group's default persona: nobody's data.
+    assert after["1"] == {table: 0 for table in TABLES
+                          if table not in ("model_info", "place_settings")}
     assert after["2"] == before["2"]  # nobody else's data is touched
 
     # The user starts from nothing: no memory, the default model.
@@ -319,6 +322,8 @@ def _rows_by_user(db: Path) -> dict[str, dict[str, int]]:
         "audit": "SELECT count(*) FROM audit WHERE platform = 'telegram' AND user_id = ?",
         "notes": "SELECT count(*) FROM notes WHERE conversation_id IN (SELECT id FROM"
                  " conversations WHERE platform = 'telegram' AND user_id = ?)",
+        "conversation_settings": "SELECT count(*) FROM conversation_settings WHERE"
+                                 " platform = 'telegram' AND user_id = ?",
     }
     with sqlite3.connect(db) as con:
         out = {user: {table: con.execute(sql, (user,)).fetchone()[0]

@@ -31,6 +31,7 @@ from adapters.base import Adapter
 from adapters.discord.commands import SlashCommands
 from adapters.discord.inbound import (
     images_of,
+    incoming_from_interaction,
     incoming_from_message,
     is_addressed,
     place_of,
@@ -256,7 +257,7 @@ class DiscordAdapter(Adapter[discord.Message]):
             try:
                 reply = await service.handle(incoming_from_message(
                     message, text, images=images, unsupported=unsupported))
-                await self.stream(reply, sink, limit=MESSAGE_LIMIT)
+                await self._show(reply, message, sink)
             except Exception:
                 log.exception("discord: answering message %s in channel %s failed",
                               message.id, message.channel.id)
@@ -264,9 +265,54 @@ class DiscordAdapter(Adapter[discord.Message]):
 
     async def send(self, reply: Reply, to: discord.Message) -> None:
         """Answer `to` in its channel."""
-        await self.stream(reply, _sink_for(to), limit=MESSAGE_LIMIT)
+        await self._show(reply, to, _sink_for(to))
+
+    async def _show(self, reply: Reply, to: discord.Message, sink: ChannelSink) -> None:
+        """Stream a reply; a streaming answer carries a Stop button until it ends."""
+        if not reply.streaming:
+            await self.stream(reply, sink, limit=MESSAGE_LIMIT)
+            return
+        sink = _sink_for(to, view=StopView(self, to.author.id, reply.id),
+                         edit_interval=self._settings.STREAM_EDIT_INTERVAL)
+        try:
+            await self.stream(reply, sink, limit=MESSAGE_LIMIT, on_end=sink.release_view)
+        finally:
+            with contextlib.suppress(discord.HTTPException):
+                await sink.drop_view()
+
+    async def stop_pressed(self, interaction: discord.Interaction, owner: int,
+                           reply_id: int) -> None:
+        """A press on a reply's Stop button: the asker's is acknowledged first."""
+        with self.tracked():
+            incoming = incoming_from_interaction(interaction, "/stop")
+            if interaction.user.id == owner:
+                await interaction.response.defer()  # "got it" within Discord's 3 s
+                await self.service.stop_answer(incoming, reply_id)
+                return
+            # Someone else: the core decides (a server admin may stop it).
+            result = await self.service.stop_answer(incoming, reply_id)
+            await interaction.response.send_message(await self.collect(result),
+                                                    ephemeral=True)
 
 
-def _sink_for(message: discord.Message) -> ChannelSink:
+class StopView(discord.ui.View):
+    """The Stop button of one streaming reply (custom id `stop:<asker>:<reply id>`)."""
+
+    def __init__(self, adapter: DiscordAdapter, owner: int, reply_id: int) -> None:
+        super().__init__(timeout=None)
+        button: discord.ui.Button[StopView] = discord.ui.Button(
+            label="Stop", emoji="⏹", style=discord.ButtonStyle.secondary,
+            custom_id=f"stop:{owner}:{reply_id}")
+
+        async def pressed(interaction: discord.Interaction) -> None:
+            await adapter.stop_pressed(interaction, owner, reply_id)
+
+        button.callback = pressed  # type: ignore[method-assign]
+        self.add_item(button)
+
+
+def _sink_for(message: discord.Message, *, view: discord.ui.View | None = None,
+              edit_interval: float = 0.0) -> ChannelSink:
     # In a server the answer replies to the user's message; in a DM that is noise.
-    return ChannelSink(message.channel, message if place_of(message) is not None else None)
+    return ChannelSink(message.channel, message if place_of(message) is not None else None,
+                       view=view, edit_interval=edit_interval)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import mimetypes
 import re
+from collections.abc import Awaitable, Callable
 
 import discord
 
@@ -110,8 +111,17 @@ def unsupported_kind(message: discord.Message) -> str:
         else "file"
 
 
+def _admin_signal(allowed: bool) -> Callable[[], Awaitable[bool]]:
+    async def place_admin() -> bool:
+        return allowed
+    return place_admin
+
+
 def incoming_from_message(message: discord.Message, text: str, *,
                           images: tuple[ImageRef, ...] = (), unsupported: str = "") -> Incoming:
+    # Manage Server: Discord's own mark of a server's admins (the core decides what it allows).
+    author = message.author
+    admin = isinstance(author, discord.Member) and author.guild_permissions.manage_guild
     return Incoming(
         platform=PLATFORM,
         user_id=str(message.author.id),
@@ -122,6 +132,7 @@ def incoming_from_message(message: discord.Message, text: str, *,
         raw=message,
         images=images,
         unsupported=unsupported,
+        place_admin=_admin_signal(admin),
     )
 
 
@@ -135,4 +146,6 @@ def incoming_from_interaction(interaction: discord.Interaction, text: str) -> In
         place_id=str(interaction.guild_id) if interaction.guild_id is not None else None,
         text=text,
         raw=interaction,
+        place_admin=_admin_signal(interaction.guild_id is not None
+                                  and interaction.permissions.manage_guild),
     )

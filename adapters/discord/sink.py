@@ -6,7 +6,9 @@ nothing here can forget them; `mention_author=False` keeps the reply itself sile
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 import discord
 
@@ -29,30 +31,61 @@ class ChannelSink:
     """Sends and edits the messages of one reply; the first one answers `reply_to`."""
 
     def __init__(self, channel: discord.abc.Messageable,
-                 reply_to: discord.Message | None = None) -> None:
+                 reply_to: discord.Message | None = None, *,
+                 view: discord.ui.View | None = None, edit_interval: float = 0.0) -> None:
         self._channel = channel
         self._reply_to = reply_to
         self._sent_any = False
+        self._view = view  # on the first message while the reply streams (a Stop button)
+        self._first: discord.Message | None = None
+        self._unview = False  # the view is to go with the first message's next edit
+        self._interval = edit_interval
+        self._last_change = float("-inf")
 
     async def send(self, text: str, *, formatted: bool) -> discord.Message:
         # Discord's Markdown is the model's Markdown, so formatted text goes as it is.
         content = text if formatted else _plain(text)
         if is_blank(content):
             raise NothingToShow  # Discord refuses an empty message
+        extra = {"view": self._view} if self._view is not None and not self._sent_any else {}
         if self._reply_to is not None and not self._sent_any:
             reference = self._reply_to.to_reference(fail_if_not_exists=False)
             message = await self._channel.send(content, reference=reference,
-                                               mention_author=False)
+                                               mention_author=False, **extra)
         else:
-            message = await self._channel.send(content)
+            message = await self._channel.send(content, **extra)
+        if not self._sent_any:
+            self._first = message
         self._sent_any = True
+        self._last_change = time.monotonic()
         return message
 
     async def edit(self, handle: discord.Message, text: str, *, formatted: bool) -> None:
         content = text if formatted else _plain(text)
         if is_blank(content):
             raise NothingToShow
-        await handle.edit(content=content)
+        if self._unview and handle is self._first:
+            await handle.edit(content=content, view=None)
+            self._unview = False
+        else:
+            await handle.edit(content=content)
+        self._last_change = time.monotonic()
+
+    def release_view(self) -> None:
+        """The reply is complete: its view (the Stop button) goes with the next edit."""
+        if self._view is not None:
+            self._view.stop()
+            self._view = None
+            self._unview = self._first is not None
+
+    async def drop_view(self) -> None:
+        """Take the Stop button off if the last edit did not (an edit interval later)."""
+        self.release_view()
+        if not self._unview or self._first is None:
+            return
+        self._unview = False
+        await asyncio.sleep(max(0.0, self._last_change + self._interval - time.monotonic()))
+        await self._first.edit(view=None)
 
     async def typing(self) -> None:
         await self._channel.typing()  # one indicator; Discord shows it for ~10 s

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
 from telegram import Bot, BotCommand, CallbackQuery, Chat, Message, Update, User
-from telegram.constants import ChatType
+from telegram.constants import ChatMemberStatus, ChatType
 from telegram.error import InvalidToken, TelegramError
 from telegram.ext import (
     AIORateLimiter,
@@ -35,7 +35,13 @@ from adapters.base import Adapter, utf16_len
 from adapters.telegram.addressing import BotIdentity, addressed_text
 from adapters.telegram.log_secrets import secrets_kept_out_of_logs
 from adapters.telegram.media import has_media, images_of, unsupported_kind
-from adapters.telegram.menu import choices_keyboard, decode_choice, resolve_choice
+from adapters.telegram.menu import (
+    choices_keyboard,
+    decode_choice,
+    decode_stop,
+    resolve_choice,
+    stop_keyboard,
+)
 from adapters.telegram.pacing import ChatPacer
 from adapters.telegram.settings import bot_token, webhook_secret
 from adapters.telegram.sink import TelegramSink
@@ -52,6 +58,8 @@ ALLOWED_UPDATES = (Update.MESSAGE, Update.CALLBACK_QUERY)
 POLL_TIMEOUT = 10  # seconds a getUpdates long poll may wait for news
 SORRY = "Sorry, something went wrong while answering. Please try again."
 DRAIN_EXTRA = 5.0  # seconds, beyond SHUTDOWN_GRACE, before replies still running are cancelled
+ADMIN_CHECK_WITHIN = 3.0  # seconds for getChatMember before "not an admin"
+_ADMIN_STATUSES = (ChatMemberStatus.OWNER, ChatMemberStatus.ADMINISTRATOR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,12 +207,28 @@ class TelegramAdapter(Adapter[Destination]):
     # ------------------------------------------------------------------ handlers
 
     def _incoming(self, user: User, chat: Chat, text: str, raw: object) -> Incoming:
+        group = chat.type != ChatType.PRIVATE
+        chat_id, user_id = chat.id, user.id
+
+        async def place_admin() -> bool:  # asked only by a command that needs it
+            return await self._is_chat_admin(chat_id, user_id)
+
         return Incoming(
             platform="telegram", user_id=str(user.id),
             display_name=user.full_name or user.username or str(user.id),
             chat_id=str(chat.id),
-            place_id=None if chat.type == ChatType.PRIVATE else str(chat.id),
-            text=text, raw=raw)
+            place_id=str(chat.id) if group else None,
+            text=text, raw=raw, place_admin=place_admin if group else None)
+
+    async def _is_chat_admin(self, chat_id: int, user_id: int) -> bool:
+        """The group's creator or an administrator, as getChatMember says."""
+        try:
+            async with asyncio.timeout(ADMIN_CHECK_WITHIN):
+                member = await self._bot.get_chat_member(chat_id, user_id)
+        except (TelegramError, TimeoutError) as exc:
+            log.warning("telegram: getChatMember failed: %s", exc)
+            return False
+        return member.status in _ADMIN_STATUSES
 
     async def _on_message(self, update: Update, context: ContextTypes.DEFAULT_TYPE) -> None:
         message = update.message
@@ -228,9 +252,21 @@ class TelegramAdapter(Adapter[Destination]):
         # Choices become buttons on the reply; in a group everyone sees them, and
         # only the asker's presses count (the owner is in the callback data).
         keyboard = choices_keyboard(to.owner_id, reply.choices) if reply.choices else None
+        if reply.streaming:  # a Stop button while the answer streams
+            keyboard = stop_keyboard(to.owner_id, reply.id)
         sink = TelegramSink(self._bot, to.chat_id, pacer=self._pacer, thread_id=to.thread_id,
-                            reply_to=to.reply_to, reply_markup=keyboard)
-        await self.stream(reply, sink, limit=MESSAGE_LIMIT, measure=utf16_len)
+                            reply_to=to.reply_to, reply_markup=keyboard,
+                            edit_interval=self._settings.STREAM_EDIT_INTERVAL)
+        if not reply.streaming:
+            await self.stream(reply, sink, limit=MESSAGE_LIMIT, measure=utf16_len)
+            return
+        try:
+            # The final edit already goes without the Stop button.
+            await self.stream(reply, sink, limit=MESSAGE_LIMIT, measure=utf16_len,
+                              on_end=sink.release_markup)
+        finally:
+            with contextlib.suppress(TelegramError):
+                await sink.drop_markup()
 
     @property
     def _bot(self) -> Bot:
@@ -242,7 +278,29 @@ class TelegramAdapter(Adapter[Destination]):
         if query is None:
             return
         with self.tracked():
-            await self._choice_button(query, context)
+            if decode_stop(query.data) is not None:
+                await self._stop_button(query)
+            else:
+                await self._choice_button(query, context)
+
+    async def _stop_button(self, query: CallbackQuery) -> None:
+        """A press on a streaming reply's Stop button: the asker's is answered at once."""
+        press = decode_stop(query.data)
+        message = query.message
+        assert press is not None
+        if not isinstance(message, Message):
+            await query.answer("This reply has already finished.")
+            return
+        owner, reply_id = press
+        msg = self._incoming(query.from_user, message.chat, "/stop", query)
+        if owner == query.from_user.id:
+            await query.answer("Stopping…")  # first: Telegram shows a spinner until then
+            await self.service.stop_answer(msg, reply_id)
+            return
+        # Someone else: the core decides (an admin may), so the answer waits for it.
+        result = await self.service.stop_answer(msg, reply_id)
+        text = await self.collect(result)
+        await query.answer(text[:200], show_alert=result.kind.value == "refusal")
 
     async def _choice_button(self, query: CallbackQuery,
                              context: ContextTypes.DEFAULT_TYPE) -> None:

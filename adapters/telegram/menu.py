@@ -19,7 +19,9 @@ from bot.reply import Choices
 
 PREFIX = "m"  # /model's choices
 # Short prefixes keep the key's room in 64 bytes; a command not listed uses its name.
-PREFIXES = {"model": PREFIX}
+PREFIXES = {"model": PREFIX, "persona": "p"}
+STOP_PREFIX = "x"  # the Stop button of a streaming answer: x:<owner>:<reply id>
+STOP_LABEL = "⏹ Stop"
 MAX_CALLBACK_BYTES = 64
 MAX_BUTTONS = 60  # a keyboard longer than this is unusable on a phone
 
@@ -79,3 +81,18 @@ def choices_keyboard(owner_id: int, choices: Choices) -> InlineKeyboardMarkup | 
         for option in options
     ]
     return InlineKeyboardMarkup([buttons[i:i + per_row] for i in range(0, len(buttons), per_row)])
+
+
+def stop_keyboard(owner_id: int, reply_id: int) -> InlineKeyboardMarkup:
+    """The one-button keyboard a reply carries while it streams."""
+    return InlineKeyboardMarkup([[InlineKeyboardButton(
+        STOP_LABEL, callback_data=f"{STOP_PREFIX}:{owner_id}:{reply_id}")]])
+
+
+def decode_stop(data: str | None) -> tuple[int, int] | None:
+    """(owner id, reply id) of a Stop press, or None for any other data."""
+    prefix, _, rest = (data or "").partition(":")
+    owner, _, reply = rest.partition(":")
+    if prefix != STOP_PREFIX or not owner.isdigit() or not reply.isdigit():
+        return None
+    return int(owner), int(reply)

@@ -12,9 +12,11 @@ retries; the pace of sends and edits in one chat is the shared ChatPacer's.
 
 from __future__ import annotations
 
+import asyncio
 import html
 import logging
 import re
+import time
 
 from telegram import Bot, InlineKeyboardMarkup, LinkPreviewOptions, ReplyParameters
 from telegram.constants import ChatAction, ParseMode
@@ -48,7 +50,8 @@ class TelegramSink:
 
     def __init__(self, bot: Bot, chat_id: int, *, pacer: ChatPacer | None = None,
                  thread_id: int | None = None, reply_to: int | None = None,
-                 reply_markup: InlineKeyboardMarkup | None = None) -> None:
+                 reply_markup: InlineKeyboardMarkup | None = None,
+                 edit_interval: float = 0.0) -> None:
         self._bot = bot
         self._chat_id = chat_id
         self._pacer = pacer or ChatPacer(0)
@@ -56,6 +59,9 @@ class TelegramSink:
         self._reply_to = reply_to  # quoted by the first message only
         self._markup = reply_markup  # kept on the first message, through its edits
         self._first: int | None = None
+        self._interval = edit_interval
+        self._last_change = float("-inf")  # when a message of this reply last changed
+        self._unbutton = False  # the keyboard is to go with the first message's next edit
 
     async def send(self, text: str, *, formatted: bool) -> int:
         body, mode = self._body(text, formatted)
@@ -73,6 +79,7 @@ class TelegramSink:
             raise
         if self._first is None:
             self._first = sent.message_id
+        self._last_change = time.monotonic()
         return sent.message_id
 
     async def edit(self, handle: int, text: str, *, formatted: bool) -> None:
@@ -88,6 +95,32 @@ class TelegramSink:
                 return
             _translate(exc, formatted)
             raise
+        self._last_change = time.monotonic()
+        if handle == self._first:
+            self._unbutton = False
+
+    def release_markup(self) -> None:
+        """The reply is complete: its keyboard (a Stop button) goes with the next edit."""
+        if self._markup is not None:
+            self._markup = None
+            self._unbutton = self._first is not None
+
+    async def drop_markup(self) -> None:
+        """Take the keyboard off the first message if the last edit did not already
+        (a Stop button once the reply ended), an edit interval after the last change."""
+        self.release_markup()
+        if not self._unbutton or self._first is None:
+            return
+        self._unbutton = False
+        # Pacing, as the renderer's edits: platforms count edits per message.
+        await asyncio.sleep(max(0.0, self._last_change + self._interval - time.monotonic()))
+        try:
+            async with self._pacer.turn(self._chat_id):
+                await self._bot.edit_message_reply_markup(self._chat_id, self._first,
+                                                          reply_markup=None)
+        except BadRequest as exc:
+            if not is_not_modified(exc):
+                raise
 
     async def typing(self) -> None:
         if not self._pacer.claim_typing(self._chat_id):

@@ -12,6 +12,12 @@ def make_provider(settings: Settings) -> Provider:
         from bot.providers.ollama_provider import OllamaProvider
 
         return OllamaProvider(settings.OLLAMA_HOST)
+    if settings.LLM_PROVIDER == "local":
+        from bot.providers.local_provider import LocalProvider
+
+        # The model loads on first use, in the provider's worker thread.
+        return LocalProvider(model=settings.LLM_MODEL, path=settings.LOCAL_MODEL or None,
+                             n_ctx=settings.LOCAL_CONTEXT, threads=settings.LOCAL_THREADS)
     from bot.providers.openai_provider import OpenAIProvider
 
     key = settings.OPENAI_API_KEY.get_secret_value() if settings.OPENAI_API_KEY else None

@@ -58,7 +58,7 @@ class ProviderError(Exception):
     `detail` is for the operator's log and the audit record; `retryable`
     says whether trying again may help. `kind` is "too_long" when the prompt
     did not fit the model's window (`window` then holds the window the
-    server named, if it named one).
+    server named, if it named one), "unreachable" when no server answered.
     """
 
     def __init__(self, user_message: str, *, detail: str = "", retryable: bool = False,
@@ -98,7 +98,7 @@ def unreachable(where: str, exc: BaseException) -> ProviderError:
     return ProviderError(
         "The model server can't be reached right now. Please try again in a moment.",
         detail=f"{where} unreachable: {type(exc).__name__}: {exc}",
-        retryable=True,
+        retryable=True, kind="unreachable",
     )
 
 

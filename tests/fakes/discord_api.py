@@ -78,10 +78,15 @@ CHANNEL_PUBLIC_THREAD = 11
 
 # Interaction types and callback types
 INTERACTION_COMMAND = 2
+INTERACTION_COMPONENT = 3  # a button press on a message
 INTERACTION_AUTOCOMPLETE = 4
 CALLBACK_MESSAGE = 4
 CALLBACK_DEFERRED = 5
+CALLBACK_DEFERRED_UPDATE = 6  # a component's "got it", the message unchanged for now
+CALLBACK_UPDATE = 7  # a component's answer that edits its message
 CALLBACK_AUTOCOMPLETE = 8
+MEMBER_PERMISSIONS = 2248473465835073  # what a member may do in the channel
+MANAGE_GUILD = 1 << 5  # "Manage Server": added for the server's admins (DiscordEmulator.admins)
 
 # Default world: a bot, one server with a text channel, a thread and a role.
 BOT_ID = 1_111_111_111_111_111_111
@@ -118,6 +123,18 @@ def _error(status: int, code: int, message: str,
     if errors:
         body["errors"] = errors
     return _json(body, status)
+
+
+def _components(value: Any) -> list[dict[str, Any]]:
+    """Action rows as Discord echoes them (custom ids kept, defaults filled)."""
+    rows = []
+    for row in value or []:
+        buttons = [{"type": c.get("type", 2), "style": c.get("style", 1),
+                    "label": c.get("label"), "custom_id": c.get("custom_id"),
+                    "disabled": bool(c.get("disabled", False))}
+                   for c in row.get("components", [])]
+        rows.append({"type": 1, "components": buttons})
+    return rows
 
 
 def _too_long(field_name: str) -> web.Response:
@@ -229,6 +246,12 @@ class ShownMessage:
     @property
     def edit_times(self) -> list[float]:
         return [at for at, _ in self.versions[1:]]
+
+    @property
+    def buttons(self) -> list[dict[str, Any]]:
+        """The buttons on the message now (type 2 components, in their rows)."""
+        return [c for row in self.payload.get("components") or []
+                for c in row.get("components", []) if c.get("type") == 2]
 
     @property
     def replies_to(self) -> int | None:
@@ -360,6 +383,7 @@ class DiscordEmulator:
         self.channels: dict[int, Channel] = {}
         self.messages: dict[int, ShownMessage] = {}  # by id, in creation order
         self.interactions: dict[int, InteractionRecord] = {}
+        self.admins: set[tuple[int, int]] = set()  # (guild, user) with Manage Server
         self.commands: dict[int | None, list[dict[str, Any]]] = {}  # guild id (None: global)
         self.identifies: list[dict[str, Any]] = []  # the IDENTIFY payloads, token removed
         self.sessions: dict[int, _Session] = {}  # by shard id
@@ -590,6 +614,46 @@ class DiscordEmulator:
         """A user types `partial` into option `option` of command `name`."""
         return await self._interact(INTERACTION_AUTOCOMPLETE, user_id, name, {option: partial},
                                     channel_id=channel_id, focused=option)
+
+    async def press(self, user_id: int, message: ShownMessage, custom_id: str, *,
+                    author_name: str | None = None) -> InteractionRecord:
+        """`user_id` presses the button `custom_id` on `message` (any id: a forged one too)."""
+        channel = self.channels[message.channel_id]
+        guild_id = channel.guild_id
+        user = self.add_user(user_id, author_name or f"user{user_id}", guild_id=guild_id)
+        record = InteractionRecord(
+            id=self.snowflake(), token=secrets.token_urlsafe(48), type=INTERACTION_COMPONENT,
+            name=custom_id, options={"message_id": message.id}, user_id=user_id,
+            channel_id=channel.id, guild_id=guild_id, dispatched_at=time.monotonic())
+        payload: dict[str, Any] = {
+            "id": str(record.id), "application_id": str(self.application_id),
+            "type": INTERACTION_COMPONENT, "token": record.token, "version": 1,
+            "locale": "en-US", "data": {"custom_id": custom_id, "component_type": 2},
+            "message": message.payload, "channel_id": str(channel.id),
+            "channel": channel.payload(self.users), "app_permissions": str(MEMBER_PERMISSIONS),
+            "entitlements": [], "attachment_size_limit": 10 * 1024 * 1024,
+            "context": 0 if guild_id is not None else 1,
+            "authorizing_integration_owners": {"0": str(guild_id)} if guild_id is not None
+            else {"1": str(user_id)},
+        }
+        self._add_member(payload, guild_id, user)
+        self.interactions[record.id] = record
+        session = self._session_for(guild_id)
+        if session is None:
+            raise RuntimeError("no gateway session to deliver the interaction to")
+        await self._dispatch(session, "INTERACTION_CREATE", payload)
+        return record
+
+    def _add_member(self, payload: dict[str, Any], guild_id: int | None, user: User) -> None:
+        """The interaction's member (with permissions: Manage Server for admins) or user."""
+        if guild_id is None:
+            payload["user"] = user.payload()
+            return
+        perms = MEMBER_PERMISSIONS | (MANAGE_GUILD if (guild_id, user.id) in self.admins else 0)
+        payload["guild_id"] = str(guild_id)
+        payload["guild_locale"] = "en-US"
+        payload["member"] = {**self.guilds[guild_id].member_payload(user, with_user=True),
+                             "permissions": str(perms)}
 
     # -- what tests read ------------------------------------------------------------------------
 
@@ -872,13 +936,7 @@ class DiscordEmulator:
         }
         if command.get("guild_id"):
             payload["data"]["guild_id"] = command["guild_id"]
-        if guild_id is not None:
-            payload["guild_id"] = str(guild_id)
-            payload["guild_locale"] = "en-US"
-            payload["member"] = {**self.guilds[guild_id].member_payload(user, with_user=True),
-                                 "permissions": "2248473465835073"}
-        else:
-            payload["user"] = user.payload()
+        self._add_member(payload, guild_id, user)
         self.interactions[record.id] = record
         session = self._session_for(guild_id)
         if session is None:
@@ -1034,6 +1092,7 @@ class DiscordEmulator:
                     "_errors": [{"code": "MESSAGE_REFERENCE_UNKNOWN_MESSAGE",
                                  "message": "Unknown message"}]}})
         payload = self._bot_message_payload(channel, content, 0, reference)
+        payload["components"] = _components(body.get("components"))
         msg = self._store(payload, author_id=BOT_ID,
                           allowed_mentions=body.get("allowed_mentions"))
         msg.pinged = self._pings(content, msg.allowed_mentions, reference)
@@ -1062,6 +1121,8 @@ class DiscordEmulator:
             msg.flags &= ~FLAG_LOADING
         if "allowed_mentions" in body:
             msg.allowed_mentions = body["allowed_mentions"]
+        if "components" in body:  # [] or null: the buttons go
+            msg.payload = {**msg.payload, "components": _components(body["components"])}
         replied = self.messages.get(msg.replies_to) if msg.replies_to else None
         msg.pinged = self._pings(msg.content, msg.allowed_mentions, replied)
         msg.payload = {**msg.payload, "content": msg.content, "flags": msg.flags,
@@ -1119,6 +1180,10 @@ class DiscordEmulator:
         if kind == CALLBACK_AUTOCOMPLETE and len(data.get("choices", [])) > 25:
             return _error(400, 50035, "Invalid Form Body")
         record.callbacks.append(Callback(kind, data, after))
+        if kind == CALLBACK_UPDATE and record.type == INTERACTION_COMPONENT:
+            pressed = self.messages.get(record.options["message_id"])
+            if pressed is not None:
+                self._apply_edit(pressed, data)
         result: dict[str, Any] = {"interaction": {"id": str(record.id), "type": record.type}}
         if kind in (CALLBACK_MESSAGE, CALLBACK_DEFERRED):
             msg = self._interaction_message(record, data, loading=kind == CALLBACK_DEFERRED)

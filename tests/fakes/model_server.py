@@ -570,6 +570,10 @@ class ModelServer:
         self.tokenize_calls = 0
         self.active = 0  # chat requests being handled now
         self.peak_active = 0
+        # Chat requests whose client hung up before the reply was complete (what a
+        # real server sees when a reply is stopped: it stops generating).
+        self.disconnects = 0
+        self._disconnected = asyncio.Event()
         self.embeddings = EmbeddingKnobs()  # see the embeddings block below
         self._runner: web.AppRunner | None = None
         # Since 3.10 these bind to the running loop on first use, not at construction.
@@ -645,6 +649,21 @@ class ModelServer:
             raise TimeoutError(
                 f"expected {n} chat request(s) within {timeout}s, got {len(self.requests)}"
             ) from None
+
+    async def wait_for_disconnects(self, n: int, timeout: float = 5) -> None:  # noqa: ASYNC109
+        """Wait until ``n`` chat clients hung up mid-reply; TimeoutError after ``timeout``."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.disconnects < n:
+                    self._disconnected.clear()
+                    await self._disconnected.wait()
+        except TimeoutError:
+            raise TimeoutError(f"expected {n} disconnect(s) within {timeout}s, got "
+                               f"{self.disconnects}") from None
+
+    def _hung_up(self) -> None:
+        self.disconnects += 1
+        self._disconnected.set()
 
     def count_tokens(self, text: str) -> int:
         return count_tokens(text)
@@ -725,6 +744,10 @@ class ModelServer:
         self.peak_active = max(self.peak_active, self.active)
         try:
             return await self._chat_counted(request, dialect_cls)
+        except asyncio.CancelledError:
+            # handler_cancellation: the client closed the connection mid-reply.
+            self._hung_up()
+            raise
         finally:
             self.active -= 1
 
@@ -845,6 +868,7 @@ class ModelServer:
             return resp if resp is not None else web.Response(status=503)
         except ConnectionResetError:
             # The client went away mid-stream; nothing left to say to it.
+            self._hung_up()
             return resp if resp is not None else web.Response(status=499)
 
     # -- Ollama routes ------------------------------------------------------------------------

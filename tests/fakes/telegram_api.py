@@ -497,6 +497,8 @@ class TelegramApiEmulator:
         self._allowed_updates: list[str] = []
         self._poll_generation = 0
         self._commands: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        # getChatMember: (chat, user) → status; anyone else in a group is a "member".
+        self.member_status: dict[tuple[int, int], str] = {}
         self._changed = asyncio.Event()
         self._closing = False
         self._delivery: asyncio.Task[None] | None = None
@@ -1043,6 +1045,34 @@ class TelegramApiEmulator:
         self._commands.pop(self._scope_key(p), None)
         return True
 
+    def set_admin(self, chat_id: int, user_id: int, status: str = "administrator") -> None:
+        """Make `user_id` the group's "creator" or an "administrator" (getChatMember)."""
+        self.member_status[(chat_id, user_id)] = status
+
+    async def _get_chat_member(self, p: dict[str, Any]) -> Any:
+        chat_id, user_id = int(p.get("chat_id", 0)), int(p.get("user_id", 0))
+        chat = self._chats.get(chat_id)
+        user = self._users.get(user_id)
+        if chat is None:
+            raise bad_request("chat not found")
+        if user is None:
+            raise bad_request("PARTICIPANT_ID_INVALID")
+        if chat["type"] == "private":
+            status = "member"
+        else:
+            status = self.member_status.get((chat_id, user_id), "member")
+        member: dict[str, Any] = {"status": status, "user": user}
+        if status == "administrator":
+            member.update(can_be_edited=False, is_anonymous=False, can_manage_chat=True,
+                          can_delete_messages=True, can_manage_video_chats=True,
+                          can_restrict_members=True, can_promote_members=False,
+                          can_change_info=True, can_invite_users=True, can_post_stories=False,
+                          can_edit_stories=False, can_delete_stories=False,
+                          can_pin_messages=True)
+        elif status == "creator":
+            member["is_anonymous"] = False
+        return member
+
     async def _answer_callback_query(self, p: dict[str, Any]) -> Any:
         query = self._queries.get(str(p.get("callback_query_id")))
         if query is None or query.answer is not None:
@@ -1106,6 +1136,7 @@ _METHODS: dict[str, Callable[[TelegramApiEmulator, dict[str, Any]], Any]] = {
     "getmycommands": TelegramApiEmulator._get_my_commands,
     "deletemycommands": TelegramApiEmulator._delete_my_commands,
     "answercallbackquery": TelegramApiEmulator._answer_callback_query,
+    "getchatmember": TelegramApiEmulator._get_chat_member,
     "getfile": TelegramApiEmulator._get_file,
 }
 
