@@ -821,10 +821,12 @@ async def test_a_turn_counts_its_round_trips_and_leaves_no_session_state(
                 await s.save_exchange(conv, f"q{n}", f"a{n}", audit(user_input=f"q{n}"))
         # lock + id, context, unlock, and the save's transaction: BEGIN, the erasure
         # lock, its check, the conversation check, the messages, the audit row,
-        # COMMIT (issue 18's bar of 4 is not met since the erasure check; see README).
+        # the recall index's terms, COMMIT (issue 18's bar of 4 is not met since the
+        # erasure check; see README).
         assert conv == first
         assert [m.content for m in context.history] == ["q0", "a0", "q1", "a1"]
-        assert len(seen) <= 10, seen
+        assert len(seen) <= 11, seen
+        assert any(q.startswith("INSERT INTO recall_terms") for q in seen), seen
         assert seen[0].startswith("SELECT set_config('lock_timeout'"), seen
         assert not any("RESET" in q for q in seen), seen
     finally:
