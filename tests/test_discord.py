@@ -372,7 +372,7 @@ async def test_reset_is_private_and_forgets(discord_api: DiscordEmulator, run_bo
     bot = await run_bot(DISCORD_DEV_GUILD=GUILD_ID)
     # Synced globally, and to the development server at once.
     assert sorted(discord_api.commands_synced(GUILD_ID)) == sorted(discord_api.commands_synced())
-    assert len(discord_api.commands_synced(GUILD_ID)) == 7
+    assert len(discord_api.commands_synced(GUILD_ID)) == 9
     general = TEXT_CHANNEL_ID
     await discord_api.user_says(ALICE, "my name is Alice", channel_id=general, mentions_bot=True)
     await said(discord_api, general, "You said: my name is Alice")
