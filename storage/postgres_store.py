@@ -348,7 +348,8 @@ class PostgresStore(SQLStore):
                            _erase_key(audit.platform, audit.user_id))
         return await conn.fetchval(
             "SELECT EXISTS (SELECT 1 FROM erasures WHERE platform = $1 AND user_id = $2"
-            " AND erased_at >= $3)", audit.platform, audit.user_id, audit.since)
+            " AND erased_at >= $3)", audit.platform,
+            queries.erasure_id(audit.platform, audit.user_id), audit.since)
 
     async def save_exchange(
         self, conversation_id: int, user_text: str, reply_text: str, audit: AuditRecord
@@ -430,7 +431,8 @@ class PostgresStore(SQLStore):
                 "DELETE FROM rate_events WHERE user_key = $1", f"{platform}:{user_id}"
             )
             await conn.execute(self.q.prune_erasures, queries.erasure_horizon())
-            await conn.execute(self.q.record_erasure, platform, user_id, utcnow_precise())
+            await conn.execute(self.q.record_erasure, platform,
+                               queries.erasure_id(platform, user_id), utcnow_precise())
         return counts
 
     @contextlib.asynccontextmanager

@@ -9,6 +9,7 @@ locks (PostgreSQL; SQLite's single writer already serialises).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
@@ -219,9 +220,16 @@ def forget(d: Dialect) -> list[tuple[str, str]]:
                       _FORGET.items())]
 
 
+def erasure_id(platform: str, user_id: str) -> str:
+    """What an erasure row keeps of the user: a one-way hash, never the id itself
+    (after `forget`, nothing of the user's may remain readable)."""
+    return hashlib.sha256(f"erased:{platform}:{user_id}".encode()).hexdigest()
+
+
 def erased(rows: Iterable[Sequence[Any]], platform: str, user_id: str, since: str) -> bool:
     """Whether `erasures_since` rows erase this user at or after `since`."""
-    return any(r[0] == platform and r[1] == user_id and r[2] >= since for r in rows)
+    key = erasure_id(platform, user_id)
+    return any(r[0] == platform and r[1] == key and r[2] >= since for r in rows)
 
 
 def erasure_horizon() -> str:

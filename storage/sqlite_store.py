@@ -424,7 +424,8 @@ class SQLiteStore(SQLStore):
             # In the same transaction: whatever read this user's data before
             # now writes nothing of it later (see _insert_exchanges, save_audit).
             await db.execute(self.q.prune_erasures, (queries.erasure_horizon(),))
-            await db.execute(self.q.record_erasure, (platform, user_id, utcnow_precise()))
+            await db.execute(self.q.record_erasure,
+                             (platform, queries.erasure_id(platform, user_id), utcnow_precise()))
         self._conv_ids.clear()
         return counts
 

@@ -151,6 +151,10 @@ async def test_forget_voids_records_of_turns_begun_before_it(db_url: str) -> Non
         late = record("late")
         assert await bot.save_exchange(conv, "late", "reply", late) > 0
         left = await rows_of(cli, "7")
+        # The erasure itself keeps no readable trace of the user: a one-way hash.
+        erasures = [tuple(r) for r in await cli._fetch("SELECT platform, user_id FROM erasures")]
+    assert len(erasures) == 1 and erasures[0][0] == "telegram"
+    assert erasures[0][1] != "7" and len(erasures[0][1]) == 64  # sha256 hex, not the id
     assert [m["content"] for m in left["messages"]] == ["late", "reply"]
     assert [a["user_input"] for a in left["audit"]] == ["late"]
 

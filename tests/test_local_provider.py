@@ -193,14 +193,14 @@ async def test_a_stopped_reply_stops_generating_and_frees_the_model(
         async with asyncio.timeout(WAIT), contextlib.aclosing(reply.deltas()) as deltas:
             async for delta in deltas:
                 shown.append(delta)
-                reply.cancel()  # what /stop does
+                reply.cancel()  # what /stop does (the core then adds its stopped mark)
         pace.set()  # let the model run on: only the flag can stop it now
         assert await asyncio.to_thread(fake.closed.wait, WAIT)
         generated = fake.generated
         fake.endless, fake.pace = False, None
         after = await asyncio.wait_for(ask(svc, "next"), WAIT)
         rows = await svc.store.audit_log(5)
-    assert shown == ["Hello "] and reply.outcome.value == "cancelled"
+    assert shown == ["Hello ", "\n\n⏹ stopped"] and reply.outcome.value == "cancelled"
     assert generated < 50  # stopped within a few tokens, not at the reply limit (512)
     assert after == "Hello from the local model "  # the worker is free again
     assert [r["status"] for r in rows] == ["cancelled", "ok"]
