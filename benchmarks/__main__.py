@@ -613,13 +613,16 @@ def main(argv: list[str] | None = None) -> int:
                              "results.json is then left alone unless --output is given")
     parser.add_argument("--output", type=Path, default=None,
                         help=f"where to write the figures (default {RESULTS})")
+    parser.add_argument("--merge", action="store_true",
+                        help="with --only: update the chosen sections' figures in "
+                             "results.json (or --output), keeping every other figure")
     args = parser.parse_args(argv)
     chosen = [s.strip() for s in args.only.split(",") if s.strip()] or list(SECTIONS)
     unknown = [s for s in chosen if s not in SECTIONS + OPT_IN]
     if unknown:
         parser.error(f"unknown sections {unknown}; choose from "
                      f"{', '.join(SECTIONS + OPT_IN)}")
-    output = args.output or (None if args.only else RESULTS)
+    output = args.output or (None if args.only and not args.merge else RESULTS)
 
     core.quiet_logging()
     started = time.perf_counter()
@@ -648,8 +651,17 @@ def main(argv: list[str] | None = None) -> int:
           f"{', quick run' if args.quick else ''}):\n")
     print(table(run))
     if output is not None:
-        output.write_text(json.dumps(results_json(run, when), indent=2, ensure_ascii=False)
-                          + "\n")
+        figures = results_json(run, when)
+        if args.merge and output.exists():
+            # Only the chosen sections' keys change; the rest stay as last measured.
+            keys = {k for name in chosen for k in SECTION_KEYS.get(name, ())} | set(run.figures)
+            kept = json.loads(output.read_text())
+            missing = {k: v for k, v in (kept.get("not_available") or {}).items()
+                       if k not in keys}
+            kept.update({k: figures[k] for k in sorted(keys) if k in figures})
+            kept["not_available"] = {**missing, **run.missing}
+            figures = kept
+        output.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
         print(f"\nwritten to {output}")
     return 0
 

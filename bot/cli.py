@@ -26,6 +26,8 @@ commands:
   forget PLATFORM:USER_ID      erase that user's history, summaries, settings and audit
   migrate                      apply the database migrations and exit
   copy-db SRC_URL DST_URL      copy all data between databases, verified by counts
+  reindex [--user PLATFORM:ID] build the recall index (words; embeddings with EMBED_MODEL)
+                               for stored messages that lack it; resumable
   backup PATH                  a verified copy of the SQLite database while the bot runs
                                (PostgreSQL: prints the pg_dump command to use)
 """
@@ -65,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     copy = sub.add_parser("copy-db", help="copy all data between databases")
     copy.add_argument("src", metavar="SRC_URL")
     copy.add_argument("dst", metavar="DST_URL")
+    reindex = sub.add_parser("reindex", help="build the recall index where it is missing")
+    reindex.add_argument("--user", metavar="PLATFORM:ID", help="only this user's messages")
     backup = sub.add_parser("backup", help="a verified copy of the SQLite database")
     backup.add_argument("path", metavar="PATH")
     return parser
@@ -112,6 +116,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return asyncio.run(ops.migrate(settings))
             case "copy-db":
                 return asyncio.run(ops.copy_db(args.src, args.dst))
+            case "reindex":
+                return asyncio.run(ops.reindex(settings, args.user))
             case "backup":
                 return asyncio.run(ops.backup(settings, args.path))
     except SettingsError as exc:  # e.g. a token the platform refused

@@ -1,4 +1,4 @@
-"""The operator's commands: logs, stats, forget, migrate, copy-db, backup."""
+"""The operator's commands: logs, stats, forget, migrate, copy-db, backup, reindex."""
 
 from __future__ import annotations
 
@@ -184,6 +184,13 @@ async def copy_db(src_url: str, dst_url: str) -> int:
                         bar.advance(len(rows))
             await dst.finish_import()
             want, got = await src.table_counts(), await dst.table_counts()
+            # The recall index is not copied: it is rebuilt from the copied messages
+            # (embeddings: `reindex` with EMBED_MODEL set on the destination).
+            after = 0
+            while True:
+                indexed, after = await dst.index_unindexed(after, 2000)
+                if not indexed:
+                    break
         finally:
             await dst.close()
     finally:
@@ -194,9 +201,23 @@ async def copy_db(src_url: str, dst_url: str) -> int:
         print("error: counts differ after the copy", file=sys.stderr)
         return 1
     print("copy verified: every table has the same number of rows")
+    print("words index rebuilt on the destination; with EMBED_MODEL set, run "
+          "`python -m bot reindex` there for the embeddings")
     return 0
 
 
+async def reindex(settings: Settings, user: str | None) -> int:
+    """Build the recall index for stored messages that lack it (bot.reindex)."""
+    from bot.reindex import reindex as run_reindex
+
+    if user is not None and ":" not in user:
+        print(f"error: {user!r} is not PLATFORM:USER_ID, e.g. telegram:123", file=sys.stderr)
+        return 2
+    store = await _opened(settings.DATABASE_URL, settings)
+    try:
+        return await run_reindex(settings, store, user)
+    finally:
+        await store.close()
 async def backup(settings: Settings, path: str) -> int:
     """SQLite: a verified online copy at `path`. PostgreSQL: the pg_dump command to use."""
     from bot.backup import BackupError, backup_sqlite, human_size, pg_dump_command

@@ -69,6 +69,7 @@ def build_prompt(
     factor: float = 1.0,
     counter: Callable[[str], int] = count_tokens,
     sections: Sequence[tuple[str, str]] = (),
+    late_sections: Sequence[tuple[str, str]] = (),
     system_as_user: bool = False,
     examples: Sequence[dict[str, str]] = (),
 ) -> Prompt:
@@ -85,9 +86,11 @@ def build_prompt(
     def cost(text: str) -> int:
         return math.ceil((counter(text) + MESSAGE_OVERHEAD) * factor)
 
+    # `sections` come before the summary (notes), `late_sections` after it (recall);
+    # all of them always stay, the summary only if it fits.
     shown = [e for e in examples if e["role"] in ("user", "assistant")]
     system = "\n\n".join([system, *(e["content"] for e in examples if e["role"] == "system")])
-    base_system = system_text(system, sections)
+    base_system = system_text(system, [*sections, *late_sections])
     fixed = math.ceil(PROMPT_OVERHEAD * factor) + cost(base_system) \
         + sum(cost(e["content"]) for e in shown)
     new_cost = cost(new_text)
@@ -97,7 +100,8 @@ def build_prompt(
     full_system = base_system
     summary_used = False
     if summary:
-        with_summary = system_text(system, [*sections, (SUMMARY_HEADER, summary)])
+        with_summary = system_text(system, [*sections, (SUMMARY_HEADER, summary),
+                                            *late_sections])
         extra = cost(with_summary) - cost(base_system)
         if used + extra <= budget:
             full_system, used, summary_used = with_summary, used + extra, True

@@ -60,6 +60,15 @@ class Summary:
 
 
 @dataclass(frozen=True, slots=True)
+class Note:
+    """A note the user asked the bot to keep (/remember)."""
+
+    id: int
+    text: str
+    created_at: str
+
+
+@dataclass(frozen=True, slots=True)
 class TurnContext:
     """What one turn reads before the model call."""
 

@@ -21,6 +21,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from bot import notes as note_commands
 from bot.commands import Arg, Commands, command, help_text, parse_command
 from bot.i18n import (
     LANGUAGE_NAMES,
@@ -55,12 +56,15 @@ from bot.personas import PersonaBook
 from bot.prompt import Prompt, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
 from bot.ratelimit import MovingWindowLimiter, NoticeOnce
+from bot.recall import Recalled
+from bot.recaller import NOTHING, Recaller
 from bot.records import (
     AuditRecord,
     ConversationRef,
     StorageError,
     StoredMessage,
     StoreUnavailable,
+    Summary,
 )
 from bot.reply import Choice, Choices, Outcome, Reply
 from bot.retention import trim_summary_record
@@ -154,6 +158,8 @@ class ChatService:
         self.image_timeout = DOWNLOAD_TIMEOUT  # seconds, per image
         self.memory = Summarizer(settings, store, provider, self._calls, self._audit,
                                  self._slots, self.calibration, self.windows)
+        # Recall of older messages (words, and meaning with EMBED_MODEL); bot.recaller.
+        self.recaller = Recaller(settings, store, self._slots)
         self.metrics = Metrics()
         # Turns in flight, and model calls waiting for a slot (replies and summaries).
         self.metrics.watch(lambda: self._turns, lambda: self._slots.waiting())
@@ -300,6 +306,7 @@ class ChatService:
     async def aclose(self) -> None:
         """Stop background work and release the provider's connections."""
         await self.memory.cancel_all()
+        await self.recaller.aclose()
         await self.windows.flush()
         with contextlib.suppress(Exception):
             await self.provider.close()
@@ -412,6 +419,7 @@ class ChatService:
                 self.store.conversation_lock(ref.key, self.settings.LLM_TIMEOUT):
             conv = await self.store.conversation_id(ref)
             await self.memory.forget(conv)  # its summary must not send what we forget
+            self.recaller.forget(conv)  # nor its cached vectors or last recall
             removed = await self.store.reset_conversation(conv)
         return Reply.notice((await self.translator(msg)).ngettext(
             "Done: I forgot this conversation ({count} message). New start!",
@@ -448,6 +456,20 @@ class ChatService:
     async def _cmd_memory(self, msg: Incoming, args: str) -> Reply:
         return Reply.notice(await self._memory_report(msg, self.conversation_ref(msg),
                                                       await self.translator(msg)))
+
+    @command("remember", N_("Keep a note in every prompt: /remember TEXT"), private=True,
+             args=(Arg("text", N_("what the bot should keep in mind in this conversation")),))
+    async def _cmd_remember(self, msg: Incoming, args: str) -> Reply:
+        conv = await self.store.conversation_id(self.conversation_ref(msg))
+        return Reply.notice(await note_commands.remember(self.store, conv, args,
+                                                         await self.translator(msg)))
+
+    @command("forget", N_("Delete a note: /forget N (see /memory)"), private=True,
+             args=(Arg("n", N_("the note's number, as /memory lists them")),))
+    async def _cmd_forget(self, msg: Incoming, args: str) -> Reply:
+        conv = await self.store.conversation_id(self.conversation_ref(msg))
+        return Reply.notice(await note_commands.forget(self.store, conv, args,
+                                                       await self.translator(msg)))
 
     @command("stats", N_("Usage figures (admins only)"), admin=True, private=True)
     async def _cmd_stats(self, msg: Incoming, args: str) -> Reply:
@@ -523,7 +545,27 @@ class ChatService:
         else:
             lines += [tr.gettext(
                 "Older messages beyond the window are dropped (MEMORY_STRATEGY=truncate).")]
+        lines += await self._notes_and_recall_report(conv, tr)
         return "\n".join(lines)
+
+    async def _notes_and_recall_report(self, conv: int, tr: Translator) -> list[str]:
+        """/memory's notes (numbered) and what recall brought to the last reply."""
+        notes = await self.store.notes(conv)
+        lines = [tr.gettext("Notes ({count}):", count=len(notes))
+                 + f"\n{note_commands.numbered(notes)}" if notes
+                 else tr.gettext("Notes: none (keep one with /remember TEXT).")]
+        if not self.recaller.on:
+            return [*lines, tr.gettext("Recall of older messages is off (RECALL=off).")]
+        last = self.recaller.last(conv)
+        if last is None or not last.recalled.messages:
+            return [*lines, tr.gettext("Recalled for the last reply: nothing.")]
+        count = len(last.recalled.messages)
+        heading = tr.gettext("Recalled for the last reply ({count} older messages, by words "
+                             "and meaning):", count=count) if last.by_meaning \
+            else tr.gettext("Recalled for the last reply ({count} older messages, by words):",
+                            count=count)
+        shown = "\n".join(line[:300] for line in last.recalled.text.splitlines()[1:])
+        return [*lines, f"{heading}\n{shown}"]
 
     async def _summary_failing(self, msg: Incoming, ref: ConversationRef) -> bool:
         """Whether this conversation's latest summary attempt failed (from the audit log)."""
@@ -710,6 +752,7 @@ class ChatService:
                 with_summary=s.MEMORY_STRATEGY == "summarize")
             model = audit.model = self.catalog.choose(context.model_choice)
             summary, history = context.summary, context.history
+            notes = await self.store.notes(conv)
             persona = await self._persona_turn(msg, ref)
             model = audit.model = await self._persona_model(persona, model)
             audit.persona = persona.name
@@ -725,14 +768,15 @@ class ChatService:
         self._note_choice(msg.user_key, context.language_choice)
         win = persona.window(await self.windows.window(model))
         factors = await self.windows.factors(model)
+        notes_text = note_commands.notes_section(notes, win.budget // 4, factors.count)
+        recalled = await self._recall(conv, text, history, summary, notes_text, win.budget,
+                                      factors.count)
 
         def build(budget: int) -> Prompt:
-            return _with_images(build_prompt(
-                persona.system(s.SYSTEM_PROMPT), history, text,
-                budget - IMAGE_TOKENS * len(images),
-                summary=summary.text if summary else None,
-                counter=factors.count, system_as_user=s.SYSTEM_AS_USER,
-                examples=persona.examples()), images)
+            return _with_images(self._turn_prompt(
+                persona.system(s.SYSTEM_PROMPT), persona.examples(),
+                text, history, summary, notes_text, recalled,
+                budget - IMAGE_TOKENS * len(images), factors.count), images)
 
         try:
             prompt = await self._fit(model, build, win.budget)
@@ -746,6 +790,7 @@ class ChatService:
             return
         audit.history_messages = prompt.history_used
         audit.summary_used = prompt.summary_used
+        audit.recalled = self._recalled_in(prompt, recalled)
         parts: list[str] = []
         usage: Usage | None = None
         status = "ok"
@@ -859,10 +904,72 @@ class ChatService:
             return
         self._observe(audit)
         self._log_exchange(audit)
+        self.recaller.stored(conv)  # embeds the new messages off the reply's path
         if usage and usage.prompt_tokens and not images:  # images' tokens aren't text's
             await self.windows.observe(model, prompt.messages, usage.prompt_tokens)
         self._maybe_summarize(conv, ref, msg, model, prompt, history, text, audit.model_response,
                               win.budget, factors.count)
+
+    # -- notes and recall in the prompt
+    async def _recall(self, conv: int, text: str, history: list[StoredMessage],
+                      summary: Summary | None, notes_text: str, budget: int,
+                      counter: Callable[[str], int]) -> Recalled:
+        """The older messages recalled for `text`, within RECALL_TOKENS: only among
+        messages older than the window the prompt keeps with that room taken."""
+        s = self.settings
+        if not self.recaller.on:
+            return NOTHING
+        reserve = min(s.recall_tokens, budget)
+        try:
+            window = build_prompt(s.SYSTEM_PROMPT, history, text, budget - reserve,
+                                  summary=summary.text if summary else None, counter=counter,
+                                  sections=self._notes_sections(notes_text),
+                                  system_as_user=s.SYSTEM_AS_USER)
+        except TooLong:
+            return NOTHING
+        older = window.dropped > 0 or summary is not None or len(history) >= self._load_limit()
+        if not older:
+            return NOTHING  # everything stored is in the window anyway
+        if window.oldest_used_id is not None:
+            before = window.oldest_used_id
+        elif history:
+            before = history[-1].id + 1
+        else:  # all of it summarised
+            before = summary.upto_id + 1 if summary else 0
+        return await self.recaller.recall(conv, text, before, reserve, counter)
+
+    @staticmethod
+    def _notes_sections(notes_text: str) -> list[tuple[str, str]]:
+        return [(note_commands.NOTES_HEADING, notes_text)] if notes_text else []
+
+    def _turn_prompt(self, system: str, examples: Sequence[dict[str, str]], text: str,
+                     history: list[StoredMessage], summary: Summary | None,
+                     notes_text: str, recalled: Recalled, budget: int,
+                     counter: Callable[[str], int]) -> Prompt:
+        """System prompt, notes, summary, recalled block, the window, the new message;
+        a message too long for those leaves out the recall block, then the notes."""
+        s = self.settings
+        late = [("Recalled messages", recalled.text)] if recalled.text else []
+        attempts = [(self._notes_sections(notes_text), late), (self._notes_sections(notes_text),
+                                                               []), ([], [])]
+        for n, (sections, late_sections) in enumerate(attempts):
+            try:
+                return build_prompt(system, history, text, budget,
+                                    summary=summary.text if summary else None,
+                                    counter=counter, sections=sections,
+                                    late_sections=late_sections,
+                                    system_as_user=s.SYSTEM_AS_USER, examples=examples)
+            except TooLong:
+                if n == len(attempts) - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _recalled_in(prompt: Prompt, recalled: Recalled) -> int:
+        """How many recalled messages the prompt carries (0 if the block was left out)."""
+        if not recalled.text or not prompt.messages:
+            return 0
+        return len(recalled.messages) if recalled.text in prompt.messages[0]["content"] else 0
 
     async def _fit(self, model: str, build: Callable[[int], Prompt], budget: int) -> Prompt:
         """The prompt within `budget` by the server's own count where it can count.

@@ -114,6 +114,19 @@ class Settings(BaseSettings):
     SUMMARY_TOKENS: int = Field(0, ge=0, description="cap on a summary's tokens; 0: a quarter "
                                                      "of the prompt budget")
     MAX_INPUT_CHARS: int = Field(4000, ge=1, description="longer messages are refused")
+    RECALL: Literal["on", "off"] = Field(
+        "on", description="on: older messages beyond the window that bear on the new message "
+                          "are recalled into the prompt; off: window (and summary) only")
+    RECALL_TOKENS: int = Field(0, ge=0, description="the most recalled messages may take of the "
+                                                    "prompt; 0: a quarter of the prompt budget")
+    EMBED_MODEL: str = Field("", description="an embedding model on the model server (e.g. "
+                                             "nomic-embed-text, all-minilm); empty: recall by "
+                                             "words alone, no embedding calls")
+    EMBED_PROVIDER: Literal["", "ollama", "openai"] = Field(
+        "", description="ollama or openai: which server computes embeddings; empty: "
+                        "LLM_PROVIDER (same host settings as the chat provider)")
+    EMBED_TIMEOUT: float = Field(2.0, gt=0, description="seconds the new message's embedding "
+                                                        "may take on a turn; then words alone")
     LLM_CONCURRENCY: int = Field(4, ge=1, le=1000, description="model calls running at once")
     LLM_TIMEOUT: float = Field(120.0, gt=0, description="seconds a reply may take to start")
     LLM_STALL_TIMEOUT: float | None = Field(None, gt=0, description="seconds a started reply "
@@ -158,6 +171,18 @@ class Settings(BaseSettings):
                                                "server that accept images (Ollama says so "
                                                "itself)")
 
+    @field_validator("RECALL", mode="before")
+    @classmethod
+    def _on_off(cls, value: object) -> object:
+        # on/off as documented; the usual boolean spellings too.
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            folded = value.strip().lower()
+            return {"1": "on", "true": "on", "yes": "on", "0": "off", "false": "off",
+                    "no": "off"}.get(folded, folded)
+        return value
+
     @field_validator("ALLOWED_USERS", "ADMIN_USERS", "ALLOWED_PLACES")
     @classmethod
     def _ids(cls, value: str, info: object) -> str:
@@ -200,7 +225,7 @@ class Settings(BaseSettings):
         return value
 
     @field_validator("LOG_LEVEL", "LOG_FORMAT", "MEMORY_SCOPE", "MEMORY_STRATEGY",
-                     "LLM_PROVIDER", "SQLITE_SYNCHRONOUS", mode="before")
+                     "LLM_PROVIDER", "SQLITE_SYNCHRONOUS", "EMBED_PROVIDER", mode="before")
     @classmethod
     def _fold_case(cls, value: object) -> object:
         return value.strip() if isinstance(value, str) else value
@@ -270,6 +295,19 @@ class Settings(BaseSettings):
     @property
     def summary_cap(self) -> int:
         return self.SUMMARY_TOKENS or max(64, self.prompt_budget // 4)
+
+    @property
+    def recall_on(self) -> bool:
+        return self.RECALL == "on"
+
+    @property
+    def recall_tokens(self) -> int:
+        """What recalled messages may take of the prompt (RECALL_TOKENS, else a quarter)."""
+        return min(self.RECALL_TOKENS or self.prompt_budget // 4, self.prompt_budget)
+
+    @property
+    def embed_provider(self) -> str:
+        return self.EMBED_PROVIDER or self.LLM_PROVIDER
 
     def secrets(self) -> list[str]:
         """The secret values, so that output can be checked for them."""

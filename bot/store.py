@@ -7,14 +7,25 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, suppress
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
-from bot.records import AuditRecord, ConversationRef, StoredMessage, Summary, TurnContext
+from bot.records import (
+    AuditRecord,
+    ConversationRef,
+    Note,
+    StoredMessage,
+    Summary,
+    TurnContext,
+)
+
+if TYPE_CHECKING:
+    from bot.recall.fitting import Around
 
 # Tables in the order copy-db must fill them (parents before children).
+# The recall index is not copied: it is rebuilt from the messages (see copy-db).
 TABLES = ("conversations", "messages", "summaries", "user_settings", "audit", "model_info",
-          "conversation_settings", "place_settings")
+          "conversation_settings", "place_settings", "notes")
 
 
 def redact_url(url: str) -> str:
@@ -118,6 +129,57 @@ class Store(abc.ABC):
             conversation_id, limit, after_id=summary.upto_id if summary else 0)
         return TurnContext(await self.user_model(platform, user_id), summary, history,
                            await self.user_language(platform, user_id))
+
+    # -- notes (/remember)
+    @abc.abstractmethod
+    async def notes(self, conversation_id: int) -> list[Note]:
+        """The conversation's notes, oldest first (numbered 1.. in this order)."""
+
+    @abc.abstractmethod
+    async def add_note(self, conversation_id: int, text: str) -> int: ...
+
+    @abc.abstractmethod
+    async def delete_note(self, conversation_id: int, note_id: int) -> bool: ...
+
+    # -- the recall index (storage/recall_index.py); messages are indexed by save_exchange
+    @abc.abstractmethod
+    async def recall_search(self, conversation_id: int, terms: list[str], before_id: int,
+                            limit: int) -> list[tuple[int, float]]:
+        """Messages of the conversation older than before_id matching the terms, best first."""
+
+    @abc.abstractmethod
+    async def recall_around(self, conversation_id: int, ids: list[int],
+                            before_id: int) -> list[Around]:
+        """Each hit with its neighbours (all older than before_id), in the order of ids."""
+
+    @abc.abstractmethod
+    async def vectors_since(self, conversation_id: int, model: str,
+                            after_id: int) -> list[tuple[int, bytes]]: ...
+
+    @abc.abstractmethod
+    async def save_vectors(self, model: str, rows: list[tuple[int, int, bytes]]) -> int:
+        """(message_id, conversation_id, float32 blob) rows; a deleted message is skipped."""
+
+    @abc.abstractmethod
+    async def messages_without_vectors(
+        self, model: str, after_id: int, limit: int,
+        conversation_ids: list[int] | None = None,
+    ) -> list[tuple[int, int, str]]:
+        """(id, conversation_id, content) with no vector for `model`, oldest first."""
+
+    @abc.abstractmethod
+    async def index_unindexed(self, after_id: int, limit: int,
+                              conversation_ids: list[int] | None = None) -> tuple[int, int]:
+        """Index up to `limit` messages with id > after_id lacking words-index entries;
+        (messages indexed, the last id looked at; 0 when nothing is left)."""
+
+    @abc.abstractmethod
+    async def count_missing(self, model: str | None,
+                            conversation_ids: list[int] | None = None) -> int:
+        """Messages lacking words-index entries (model None) or a vector for `model`."""
+
+    @abc.abstractmethod
+    async def user_conversations(self, platform: str, user_id: str) -> list[int]: ...
 
     # -- per-user settings
     @abc.abstractmethod

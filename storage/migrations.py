@@ -206,7 +206,53 @@ def _personas(d: Dialect) -> list[str]:
     ]
 
 
-@migration("009_user_language")
+@migration("009_recall")
+def _recall(d: Dialect) -> list[str]:
+    # The recall index (storage/recall_index.py): the tokenizer's terms per message,
+    # and embedding vectors per message and model. SQLite: an FTS5 table whose
+    # rowid is the message id (no foreign key: /reset and forget delete its rows
+    # themselves) and its vocabulary; PostgreSQL: a tsvector side table with a GIN
+    # index, removed with its message by the foreign key.
+    if d.is_sqlite:
+        return [
+            "CREATE VIRTUAL TABLE recall_fts USING fts5("
+            'terms, conv, tokenize = "unicode61 remove_diacritics 0")',
+            "CREATE VIRTUAL TABLE recall_vocab USING fts5vocab(recall_fts, 'row')",
+            "CREATE TABLE recall_vectors ("
+            " message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,"
+            " conversation_id INTEGER NOT NULL, model TEXT NOT NULL, vector BLOB NOT NULL)",
+            "CREATE INDEX recall_vectors_conversation"
+            " ON recall_vectors(conversation_id, model, message_id)",
+        ]
+    return [
+        "CREATE TABLE recall_terms ("
+        " message_id BIGINT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,"
+        " conversation_id BIGINT NOT NULL, terms TSVECTOR NOT NULL)",
+        "CREATE INDEX recall_terms_terms ON recall_terms USING GIN (terms)",
+        "CREATE INDEX recall_terms_conversation ON recall_terms(conversation_id, message_id)",
+        "CREATE TABLE recall_vectors ("
+        " message_id BIGINT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,"
+        " conversation_id BIGINT NOT NULL, model TEXT NOT NULL, vector BYTEA NOT NULL)",
+        "CREATE INDEX recall_vectors_conversation"
+        " ON recall_vectors(conversation_id, model, message_id)",
+    ]
+
+
+@migration("010_notes")
+def _notes(d: Dialect) -> list[str]:
+    # What a user asked the bot to keep (/remember), per conversation.
+    return [
+        f"""CREATE TABLE notes (
+            id {d.serial},
+            conversation_id {d.bigint} NOT NULL REFERENCES conversations(id) ON DELETE CASCADE,
+            text TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )""",
+        "CREATE INDEX notes_conversation ON notes(conversation_id, id)",
+    ]
+
+
+@migration("011_user_language")
 def _user_language(d: Dialect) -> list[str]:
     # The user's /language choice (NULL: follow the platform), next to their model.
     return ["ALTER TABLE user_settings ADD COLUMN language TEXT"]

@@ -47,7 +47,7 @@ import asyncpg
 
 from bot.records import AuditRecord, ConversationRef, StorageError, utcnow, utcnow_precise
 from bot.store import redact_url
-from storage import queries
+from storage import queries, recall_index
 from storage.dialect import POSTGRES
 from storage.migrations import MIGRATIONS, MIGRATIONS_TABLE, Migration
 from storage.queries import COLUMNS, POSTGRES_QUERIES, SERIAL_TABLES
@@ -300,6 +300,16 @@ class PostgresStore(SQLStore):
         async with self.pool.acquire() as conn:
             yield conn
 
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self._conn() as conn:
+            yield conn
+
+    @contextlib.asynccontextmanager
+    async def _writing(self) -> AsyncIterator[asyncpg.Connection]:
+        async with self.pool.acquire() as conn, conn.transaction():
+            yield conn
+
     async def _fetch(self, sql: str, *args: Any) -> Sequence[Any]:
         async with self._conn() as conn:
             return await conn.fetch(sql, *args)
@@ -355,9 +365,13 @@ class PostgresStore(SQLStore):
                                    conversation_id) is None:
                 # Erased before this turn began (by another process): anew.
                 conversation_id = await self._resolve(conn, audit)
-            await conn.executemany(self.q.message_insert, [
-                (conversation_id, "user", user_text, now),
-                (conversation_id, "assistant", reply_text, now)])
+            ids = [int(r[0]) for r in await conn.fetch(
+                self.q.message_pair_insert, conversation_id, "user", user_text, now,
+                conversation_id, "assistant", reply_text, now)]
+            # Indexed in the same transaction: a stored message is always findable.
+            await recall_index.index_messages(conn, list(zip(
+                sorted(ids), (conversation_id, conversation_id), (user_text, reply_text),
+                strict=True)))
             return int(await conn.fetchval(self.q.audit_insert, *audit.values()))
 
     async def _resolve(self, conn: asyncpg.Connection, audit: AuditRecord) -> int:
@@ -380,8 +394,10 @@ class PostgresStore(SQLStore):
             # The row lock makes a summary being saved meanwhile finish first
             # (then it is deleted here) or wait and find the messages gone.
             await conn.execute(self.q.lock_conversation, conversation_id)
+            # Recall terms and vectors go with their messages (ON DELETE CASCADE).
             status = await conn.execute(self.q.delete_messages, conversation_id)
             await conn.execute(self.q.delete_summary, conversation_id)
+            await conn.execute(self.q.delete_notes, conversation_id)
         return _rowcount(status)
 
     # -- summaries

@@ -42,6 +42,7 @@ COLUMNS: dict[str, dict[str, type]] = {
     # What was learned per model (its window, the token correction) moves with the data.
     "model_info": {"model": str, "context_length": int, "learned_window": int,
                    "token_factor": float, "cjk_factor": float, "updated_at": str},
+    "notes": {"id": int, "conversation_id": int, "text": str, "created_at": str},
     "conversation_settings": {"conversation_key": str, "platform": str, "user_id": str,
                               "persona": str, "updated_at": str},
     "place_settings": {"platform": str, "place_id": str, "persona": str, "updated_at": str},
@@ -53,10 +54,11 @@ PRIMARY_KEYS: dict[str, tuple[str, ...]] = {
     "user_settings": ("platform", "user_id"),
     "audit": ("id",),
     "model_info": ("model",),
+    "notes": ("id",),
     "conversation_settings": ("conversation_key",),
     "place_settings": ("platform", "place_id"),
 }
-SERIAL_TABLES = ("conversations", "messages", "audit")  # their `id` never repeats
+SERIAL_TABLES = ("conversations", "messages", "audit", "notes")  # their `id` never repeats
 # Seconds an erasure is remembered: far longer than any turn or summary pass
 # that could have read the user's data before it.
 ERASURE_KEEP = 86_400.0
@@ -72,7 +74,9 @@ AUDIT_ROW = f"({', '.join('?' * len(AUDIT_COLUMNS))})"
 MESSAGE_ROW = "(?, ?, ?, ?)"
 # Rows a user leaves behind, per table, in the order `forget` deletes them.
 _OF_USER = "platform = ? AND user_id = ?"
+_OF_USER_CONVERSATIONS = f"conversation_id IN (SELECT id FROM conversations WHERE {_OF_USER})"
 _FORGET = {
+    "notes": _OF_USER_CONVERSATIONS,
     "messages": f"conversation_id IN (SELECT id FROM conversations WHERE {_OF_USER})",
     "summaries": f"conversation_id IN (SELECT id FROM conversations WHERE {_OF_USER})",
     "conversations": _OF_USER,
@@ -117,6 +121,8 @@ WHERE platform = ? AND user_id = ?
     message_insert_head: str = (
         "INSERT INTO messages (conversation_id, role, content, created_at) VALUES ")
     message_insert: str = message_insert_head + MESSAGE_ROW
+    message_pair_insert: str = message_insert_head + MESSAGE_ROW + ", " + MESSAGE_ROW + \
+        " RETURNING id"
     audit_insert_head: str = f"INSERT INTO audit ({_AUDIT_COLS}) VALUES "
     audit_insert: str = audit_insert_head + AUDIT_ROW + " RETURNING id"
     delete_messages: str = "DELETE FROM messages WHERE conversation_id = ?"
@@ -186,6 +192,13 @@ WHERE platform = ? AND user_id = ?
     share_conversation: str = "SELECT 1 FROM conversations WHERE id = ? FOR SHARE"
     lock_user_conversations: str = (
         f"SELECT 1 FROM conversations WHERE {_OF_USER} ORDER BY id FOR UPDATE")
+    # Notes (/remember), numbered in id order.
+    notes: str = "SELECT id, text, created_at FROM notes WHERE conversation_id = ? ORDER BY id"
+    note_insert: str = ("INSERT INTO notes (conversation_id, text, created_at) VALUES (?, ?, ?)"
+                        " RETURNING id")
+    note_delete: str = "DELETE FROM notes WHERE id = ? AND conversation_id = ?"
+    delete_notes: str = "DELETE FROM notes WHERE conversation_id = ?"
+    user_conversations: str = "SELECT id FROM conversations WHERE platform = ? AND user_id = ?"
     insert_migration: str = "INSERT INTO _migrations (name, applied_at) VALUES (?, ?)"
     migration_done: str = "SELECT 1 FROM _migrations WHERE name = ?"
     applied_migrations: str = "SELECT name FROM _migrations ORDER BY name"
@@ -200,9 +213,18 @@ SQLITE_QUERIES = Queries.for_dialect(SQLITE)
 POSTGRES_QUERIES = Queries.for_dialect(POSTGRES)
 
 
+# SQLite's words index has no foreign key (an FTS5 table): its rows go first, by
+# rowid (the message id). PostgreSQL's recall rows and both backends' vectors
+# go with their messages (ON DELETE CASCADE).
+_FORGET_FTS = (f"DELETE FROM recall_fts WHERE rowid IN (SELECT id FROM messages WHERE"
+               f" {_OF_USER_CONVERSATIONS})")
+
+
 def forget(d: Dialect) -> list[tuple[str, str]]:
     """(table, DELETE) for every row a user leaves; arguments: platform, user_id."""
-    return [(t, d.sql(f"DELETE FROM {t} WHERE {where}")) for t, where in _FORGET.items()]
+    steps = [("recall_fts", _FORGET_FTS)] if d.is_sqlite else []
+    return [*steps, *((t, d.sql(f"DELETE FROM {t} WHERE {where}")) for t, where in
+                      _FORGET.items())]
 
 
 def erasure_id(platform: str, user_id: str) -> str:

@@ -25,50 +25,7 @@ import aiosqlite
 from bot.recall.fitting import Around, RecallMessage
 from bot.recall.terms import index_terms
 
-MIGRATION_NAME = "005_recall"
-
-SQLITE_MIGRATIONS: list[tuple[str, str]] = [
-    (
-        MIGRATION_NAME,
-        """
-        CREATE VIRTUAL TABLE recall_fts USING fts5(
-            terms, conv, tokenize = "unicode61 remove_diacritics 0"
-        );
-        CREATE VIRTUAL TABLE IF NOT EXISTS recall_vocab USING fts5vocab(recall_fts, 'row');
-        CREATE TABLE recall_vectors (
-            message_id INTEGER PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
-            conversation_id INTEGER NOT NULL,
-            model TEXT NOT NULL,
-            vector BLOB NOT NULL
-        );
-        CREATE INDEX recall_vectors_conversation
-            ON recall_vectors(conversation_id, model, message_id);
-        """,
-    ),
-]
-
-POSTGRES_MIGRATIONS: list[tuple[str, str]] = [
-    (
-        MIGRATION_NAME,
-        """
-        CREATE TABLE recall_terms (
-            message_id BIGINT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
-            conversation_id BIGINT NOT NULL,
-            terms TSVECTOR NOT NULL
-        );
-        CREATE INDEX recall_terms_terms ON recall_terms USING GIN (terms);
-        CREATE INDEX recall_terms_conversation ON recall_terms(conversation_id, message_id);
-        CREATE TABLE recall_vectors (
-            message_id BIGINT PRIMARY KEY REFERENCES messages(id) ON DELETE CASCADE,
-            conversation_id BIGINT NOT NULL,
-            model TEXT NOT NULL,
-            vector BYTEA NOT NULL
-        );
-        CREATE INDEX recall_vectors_conversation
-            ON recall_vectors(conversation_id, model, message_id);
-        """,
-    ),
-]
+MIGRATION_NAME = "009_recall"  # the step of storage/migrations.py that makes the tables
 
 MAX_POSITION = 16383  # PostgreSQL's largest tsvector position
 # SQLite ranks at most this many candidate matches, the newest first: bm25 costs per
@@ -318,20 +275,76 @@ async def messages_after(conn: Any, after_id: int, limit: int) -> list[tuple[int
     return [(int(a), int(b), c) for a, b, c in rows]
 
 
-async def messages_without_vectors(conn: Any, model: str, after_id: int,
-                                   limit: int) -> list[tuple[int, int, str]]:
-    """(id, conversation_id, content) with no vector for `model`, id > after_id, oldest
-    first: what an embedding backfill still has to do."""
+def _in_conversations(sqlite: bool, ids: Sequence[int] | None, n: int) -> tuple[str, list[Any]]:
+    """An `AND m.conversation_id IN …` clause (placeholder number n on PostgreSQL)."""
+    if ids is None:
+        return "", []
+    if sqlite:
+        return " AND m.conversation_id IN (SELECT value FROM json_each(?))", [json.dumps(
+            list(ids))]
+    return f" AND m.conversation_id = ANY(${n}::bigint[])", [list(ids)]
+
+
+async def unindexed_messages(conn: Any, after_id: int, limit: int,
+                             conversation_ids: Sequence[int] | None = None
+                             ) -> list[tuple[int, int, str]]:
+    """(id, conversation_id, content) of messages with id > after_id that have no
+    words-index entry, oldest first (optionally only of those conversations)."""
     if _is_sqlite(conn):
+        where, extra = _in_conversations(True, conversation_ids, 0)
+        cur = await conn.execute(
+            "SELECT m.id, m.conversation_id, m.content FROM messages m WHERE m.id > ?"
+            f"{where} AND NOT EXISTS (SELECT 1 FROM recall_fts f WHERE f.rowid = m.id)"
+            " ORDER BY m.id LIMIT ?", (after_id, *extra, limit))
+        return [(int(a), int(b), c) for a, b, c in await cur.fetchall()]
+    where, extra = _in_conversations(False, conversation_ids, 3)
+    rows = await conn.fetch(
+        "SELECT m.id, m.conversation_id, m.content FROM messages m "
+        "LEFT JOIN recall_terms t ON t.message_id = m.id "
+        f"WHERE m.id > $1 AND t.message_id IS NULL{where} ORDER BY m.id LIMIT $2",
+        after_id, limit, *extra)
+    return [(int(a), int(b), c) for a, b, c in rows]
+
+
+async def messages_without_vectors(conn: Any, model: str, after_id: int, limit: int,
+                                   conversation_ids: Sequence[int] | None = None
+                                   ) -> list[tuple[int, int, str]]:
+    """(id, conversation_id, content) with no vector for `model`, id > after_id, oldest
+    first: what an embedding backfill still has to do (optionally only of those
+    conversations)."""
+    if _is_sqlite(conn):
+        where, extra = _in_conversations(True, conversation_ids, 0)
         cur = await conn.execute(
             "SELECT m.id, m.conversation_id, m.content FROM messages m "
             "LEFT JOIN recall_vectors v ON v.message_id = m.id AND v.model = ? "
-            "WHERE m.id > ? AND v.message_id IS NULL ORDER BY m.id LIMIT ?",
-            (model, after_id, limit))
+            f"WHERE m.id > ? AND v.message_id IS NULL{where} ORDER BY m.id LIMIT ?",
+            (model, after_id, *extra, limit))
         return [(int(a), int(b), c) for a, b, c in await cur.fetchall()]
+    where, extra = _in_conversations(False, conversation_ids, 4)
     rows = await conn.fetch(
         "SELECT m.id, m.conversation_id, m.content FROM messages m "
         "LEFT JOIN recall_vectors v ON v.message_id = m.id AND v.model = $1 "
-        "WHERE m.id > $2 AND v.message_id IS NULL ORDER BY m.id LIMIT $3",
-        model, after_id, limit)
+        f"WHERE m.id > $2 AND v.message_id IS NULL{where} ORDER BY m.id LIMIT $3",
+        model, after_id, limit, *extra)
     return [(int(a), int(b), c) for a, b, c in rows]
+
+
+async def count_missing(conn: Any, model: str | None,
+                        conversation_ids: Sequence[int] | None = None) -> int:
+    """How many messages lack words-index entries (model None) or a vector for `model`."""
+    sqlite = _is_sqlite(conn)
+    if model is None:
+        missing = ("NOT EXISTS (SELECT 1 FROM recall_fts f WHERE f.rowid = m.id)" if sqlite
+                   else "NOT EXISTS (SELECT 1 FROM recall_terms t WHERE t.message_id = m.id)")
+        args: list[Any] = []
+    else:
+        missing = ("NOT EXISTS (SELECT 1 FROM recall_vectors v WHERE v.message_id = m.id"
+                   f" AND v.model = {'?' if sqlite else '$1'})")
+        args = [model]
+    where, extra = _in_conversations(sqlite, conversation_ids, len(args) + 1)
+    sql = f"SELECT count(*) FROM messages m WHERE {missing}{where}"
+    if sqlite:
+        cur = await conn.execute(sql, (*args, *extra))
+        row = await cur.fetchone()
+        return int(row[0]) if row else 0
+    return int(await conn.fetchval(sql, *args, *extra))

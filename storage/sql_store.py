@@ -8,13 +8,24 @@ transactions, locks, batching, copying in bulk.
 from __future__ import annotations
 
 import abc
+import contextlib
+import json
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from bot.records import AuditRecord, ConversationRef, StoredMessage, Summary, TurnContext, utcnow
+from bot.recall.fitting import Around
+from bot.records import (
+    AuditRecord,
+    ConversationRef,
+    Note,
+    StoredMessage,
+    Summary,
+    TurnContext,
+    utcnow,
+)
 from bot.store import TABLES, Store
 from storage import audit_queries as aq
-from storage import queries
+from storage import queries, recall_index
 from storage.dialect import Dialect
 from storage.queries import Queries
 
@@ -41,6 +52,14 @@ class SQLStore(Store):
     @abc.abstractmethod
     async def _write(self, sql: str, *args: Any) -> Sequence[Any]:
         """One statement in its own transaction; the rows it returns (RETURNING)."""
+
+    @abc.abstractmethod
+    def _reading(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A connection for reads (storage/recall_index.py takes one)."""
+
+    @abc.abstractmethod
+    def _writing(self) -> contextlib.AbstractAsyncContextManager[Any]:
+        """A connection inside a transaction, committed on exit."""
 
     async def applied_migrations(self) -> list[str]:
         return [r[0] for r in await self._fetch(self.q.applied_migrations)]
@@ -183,3 +202,78 @@ class SQLStore(Store):
         while rows:
             yield [queries.export_row(r) for r in rows]
             rows = await self._fetch(after, *(rows[-1][c] for c in key), batch)
+
+    # -- notes
+    async def notes(self, conversation_id: int) -> list[Note]:
+        return [Note(int(r[0]), r[1], r[2])
+                for r in await self._fetch(self.q.notes, conversation_id)]
+
+    async def add_note(self, conversation_id: int, text: str) -> int:
+        return int((await self._write(self.q.note_insert, conversation_id, text,
+                                      utcnow()))[0][0])
+
+    async def delete_note(self, conversation_id: int, note_id: int) -> bool:
+        async with self._writing() as conn:
+            if self.dialect.is_sqlite:
+                cur = await conn.execute(self.q.note_delete, (note_id, conversation_id))
+                return bool(cur.rowcount)
+            return str(await conn.execute(self.q.note_delete, note_id,
+                                          conversation_id)).endswith(" 1")
+
+    async def user_conversations(self, platform: str, user_id: str) -> list[int]:
+        return [int(r[0]) for r in await self._fetch(self.q.user_conversations, platform,
+                                                     user_id)]
+
+    # -- the recall index
+    async def recall_search(self, conversation_id: int, terms: list[str], before_id: int,
+                            limit: int) -> list[tuple[int, float]]:
+        async with self._reading() as conn:
+            return await recall_index.search(conn, conversation_id, terms, before_id, limit)
+
+    async def recall_around(self, conversation_id: int, ids: list[int],
+                            before_id: int) -> list[Around]:
+        async with self._reading() as conn:
+            return await recall_index.around(conn, conversation_id, ids, before_id)
+
+    async def vectors_since(self, conversation_id: int, model: str,
+                            after_id: int) -> list[tuple[int, bytes]]:
+        async with self._reading() as conn:
+            return await recall_index.vectors_since(conn, conversation_id, model, after_id)
+
+    async def save_vectors(self, model: str, rows: list[tuple[int, int, bytes]]) -> int:
+        if not rows:
+            return 0
+        async with self._writing() as conn:
+            # A message deleted (/reset, forget) while it was being embedded is skipped.
+            ids = [r[0] for r in rows]
+            if self.dialect.is_sqlite:
+                cur = await conn.execute(
+                    "SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?))",
+                    (json.dumps(ids),))
+                alive = {int(r[0]) for r in await cur.fetchall()}
+            else:
+                alive = {int(r[0]) for r in await conn.fetch(
+                    "SELECT id FROM messages WHERE id = ANY($1::bigint[]) FOR SHARE", ids)}
+            return await recall_index.save_vectors(conn, model,
+                                                   [r for r in rows if r[0] in alive])
+
+    async def messages_without_vectors(
+        self, model: str, after_id: int, limit: int,
+        conversation_ids: list[int] | None = None,
+    ) -> list[tuple[int, int, str]]:
+        async with self._reading() as conn:
+            return await recall_index.messages_without_vectors(conn, model, after_id, limit,
+                                                               conversation_ids)
+
+    async def index_unindexed(self, after_id: int, limit: int,
+                              conversation_ids: list[int] | None = None) -> tuple[int, int]:
+        async with self._writing() as conn:
+            rows = await recall_index.unindexed_messages(conn, after_id, limit,
+                                                         conversation_ids)
+            await recall_index.index_messages(conn, rows)
+        return len(rows), (rows[-1][0] if rows else 0)
+
+    async def count_missing(self, model: str | None,
+                            conversation_ids: list[int] | None = None) -> int:
+        async with self._reading() as conn:
+            return await recall_index.count_missing(conn, model, conversation_ids)

@@ -29,7 +29,8 @@ from bot.records import (
     utcnow,
     utcnow_precise,
 )
-from storage import queries
+from bot.store import TABLES
+from storage import queries, recall_index
 from storage.dialect import SQLITE
 from storage.migrations import MIGRATIONS, MIGRATIONS_TABLE, Migration
 from storage.queries import AUDIT_ROW, MESSAGE_ROW, SQLITE_QUERIES
@@ -236,6 +237,14 @@ class SQLiteStore(SQLStore):
                 raise
             await self.db.execute("COMMIT")
 
+    @contextlib.asynccontextmanager
+    async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._lock:
+            yield self.db
+
+    def _writing(self) -> contextlib.AbstractAsyncContextManager[aiosqlite.Connection]:
+        return self._transaction()
+
     async def _fetch(self, sql: str, *args: Any) -> Sequence[Any]:
         # One trip to aiosqlite's thread instead of execute + fetchall + close.
         async with self._lock:
@@ -344,8 +353,14 @@ class SQLiteStore(SQLStore):
             messages += (e.conversation_id, "user", e.user_text, e.audit.timestamp,
                          e.conversation_id, "assistant", e.reply_text, e.audit.timestamp)
             audits += e.audit.values()
-        await db.execute(
+        cur = await db.execute(
             self.q.message_insert_head + ", ".join([MESSAGE_ROW] * (2 * len(batch))), messages)
+        # Rows inserted by one statement take consecutive ids: index them in the
+        # same transaction, so a stored message is always findable by recall.
+        first = int(cur.lastrowid or 0) - 2 * len(batch) + 1
+        await recall_index.index_messages(db, [
+            (first + n, e.conversation_id, text) for n, (e, text) in enumerate(
+                (e, t) for e in batch for t in (e.user_text, e.reply_text))])
         cur = await db.execute(
             self.q.audit_insert_head + ", ".join([AUDIT_ROW] * len(batch)), audits)
         return int(cur.lastrowid or 0)
@@ -382,8 +397,11 @@ class SQLiteStore(SQLStore):
 
     async def reset_conversation(self, conversation_id: int) -> int:
         async with self._transaction() as db:
+            # The words index has no foreign key (FTS5): its rows go first, by hand.
+            await recall_index.delete_conversation(db, conversation_id)
             cur = await db.execute(self.q.delete_messages, (conversation_id,))
             await db.execute(self.q.delete_summary, (conversation_id,))
+            await db.execute(self.q.delete_notes, (conversation_id,))
             return int(cur.rowcount or 0)
 
     # -- summaries
@@ -401,7 +419,8 @@ class SQLiteStore(SQLStore):
         async with self._transaction() as db:
             for table, sql in queries.forget(self.dialect):
                 cur = await db.execute(sql, (platform, user_id))
-                counts[table] = int(cur.rowcount or 0)
+                if table in TABLES:  # the index is not a table of its own to report
+                    counts[table] = int(cur.rowcount or 0)
             # In the same transaction: whatever read this user's data before
             # now writes nothing of it later (see _insert_exchanges, save_audit).
             await db.execute(self.q.prune_erasures, (queries.erasure_horizon(),))

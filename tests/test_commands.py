@@ -63,8 +63,8 @@ async def test_ping_is_in_telegrams_menu(tg: TelegramApiEmulator, tg_settings: S
             menu = [(c["command"], c["description"]) for c in tg.commands()]
             assert menu[-1] == ("ping", "Check that the bot answers")
             assert [name for name, _ in menu] == [
-                "start", "help", "reset", "model", "memory",
-                    "stats", "language", "persona", "stop", "ping"]
+                "start", "help", "reset", "model", "memory", "remember", "forget", "stats",
+                "language", "persona", "stop", "ping"]
             tg.user_says(1001, "/ping hello")
             await tg.wait_for(lambda: len(tg.bot_messages(1001)) == 1)
             assert tg.bot_texts(1001) == ["pong hello"]
@@ -86,8 +86,8 @@ async def test_ping_is_synced_to_discord_and_its_answer_is_ephemeral(
     assert bot.adapter.connected
     await discord_api.wait_for(lambda: "ping" in discord_api.commands_synced())
     synced = {c["name"]: c for c in discord_api.commands.get(None, [])}
-    assert list(synced) == ["help", "reset", "model", "memory",
-        "stats", "language", "persona", "stop", "ping"]
+    assert list(synced) == ["help", "reset", "model", "memory", "remember", "forget", "stats",
+                            "language", "persona", "stop", "ping"]
     assert synced["ping"]["description"] == "Check that the bot answers"
     [option] = synced["ping"]["options"]
     assert option["name"] == "text" and not option.get("required", False)
@@ -125,14 +125,16 @@ async def test_ping_is_in_the_consoles_help(make_settings: SettingsFactory,
 def test_declared_commands_and_their_flags() -> None:
     commands = Commands.of(ChatService)
     assert [c.name for c in commands.menu("telegram")] == [
-        "start", "help", "reset", "model", "memory", "stats", "language", "persona", "stop"]
+        "start", "help", "reset", "model", "memory", "remember", "forget", "stats", "language",
+        "persona", "stop"]
     assert [c.name for c in commands.menu("discord")] == [
-        "help", "reset", "model", "memory", "stats", "language", "persona", "stop"]
+        "help", "reset", "model", "memory", "remember", "forget", "stats", "language",
+        "persona", "stop"]
     assert {c.name for c in commands if c.private} == {
-        "reset", "model", "memory", "stats", "language", "persona"}
+        "reset", "model", "memory", "remember", "forget", "stats", "language", "persona"}
     assert [c.name for c in commands if c.admin] == ["stats"]
-    assert commands.names == {
-        "start", "help", "reset", "model", "memory", "stats", "language", "persona", "stop"}
+    assert commands.names == {"start", "help", "reset", "model", "memory", "remember",
+                              "forget", "stats", "language", "persona", "stop"}
     text = help_text("llama3.2", commands)
     assert "/start" not in text and "/stats — Usage figures (admins only)" in text
     with pytest.raises(ValueError, match="twice"):

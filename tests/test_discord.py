@@ -331,8 +331,9 @@ async def test_replies_never_ping(discord_api: DiscordEmulator, run_bot: StartBo
 async def test_model_command_autocomplete_and_per_user_switch(
         discord_api: DiscordEmulator, run_bot: StartBot, model_server: ModelServer) -> None:
     await run_bot()
-    assert sorted(discord_api.commands_synced()) == ["help", "language", "memory", "model",
-                                                     "persona", "reset", "stats", "stop"]
+    assert sorted(discord_api.commands_synced()) == ["forget", "help", "language", "memory",
+                                                     "model", "persona", "remember", "reset",
+                                                     "stats", "stop"]
     typed = await discord_api.autocomplete(ALICE, "model", "name", "qw")
     await discord_api.wait_for(lambda: typed.choices is not None)
     assert [c["value"] for c in typed.choices or []] == ["qwen2.5"]
@@ -371,7 +372,7 @@ async def test_reset_is_private_and_forgets(discord_api: DiscordEmulator, run_bo
     bot = await run_bot(DISCORD_DEV_GUILD=GUILD_ID)
     # Synced globally, and to the development server at once.
     assert sorted(discord_api.commands_synced(GUILD_ID)) == sorted(discord_api.commands_synced())
-    assert len(discord_api.commands_synced(GUILD_ID)) == 8
+    assert len(discord_api.commands_synced(GUILD_ID)) == 10
     general = TEXT_CHANNEL_ID
     await discord_api.user_says(ALICE, "my name is Alice", channel_id=general, mentions_bot=True)
     await said(discord_api, general, "You said: my name is Alice")

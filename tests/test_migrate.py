@@ -152,6 +152,9 @@ async def fill(db: Raw, upto: int) -> None:
                          "telegram:1@dm", "telegram", "1", "teacher", T)
         await db.execute("INSERT INTO place_settings (platform, place_id, persona, updated_at)"
                          " VALUES (?, ?, ?, ?)", "telegram", "-100", "coach", T)
+    if "010_notes" in has:
+        await db.execute("INSERT INTO notes (conversation_id, text, created_at)"
+                         " VALUES (?, ?, ?)", 1, "I'm vegetarian", T)
     if "003_rate_events" in has and db.dialect is POSTGRES:
         await db.execute("INSERT INTO rate_events (user_key, at)"
                          " VALUES (?, extract(epoch FROM clock_timestamp()))", "telegram:1")
@@ -197,6 +200,17 @@ async def test_each_past_version_upgrades_with_no_row_lost(db_url: str, upto: in
         assert newest > max(r["id"] for r in before["messages"])
         last = (await store.audit_log(1))[0]
         assert (last["recalled"], last["persona"], last["images"]) == (3, "pirate", 1)
+        # The recall index: a new exchange is indexed as it is stored; the old rows
+        # once reindexed (they were stored before the index existed).
+        old_ids = [r["id"] for r in before["messages"]]
+        if upto < NAMES.index("009_recall") + 1:
+            assert await store.count_missing(None) == len(old_ids)
+        assert [h[0] for h in await store.recall_search(conv, ["q"], 10**9, 5)] == [newest - 1]
+        while (await store.index_unindexed(0, 2))[0]:
+            pass
+        assert await store.count_missing(None) == 0
+        tea = [h[0] for h in await store.recall_search(conv, ["tea"], 10**9, 5)]
+        assert tea == [r["id"] for r in before["messages"] if r["content"] == "I like tea"]
     finally:
         await store.close()
 
@@ -211,7 +225,10 @@ async def test_schema_matches_the_copy_db_columns(db_url: str) -> None:
     async with raw(db_url) as db:
         # A new table is copied by copy-db (TABLES, queries.COLUMNS) or named here.
         internal = {"_migrations", "sqlite_sequence", "rate_events", "erasures"}
-        assert await db.tables() - internal == set(TABLES)
+        # The recall index is rebuilt from the messages, not copied (copy-db reindexes).
+        recall = {t for t in await db.tables() if t.startswith("recall_")}
+        assert recall >= {"recall_vectors"} and recall & {"recall_fts", "recall_terms"}
+        assert await db.tables() - internal - recall == set(TABLES)
         await fill(db, len(MIGRATIONS))
         for table in TABLES:
             assert list((await db.rows(table))[0]) == list(queries.COLUMNS[table]), table

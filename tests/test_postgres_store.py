@@ -371,14 +371,14 @@ async def test_forget_user(store: PostgresStore) -> None:
     await store.rate_hit("telegram:1", 10, 60)
     await store.rate_hit("discord:2", 10, 60)
     counts = await store.forget_user("telegram", "1")
-    assert counts == {"messages": 4, "summaries": 1, "conversations": 2,
+    assert counts == {"notes": 0, "messages": 4, "summaries": 1, "conversations": 2,
                       "user_settings": 1, "audit": 3, "conversation_settings": 1}
     assert await store.audit_log(10, "telegram:1") == []
     assert await store.user_model("telegram", "1") is None
     assert await store.table_counts() == {"conversations": 1, "messages": 2, "summaries": 0,
                                           "user_settings": 1, "audit": 1,
                                           "model_info": 0, "conversation_settings": 0,
-                                          "place_settings": 0}
+                                          "place_settings": 0, "notes": 0}
     async with store.pool.acquire() as conn:
         keys = [r[0] for r in await conn.fetch("SELECT user_key FROM rate_events")]
     assert keys == ["discord:2"]
@@ -677,13 +677,24 @@ async def test_copy_db_command_both_ways(
     await lite.close()
     assert await copy_db(src_url, pg_url) == 0
     assert await copy_db(pg_url, back_url) == 0
-    assert "copy verified" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "copy verified" in out and "words index rebuilt" in out
     back = SQLiteStore(str(tmp_path / "back.db"))
     await back.open()
+    pg = PostgresStore(pg_url, pool_size=2)
+    await pg.open()
     try:
         assert await dump(back) == want
+        # The recall index is not copied but rebuilt: every copied message is findable.
+        for s in (pg, back):
+            assert await s.count_missing(None) == 0
+            conv = await s.conversation_id(REF)
+            hits = await s.recall_search(conv, ["q3"], 10**9, 5)
+            assert [m.content for m in await s.messages_range(conv, hits[0][0] - 1,
+                                                              hits[0][0])] == ["q3 你好 «»"]
     finally:
         await back.close()
+        await pg.close()
     with pytest.raises(StorageError, match="not empty"):
         await copy_db(src_url, pg_url)
 
@@ -810,10 +821,12 @@ async def test_a_turn_counts_its_round_trips_and_leaves_no_session_state(
                 await s.save_exchange(conv, f"q{n}", f"a{n}", audit(user_input=f"q{n}"))
         # lock + id, context, unlock, and the save's transaction: BEGIN, the erasure
         # lock, its check, the conversation check, the messages, the audit row,
-        # COMMIT (issue 18's bar of 4 is not met since the erasure check; see README).
+        # the recall index's terms, COMMIT (issue 18's bar of 4 is not met since the
+        # erasure check; see README).
         assert conv == first
         assert [m.content for m in context.history] == ["q0", "a0", "q1", "a1"]
-        assert len(seen) <= 10, seen
+        assert len(seen) <= 11, seen
+        assert any(q.startswith("INSERT INTO recall_terms") for q in seen), seen
         assert seen[0].startswith("SELECT set_config('lock_timeout'"), seen
         assert not any("RESET" in q for q in seen), seen
     finally:

@@ -12,14 +12,16 @@ import pytest
 
 from bot.recall import query_terms
 from bot.recall.vectors import to_blob
-from storage import postgres_migrations, recall_index, sqlite_migrations
+from storage import recall_index
+from storage.dialect import POSTGRES, SQLITE
+from storage.migrations import MIGRATIONS
 from tests.backends import db_url_both_backends  # noqa: F401
 
 NOW = "2026-11-03T10:00:00.000Z"
 
 
 class Db:
-    """A raw connection with the real schema plus the recall step; `q` speaks its dialect."""
+    """A raw connection with the real schema (recall steps included), either dialect."""
 
     def __init__(self, conn: Any) -> None:
         self.conn = conn
@@ -64,9 +66,13 @@ async def db(db_url: str) -> AsyncIterator[Db]:
         import os
         os.makedirs(os.path.dirname(path), exist_ok=True)
         conn = await aiosqlite.connect(path)
+        # The one list of steps, as the store applies it (the table rebuild of 004
+        # wants foreign keys off).
+        for step in MIGRATIONS:
+            for sql in step.statements(SQLITE):
+                await conn.execute(sql)
+        await conn.commit()
         await conn.execute("PRAGMA foreign_keys = ON")
-        for _, sql in sqlite_migrations.MIGRATIONS + recall_index.SQLITE_MIGRATIONS:
-            await conn.executescript(sql)
         try:
             yield Db(conn)
         finally:
@@ -76,8 +82,9 @@ async def db(db_url: str) -> AsyncIterator[Db]:
     schema = parse_qs(parts.query)["search_path"][0]
     conn = await asyncpg.connect(urlunsplit(parts._replace(query="")),
                                  server_settings={"search_path": schema})
-    for _, sql in postgres_migrations.MIGRATIONS + recall_index.POSTGRES_MIGRATIONS:
-        await conn.execute(sql)
+    for step in MIGRATIONS:
+        for sql in step.statements(POSTGRES):
+            await conn.execute(sql)
     try:
         yield Db(conn)
     finally:

@@ -320,6 +320,8 @@ def _rows_by_user(db: Path) -> dict[str, dict[str, int]]:
         "user_settings": "SELECT count(*) FROM user_settings WHERE platform = 'telegram'"
                          " AND user_id = ?",
         "audit": "SELECT count(*) FROM audit WHERE platform = 'telegram' AND user_id = ?",
+        "notes": "SELECT count(*) FROM notes WHERE conversation_id IN (SELECT id FROM"
+                 " conversations WHERE platform = 'telegram' AND user_id = ?)",
         "conversation_settings": "SELECT count(*) FROM conversation_settings WHERE"
                                  " platform = 'telegram' AND user_id = ?",
     }

@@ -229,8 +229,8 @@ async def test_photo_caption_in_private_chat(bot: RunningBot, tg: TelegramApiEmu
 
 async def test_commands_are_registered_on_start(bot: RunningBot, tg: TelegramApiEmulator) -> None:
     registered = [c["command"] for c in tg.commands()]
-    assert registered == ["start", "help", "reset", "model", "memory",
-        "stats", "language", "persona", "stop"]
+    assert registered == ["start", "help", "reset", "model", "memory", "remember", "forget",
+                          "stats", "language", "persona", "stop"]
     methods = [c.method for c in tg.calls()]
     assert methods.index("setMyCommands") < methods.index("getUpdates")
     [polling] = tg.params("getUpdates")[:1]
