@@ -7,7 +7,7 @@ from bot.app import open_service
 from bot.records import ConversationRef
 from storage import open_store
 from tests.backends import db_url_both_backends  # noqa: F401  (SQLite and PostgreSQL)
-from tests.conftest import SettingsFactory, ask
+from tests.conftest import SettingsFactory, ask, incoming
 from tests.fakes.model_server import ModelServer
 
 REF = ConversationRef(key="telegram:9@dm", platform="telegram", user_id="9", place="dm")
@@ -45,3 +45,16 @@ async def test_a_chat_turn_answers_in_the_chosen_language(
         assert await service.store.user_language("console", "1") == "zh-CN"
         [row] = [r for r in await service.store.audit_log(10) if r["user_input"] == "hi"]
         assert row["status"] == "error"
+
+
+async def test_notes_speak_the_chosen_language(make_settings: SettingsFactory) -> None:
+    async with open_service(make_settings()) as service:
+        await ask(service, "/language zh-TW")
+        assert await ask(service, "/remember 我吃素") == (
+            "記下了（第 1 則筆記）。這段對話裡我都會記得；/memory 會列出你的筆記，"
+            "/forget 編號 可以刪掉一則。")
+        assert "筆記（1 則）：\n1. 我吃素" in await ask(service, "/memory")
+        assert await ask(service, "/forget 3") == "沒有第 3 則筆記；你目前有 1 則（見 /memory）。"
+        conv = await service.store.conversation_id(
+            service.conversation_ref(incoming("x")))
+        assert [n.text for n in await service.store.notes(conv)] == ["我吃素"]
