@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,12 @@ from bot.settings import Settings, load_settings
 from tests.fakes.model_server import ModelServer
 
 SettingsFactory = Callable[..., Settings]
+
+# pytest caches the assertion-rewritten test modules (and Hypothesis, a plugin's package)
+# in __pycache__ only when bytecode may be written; with PYTHONDONTWRITEBYTECODE=1 every
+# xdist worker re-parses and rewrites ~170 modules on every run (~3 s of CPU each). Set
+# here, before the test modules are imported; subprocesses keep the environment's choice.
+sys.dont_write_bytecode = False
 
 
 @pytest.fixture
