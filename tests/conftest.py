@@ -16,6 +16,7 @@ from bot.messages import Incoming
 from bot.service import ChatService
 from bot.settings import Settings, load_settings
 from tests.fakes.model_server import ModelServer
+from tests.pg import spare_databases  # noqa: F401  (session-wide, for tests.pg's pg_url)
 
 SettingsFactory = Callable[..., Settings]
 
