@@ -473,9 +473,14 @@ async def test_unusable_database_stops_startup_with_one_line(
         "path is a folder": str(a_dir),
         "not a database": str(not_a_db),
     }
-    runs = await asyncio.gather(*(
-        run_bot(["console"], bot_env(tmp_path, model_server, DATABASE_URL=f"sqlite:///{p}"),
-                "hi\n") for p in paths.values()))
+    cores = asyncio.Semaphore(2)  # one start-up per core: each finishes within its bound
+
+    async def start(path: str) -> tuple[int, str, str]:
+        async with cores:
+            return await run_bot(["console"], bot_env(tmp_path, model_server,
+                                                      DATABASE_URL=f"sqlite:///{path}"), "hi\n")
+
+    runs = await asyncio.gather(*(start(p) for p in paths.values()))
     for (what, path), (code, out, err) in zip(paths.items(), runs, strict=True):
         assert code == 1, (what, err)
         assert out == "", what
