@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from adapters.console import NO_SERVER_HINT
 from storage.migrations import MIGRATIONS
 from tests.fakes.model_server import ModelServer
 
@@ -163,6 +164,8 @@ async def test_env_example_copied_to_env_runs_the_console(tmp_path: Path,
                                    cwd=tmp_path)
     assert code == 0, err
     assert out == "You said: hi\n"
+    # A server that answers gets no "how to get a model" hint (test_local_provider.py).
+    assert not set(NO_SERVER_HINT.splitlines()) & set(err.splitlines()), err
 
 
 async def test_chinese_through_the_console_with_json_logs_one_line_per_exchange(
