@@ -57,7 +57,8 @@ async def start_worker(tg: TelegramApiEmulator, model_server: ModelServer, db: s
 
 
 async def wait_listening(port: int) -> None:
-    async with asyncio.timeout(20):
+    # Bounded, but generous: two start-ups at once on a busy shared machine took over 20 s.
+    async with asyncio.timeout(60):
         while True:
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -77,7 +78,7 @@ async def test_two_processes_share_one_database_in_order_exactly_once(
     try:
         for p in ports:
             await wait_listening(p)
-        await tg.wait_for(lambda: len(tg.calls("setWebhook")) >= 2, timeout=20)
+        await tg.wait_for(lambda: len(tg.calls("setWebhook")) >= 2, timeout=60)
         tg.webhook_url = ""  # the test is the load balancer now
         async with aiohttp.ClientSession() as http:
 
