@@ -300,9 +300,62 @@ END $$
 """
 
 
+# PostgreSQL's words index as postings, newest first per conversation and term: a
+# search reads at most a bounded number of each term's newest matches (a GIN index
+# finds every match, and a long history has thousands per common word). Kept by
+# triggers from recall_terms (its tsvectors stay for ranking), so every path that
+# writes or deletes those rows, cascades included, keeps postings in step.
+_POSTINGS = [
+    "CREATE TABLE recall_postings (conversation_id BIGINT NOT NULL, term TEXT NOT NULL,"
+    " message_id BIGINT NOT NULL, PRIMARY KEY (conversation_id, term, message_id))",
+    """CREATE OR REPLACE FUNCTION memorybot_postings_added() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO recall_postings (conversation_id, term, message_id)
+        SELECT n.conversation_id, unnest(tsvector_to_array(n.terms)), n.message_id
+        FROM added n ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END $$""",
+    """CREATE OR REPLACE FUNCTION memorybot_postings_removed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM recall_postings p USING removed o
+        WHERE p.conversation_id = o.conversation_id
+        AND p.term = ANY (tsvector_to_array(o.terms)) AND p.message_id = o.message_id;
+    RETURN NULL;
+END $$""",
+    """CREATE OR REPLACE FUNCTION memorybot_postings_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM recall_postings p USING removed o
+        WHERE p.conversation_id = o.conversation_id
+        AND p.term = ANY (tsvector_to_array(o.terms)) AND p.message_id = o.message_id;
+    INSERT INTO recall_postings (conversation_id, term, message_id)
+        SELECT n.conversation_id, unnest(tsvector_to_array(n.terms)), n.message_id
+        FROM added n ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END $$""",
+    "CREATE TRIGGER recall_postings_insert AFTER INSERT ON recall_terms"
+    " REFERENCING NEW TABLE AS added FOR EACH STATEMENT"
+    " EXECUTE FUNCTION memorybot_postings_added()",
+    "CREATE TRIGGER recall_postings_delete AFTER DELETE ON recall_terms"
+    " REFERENCING OLD TABLE AS removed FOR EACH STATEMENT"
+    " EXECUTE FUNCTION memorybot_postings_removed()",
+    "CREATE TRIGGER recall_postings_update AFTER UPDATE ON recall_terms"
+    " REFERENCING OLD TABLE AS removed NEW TABLE AS added FOR EACH STATEMENT"
+    " EXECUTE FUNCTION memorybot_postings_changed()",
+    "INSERT INTO recall_postings (conversation_id, term, message_id)"
+    " SELECT conversation_id, unnest(tsvector_to_array(terms)), message_id FROM recall_terms"
+    " ON CONFLICT DO NOTHING",
+    # Searches no longer read it; every message paid for it on insert.
+    "DROP INDEX IF EXISTS recall_terms_terms",
+]
+
+
 @migration("013_pg_speed")
 def _pg_speed(d: Dialect) -> list[str]:
-    # PostgreSQL: an exchange's writes (and the unlock) in one round trip.
+    # PostgreSQL: an exchange's writes (and the unlock) in one round trip; recall
+    # by postings. SQLite needs neither (no round trips; FTS5 doclists are ordered).
     if d.is_sqlite:
         return []
-    return [_SAVE_GUARD]
+    return [_SAVE_GUARD, *_POSTINGS]

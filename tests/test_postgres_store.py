@@ -818,16 +818,19 @@ async def test_a_turn_counts_its_round_trips_and_leaves_no_session_state(
             async with asyncio.timeout(BOUND), s.conversation_lock(REF.key, BOUND):
                 conv = await s.conversation_id(REF)
                 context = await s.turn_context(conv, "telegram", "1", 50, with_summary=False)
+                notes = await s.notes(conv)  # read with the context
+                hits = await s.recall_search(conv, ["q0"], 10**9, 50)
+                near = await s.recall_around(conv, [h[0] for h in hits], 10**9)  # with it
                 await s.save_exchange(conv, f"q{n}", f"a{n}", audit(user_input=f"q{n}"))
-        # lock + id, context, unlock, and the save's transaction: BEGIN, the erasure
-        # lock, its check, the conversation check, the messages, the audit row,
-        # the recall index's terms, COMMIT (issue 18's bar of 4 is not met since the
-        # erasure check; see README).
+        # Issue 18's bar of 4: lock + id; context + notes; the recall search with its
+        # hits' neighbours; the exchange's writes with the unlock.
         assert conv == first
         assert [m.content for m in context.history] == ["q0", "a0", "q1", "a1"]
-        assert len(seen) <= 11, seen
-        assert any(q.startswith("INSERT INTO recall_terms") for q in seen), seen
+        assert notes == [] and [a.hit.content for a in near] == ["q0"]
+        assert near[0].after is not None and near[0].after.content == "a0"
+        assert len(seen) == 4, seen
         assert seen[0].startswith("SELECT set_config('lock_timeout'"), seen
+        assert seen[3].startswith("WITH g AS (SELECT conv, unlocked FROM memorybot_save_g"), seen
         assert not any("RESET" in q for q in seen), seen
     finally:
         await s.close()
@@ -837,6 +840,10 @@ async def test_a_turn_counts_its_round_trips_and_leaves_no_session_state(
         assert [(r["role"], r["content"]) for r in rows][-2:] == [("user", "q2"),
                                                                   ("assistant", "a2")]
         assert await conn.fetchval("SELECT count(*) FROM audit") == 3
+        # Each stored message is findable: its terms and its postings.
+        assert await conn.fetchval("SELECT count(*) FROM recall_terms") == 6
+        assert await conn.fetchval(
+            "SELECT count(*) FROM recall_postings WHERE term IN ('q2', 'a2')") == 2
         # No reset on release, yet no advisory lock outlives its turn (the pool is closed,
         # so also none of a session that was not reset).
         assert await conn.fetchval(_ADVISORY_HERE) == 0
