@@ -214,6 +214,14 @@ async def _release_lock_connection(
             await pool.release(conn)
 
 
+def _gone(conn: asyncpg.Connection) -> bool:
+    """Whether the connection is closed (the pool takes a dead one back at once)."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+
+
 def _lock_lost(key: str, why: str) -> None:
     log.warning("lock of %s was lost before its turn ended (%s); another process may have "
                 "worked on it meanwhile", key, " ".join(why.split()))
@@ -399,7 +407,7 @@ class PostgresStore(SQLStore):
         key = audit.conversation
         turn = self._current_turn()
         lock_key = turn.key if turn is not None and turn.lock == "held" \
-            and not turn.conn.is_closed() else None
+            and not _gone(turn.conn) else None
         args = (conversation_id, key, audit.platform, audit.user_id,
                 key.rpartition("@")[2] if "@" in key else "dm",
                 _erase_key(audit.platform, audit.user_id),
@@ -413,9 +421,11 @@ class PostgresStore(SQLStore):
                 turn.lock = "unknown"  # until the answer says
                 try:
                     row = await turn.conn.fetchrow(_SAVE_EXCHANGE, *args)
-                except (asyncpg.InterfaceError, asyncpg.ConnectionDoesNotExistError,
-                        ConnectionError):
-                    row = None  # the lock session died: stored through the pool below
+                except (asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                        asyncpg.exceptions.OperatorInterventionError, ConnectionError):
+                    # The lock session died (killed, lost) and its transaction with it:
+                    # stored through the pool below.
+                    row = None
                 else:
                     turn.lock = "released" if row[1] else "lost"
             if row is not None:
@@ -620,7 +630,7 @@ class PostgresStore(SQLStore):
             # unless the session itself is gone.
             await _release_lock_connection(
                 pool, turn.conn, turn.key,
-                locked=turn.lock == "held" or (turn.lock == "unknown" and turn.conn.is_closed()))
+                locked=turn.lock == "held" or (turn.lock == "unknown" and _gone(turn.conn)))
 
     async def _advisory_lock(
         self, conn: asyncpg.Connection, key: str, wait: float, remaining: float
