@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import ollama
-import openai
+if TYPE_CHECKING:
+    import ollama
+    import openai
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,16 @@ class Embedder:
         self.failures = 0
         self._ollama: ollama.AsyncClient | None = None
         self._openai: openai.AsyncOpenAI | None = None
+        # The clients are imported only when embeddings are configured: importing both
+        # costs most of the bot's start-up (about a second here), and most bots embed
+        # nothing.
         if kind == "ollama":
+            import ollama
+
             self._ollama = ollama.AsyncClient(host=host, timeout=timeout)
         else:
+            import openai
+
             self._openai = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "not-needed",
                                               max_retries=0, timeout=timeout)
 
