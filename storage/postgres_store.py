@@ -68,6 +68,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the server at open
 COMMAND_TIMEOUT = 60.0  # default bound on one statement (the lock wait sets its own)
+MIGRATION_TIMEOUT = 7 * 86400.0  # a step takes what the history needs (asyncpg needs a bound)
 CLOSE_TIMEOUT = 10.0  # seconds close() waits for borrowed connections
 UNLOCK_TIMEOUT = 5.0
 RATE_HORIZON = 3600.0  # rate events older than this (and the window) are garbage
@@ -242,7 +243,8 @@ async def migrate(conn: asyncpg.Connection, steps: Sequence[Migration] = MIGRATI
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             if not await conn.fetchval(q.migration_done, name):
                 for statement in statements(POSTGRES):
-                    await conn.execute(statement)
+                    # A step may rewrite every row (backfills): no COMMAND_TIMEOUT.
+                    await conn.execute(statement, timeout=MIGRATION_TIMEOUT)
                 await conn.execute(q.insert_migration, name, utcnow())
         if progress is not None:
             progress(step, len(steps))

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
-import asyncpg
 
 from bot.recall.fitting import Around, RecallMessage
 from bot.recall.terms import index_terms
+
+if TYPE_CHECKING:
+    import asyncpg  # only for hints: a SQLite bot never imports it
 
 MIGRATION_NAME = "009_recall"  # the step of storage/migrations.py that makes the tables
 
@@ -170,7 +172,7 @@ async def search(conn: Any, conversation_id: int, terms: Sequence[str], before_i
 # ts_rank with every query term. Only this conversation's messages older than $3.
 # Arguments: conversation, terms (text[]), before_id, limit, tsquery, cap.
 _SEARCH_POSTGRES = """
-WITH counted AS (
+WITH counted AS MATERIALIZED (  -- counted once, not per reference
     SELECT t.term, (SELECT count(*) FROM (
         SELECT 1 FROM recall_postings p WHERE p.conversation_id = $1 AND p.term = t.term
         AND p.message_id < $3 ORDER BY p.message_id DESC LIMIT $6 + 1) AS x) AS n
