@@ -424,7 +424,8 @@ class PostgresStore(SQLStore):
                 try:
                     row = await turn.conn.fetchrow(_SAVE_EXCHANGE, *args)
                 except (asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
-                        asyncpg.exceptions.OperatorInterventionError, ConnectionError):
+                        asyncpg.exceptions.OperatorInterventionError,
+                        asyncpg.exceptions.InternalClientError, ConnectionError):
                     # The lock session died (killed, lost) and its transaction with it:
                     # stored through the pool below.
                     row = None

@@ -872,3 +872,33 @@ async def test_lock_connection_restores_lock_timeout_for_the_next_borrower(
     # Inside the turn its own call ran on the lock connection, with the wait's bound.
     assert held != "0" and locks == 1
     assert after == {"0"} and left == 0
+
+
+async def test_a_save_on_a_killed_lock_session_is_stored_through_the_pool(
+        pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    # The save would end the lock on its session; that session is gone (whether the
+    # client has noticed yet or not): the exchange is stored once, through the pool,
+    # and the lost lock reported once per turn.
+    s = PostgresStore(pg_url, pool_size=3)
+    await s.open()
+    admin = await asyncpg.connect(pg_url)
+    try:
+        conv = await s.conversation_id(REF)
+        with caplog.at_level("WARNING", logger="storage.postgres_store"):
+            for n in range(3):
+                async with asyncio.timeout(BOUND), s.conversation_lock(REF.key, BOUND):
+                    turn = s._current_turn()
+                    assert turn is not None
+                    pid = turn.conn.get_server_pid()
+                    assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
+                    assert await s.save_exchange(conv, f"q{n}", f"a{n}", audit()) > 0
+        rows = await admin.fetch("SELECT content FROM messages ORDER BY id")
+        assert [r["content"] for r in rows] == ["q0", "a0", "q1", "a1", "q2", "a2"]
+        assert await admin.fetchval("SELECT count(*) FROM audit") == 3
+        assert await admin.fetchval("SELECT count(*) FROM recall_postings") == 6
+        lost = [r for r in caplog.records if "was lost" in r.getMessage()]
+        assert len(lost) == 3
+        assert await admin.fetchval(_ADVISORY_HERE) == 0
+    finally:
+        await admin.close()
+        await s.close()
