@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
@@ -874,6 +875,22 @@ async def test_lock_connection_restores_lock_timeout_for_the_next_borrower(
     assert after == {"0"} and left == 0
 
 
+def _kill_from_a_thread(url: str, pid: int) -> None:
+    """End a server session and wait for it to be gone, blocking the caller's loop."""
+    async def kill() -> bool:
+        conn = await asyncpg.connect(url)
+        try:
+            return bool(await conn.fetchval("SELECT pg_terminate_backend($1, 5000)", pid))
+        finally:
+            await conn.close()
+
+    done: list[bool] = []
+    worker = threading.Thread(target=lambda: done.append(asyncio.run(kill())))
+    worker.start()
+    worker.join(BOUND)
+    assert done == [True]
+
+
 async def test_a_save_on_a_killed_lock_session_is_stored_through_the_pool(
         pg_url: str, caplog: pytest.LogCaptureFixture) -> None:
     # The save would end the lock on its session; that session is gone (whether the
@@ -890,7 +907,11 @@ async def test_a_save_on_a_killed_lock_session_is_stored_through_the_pool(
                     turn = s._current_turn()
                     assert turn is not None
                     pid = turn.conn.get_server_pid()
-                    assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
+                    if n == 0:  # the client has seen its socket close
+                        assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)",
+                                                    pid)
+                    else:  # it has not: killed from a thread while this loop is blocked
+                        _kill_from_a_thread(pg_url, pid)
                     assert await s.save_exchange(conv, f"q{n}", f"a{n}", audit()) > 0
         rows = await admin.fetch("SELECT content FROM messages ORDER BY id")
         assert [r["content"] for r in rows] == ["q0", "a0", "q1", "a1", "q2", "a2"]
