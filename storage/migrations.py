@@ -306,8 +306,11 @@ END $$
 # triggers from recall_terms (its tsvectors stay for ranking), so every path that
 # writes or deletes those rows, cascades included, keeps postings in step.
 _POSTINGS = [
+    # The key comes after the backfill: one sorted build, not a random insert per row
+    # (minutes at a million messages). The triggers come first: they lock recall_terms
+    # until commit, so no row written meanwhile is missed.
     "CREATE TABLE recall_postings (conversation_id BIGINT NOT NULL, term TEXT NOT NULL,"
-    " message_id BIGINT NOT NULL, PRIMARY KEY (conversation_id, term, message_id))",
+    " message_id BIGINT NOT NULL)",
     """CREATE OR REPLACE FUNCTION memorybot_postings_added() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -345,8 +348,8 @@ END $$""",
     " REFERENCING OLD TABLE AS removed NEW TABLE AS added FOR EACH STATEMENT"
     " EXECUTE FUNCTION memorybot_postings_changed()",
     "INSERT INTO recall_postings (conversation_id, term, message_id)"
-    " SELECT conversation_id, unnest(tsvector_to_array(terms)), message_id FROM recall_terms"
-    " ON CONFLICT DO NOTHING",
+    " SELECT conversation_id, unnest(tsvector_to_array(terms)), message_id FROM recall_terms",
+    "ALTER TABLE recall_postings ADD PRIMARY KEY (conversation_id, term, message_id)",
     # Searches no longer read it; every message paid for it on insert.
     "DROP INDEX IF EXISTS recall_terms_terms",
 ]
