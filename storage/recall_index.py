@@ -60,12 +60,6 @@ def fts_terms(conversation_id: int, terms: Iterable[str]) -> str:
     return " ".join(f"{conversation_id}x{t}" for t in terms)
 
 
-def _fts_query(conversation_id: int, terms: Sequence[str]) -> str:
-    quoted = " OR ".join('"' + f"{conversation_id}x{t}".replace('"', '""') + '"'
-                         for t in terms)
-    return f"terms : ({quoted})"
-
-
 def _lexeme(term: str) -> str:
     return "'" + term.replace("\\", "\\\\").replace("'", "''") + "'"
 
@@ -152,14 +146,9 @@ async def search(conn: Any, conversation_id: int, terms: Sequence[str], before_i
     if not terms or limit <= 0:
         return []
     if _is_sqlite(conn):
-        kept = await _affordable_terms(conn, conversation_id, terms, before_id)
-        if not kept:
-            return []
-        cur = await conn.execute(
-            "SELECT rowid, score FROM (SELECT rowid, -bm25(recall_fts, 1.0, 0.0) AS score "
-            "FROM recall_fts WHERE recall_fts MATCH ? AND rowid < ? ORDER BY rowid DESC "
-            "LIMIT ?) ORDER BY score DESC, rowid DESC LIMIT ?",
-            (_fts_query(conversation_id, kept), before_id, MAX_CANDIDATES, limit))
+        cur = await conn.execute(_SEARCH_SQLITE, (json.dumps(list(dict.fromkeys(terms))),
+                                                  conversation_id, before_id, MAX_CANDIDATES,
+                                                  limit))
         return [(int(r[0]), float(r[1])) for r in await cur.fetchall()]
     rows = await conn.fetch(_SEARCH_POSTGRES + " SELECT id, score FROM ranked",
                             *_search_args(conversation_id, terms, before_id, limit))
@@ -234,31 +223,36 @@ async def search_around(conn: asyncpg.Connection, conversation_id: int, terms: S
                           [(r[1], r[3], r[4], r[5], r[6], r[7]) for r in rows if r[0] == 1])
 
 
-async def _affordable_terms(conn: aiosqlite.Connection, conversation_id: int,
-                            terms: Sequence[str], before_id: int) -> list[str]:
-    """The terms that occur in the conversation before `before_id`, rarest first, while
-    their matches fit MAX_CANDIDATES.
-
-    Matches are counted up to MAX_CANDIDATES + 1 only, newest first: a count costs
-    at most that many rowids of the term's doclist whatever the history's size
-    (the words table's vocabulary would count a common term's every match). Terms
-    over the cap tie, by name; only the first of them can be kept anyway.
-    """
-    one = ("SELECT count(*) FROM (SELECT rowid FROM recall_fts WHERE recall_fts MATCH ? "
-           "AND rowid < ? ORDER BY rowid DESC LIMIT ?)")
-    sql = " UNION ALL ".join([f"SELECT ?, ({one})"] * len(terms))
-    cur = await conn.execute(sql, tuple(
-        x for t in terms
-        for x in (t, _fts_query(conversation_id, [t]), before_id, MAX_CANDIDATES + 1)))
-    found = sorted((int(doc), term) for term, doc in await cur.fetchall() if doc)
-    kept: list[str] = []
-    total = 0
-    for doc, term in found:
-        if kept and total + doc > MAX_CANDIDATES:
-            break
-        kept.append(term)
-        total += doc
-    return kept
+# SQLite's search in one statement (one thread hop): each term's matches before ?3
+# counted newest first up to MAX_CANDIDATES + 1 (at most that many rowids of its
+# doclist, whatever the history's size; the words table's vocabulary would count a
+# common term's every match); the rarest terms kept while their matches fit (ties
+# by name; the first is always kept); bm25 over the newest MAX_CANDIDATES matches
+# of those. Terms are quoted FTS5 strings, so no query syntax gets through; with
+# no term in the conversation the query names a token no message has ("0x").
+# Arguments: terms (JSON), conversation, before_id, cap, limit.
+_SEARCH_SQLITE = """
+WITH t(term) AS (SELECT value FROM json_each(?1)),
+counted AS (
+    SELECT term, (SELECT count(*) FROM (
+        SELECT rowid FROM recall_fts WHERE recall_fts MATCH
+            'terms : "' || ?2 || 'x' || replace(term, '"', '""') || '"'
+        AND rowid < ?3 ORDER BY rowid DESC LIMIT ?4 + 1)) AS n
+    FROM t
+), ordered AS (
+    SELECT term, sum(n) OVER w AS running, row_number() OVER w AS rank
+    FROM counted WHERE n > 0 WINDOW w AS (ORDER BY n, term ROWS UNBOUNDED PRECEDING)
+), kept(q) AS (
+    SELECT 'terms : (' || group_concat('"' || ?2 || 'x' || replace(term, '"', '""') || '"',
+                                       ' OR ') || ')'
+    FROM ordered WHERE rank = 1 OR running <= ?4
+)
+SELECT rowid, score FROM (
+    SELECT rowid, -bm25(recall_fts, 1.0, 0.0) AS score FROM recall_fts
+    WHERE recall_fts MATCH coalesce((SELECT q FROM kept), 'terms : "0x"') AND rowid < ?3
+    ORDER BY rowid DESC LIMIT ?4
+) ORDER BY score DESC, rowid DESC LIMIT ?5
+"""
 
 
 async def vectors_since(conn: Any, conversation_id: int, model: str, after_id: int,
