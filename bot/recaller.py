@@ -118,8 +118,11 @@ class Recaller:
         vector, _ = await asyncio.gather(self.query_embedder.embed_one(text), refresh)
         if vector is None:
             return []
+        # Only similarities that stand out from the conversation's background: a
+        # model that can't tell the language's sentences apart adds nothing, and
+        # its near-random top hits would displace strong word hits in the fusion.
         return [i for i, _ in self.cache.search(conversation_id, vector, before_id, CANDIDATES,
-                                                model=self.model)]
+                                                model=self.model, outliers_only=True)]
 
     def _loader(self, conversation_id: int) -> Loader:
         async def load(after_id: int) -> list[tuple[int, bytes]]:
