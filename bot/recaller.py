@@ -7,6 +7,12 @@ message (the one embedding on the turn's path, under EMBED_TIMEOUT: slow or
 down means words alone) and compares it with the conversation's vectors
 cached in memory. Stored messages are embedded after their exchange is
 stored, in the background (batched, in the model slots behind replies).
+
+The summary is not embedded, on purpose: there is one running summary per
+conversation, and whenever it exists (MEMORY_STRATEGY=summarize) it goes into
+every prompt whole, before the recalled block, so ranking it by meaning could
+only ever re-add what the prompt already carries. The messages it folded stay
+stored, indexed and embedded, and recall reaches them by their exact words.
 """
 
 from __future__ import annotations
