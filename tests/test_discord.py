@@ -8,14 +8,11 @@ reached the database. Nothing waits by sleeping: `wait_for` wakes on state chang
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +23,17 @@ from discord.http import Route
 import adapters.discord.commands as discord_commands
 from adapters.discord.adapter import DiscordAdapter
 from adapters.discord.sink import APOLOGY
+from adapters.discord.testing import (
+    ALICE,
+    BOB,
+    TOKEN,
+    ServiceProxy,
+    StartBot,
+    contents,
+    said,
+)
 from bot.app import open_service
-from bot.commands import parse_command
 from bot.messages import Incoming
-from bot.reply import Reply
-from bot.service import ChatService
 from tests.conftest import SettingsFactory
 from tests.fakes.discord_api import (
     BOT_ID,
@@ -46,61 +49,11 @@ from tests.fakes.discord_api import (
 )
 from tests.fakes.model_server import ModelServer, closed_port_url
 
-TOKEN = "MTEwMDAwMDAwMDAwMDAwMDAwMQ.GxYzAb.emulator-only-discord-token-0123456789"
-ALICE = 2_100_000_000_000_000_001
-BOB = 2_100_000_000_000_000_002
 OTHER_BOT = 2_100_000_000_000_000_003
 WEBHOOK = 2_100_000_000_000_000_004
 REPO = Path(__file__).resolve().parents[1]
 # guilds | guild_messages | dm_messages | message_content
 EXPECTED_INTENTS = (1 << 0) | (1 << 9) | (1 << 12) | (1 << 15)
-
-
-# -- harness --------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunningBot:
-    adapter: DiscordAdapter
-    service: ChatService
-    stop_event: asyncio.Event
-    task: asyncio.Task[None]
-    resources: contextlib.AsyncExitStack  # the service's store and provider
-
-    async def stop(self) -> None:
-        """Stop the adapter as `python -m bot` does on a signal, then close its core."""
-        self.stop_event.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.task), timeout=15)
-        finally:
-            await self.resources.aclose()
-
-
-StartBot = Callable[..., Awaitable[RunningBot]]
-
-
-class ServiceProxy:
-    """The real core behind hooks: slow or failing on purpose, or with a canned answer."""
-
-    def __init__(self, inner: ChatService, *,
-                 before: Callable[[Incoming], Awaitable[None]] | None = None,
-                 canned: Callable[[Incoming], str | None] | None = None) -> None:
-        self._inner = inner
-        self._before = before
-        self._canned = canned
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def handle(self, msg: Incoming) -> Reply:
-        if self._before is not None:
-            await self._before(msg)
-        answer = self._canned(msg) if self._canned is not None else None
-        if answer is not None:
-            # Private as the core would mark it: by the command's declaration.
-            name = (parse_command(msg.text) or ("", ""))[0]
-            return Reply.notice(answer, private=self._inner.commands.private(name))
-        return await self._inner.handle(msg)
 
 
 @pytest.fixture(autouse=True)
@@ -115,73 +68,6 @@ def token_never_logged(caplog: pytest.LogCaptureFixture) -> Any:
         if record.exc_info:
             text += formatter.formatException(record.exc_info)
         assert TOKEN not in text, f"token logged by {record.name}"
-
-
-@pytest.fixture
-async def discord_api() -> AsyncIterator[DiscordEmulator]:
-    async with DiscordEmulator(token=TOKEN) as api:
-        yield api
-
-
-@pytest.fixture
-def discord_settings(make_settings: SettingsFactory,
-                     discord_api: DiscordEmulator) -> SettingsFactory:
-    def make(**overrides: Any) -> Any:
-        values: dict[str, Any] = {"DISCORD_TOKEN": TOKEN,
-                                  "DISCORD_API_BASE": discord_api.api_base,
-                                  "STREAM_EDIT_INTERVAL": 0.2}
-        values.update(overrides)
-        return make_settings(**values)
-
-    return make
-
-
-@pytest.fixture
-async def run_bot(discord_api: DiscordEmulator,
-                  discord_settings: SettingsFactory) -> AsyncIterator[StartBot]:
-    """Start a core and the adapter on it; both stop at the end of the test at the latest."""
-    async with contextlib.AsyncExitStack() as running:
-
-        async def start(*, api: DiscordEmulator | None = None, shards: int = 1,
-                        wrap: Callable[[ChatService], Any] | None = None,
-                        **overrides: Any) -> RunningBot:
-            api = api or discord_api
-            settings = discord_settings(DISCORD_API_BASE=api.api_base, **overrides)
-            resources = contextlib.AsyncExitStack()
-            service = await resources.enter_async_context(open_service(settings))
-            adapter = DiscordAdapter(settings)
-            stop = asyncio.Event()
-            identified = len(api.identifies)
-            task = asyncio.create_task(adapter.run(wrap(service) if wrap else service, stop))
-            bot = RunningBot(adapter, service, stop, task, resources)
-            running.push_async_callback(bot.stop)
-            ready = asyncio.create_task(api.wait_for(
-                lambda: len(api.identifies) >= identified + shards
-                and len(api.ready_shards) >= shards))
-            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-            if not ready.done():
-                ready.cancel()
-                await task  # raises what stopped the adapter
-                raise AssertionError("the adapter returned before connecting")
-            ready.result()
-            return bot
-
-        yield start
-
-
-async def said(api: DiscordEmulator, channel_id: int, text: str) -> ShownMessage:
-    """Wait until the bot shows exactly `text` in the channel; return that message."""
-    def shown() -> ShownMessage | None:
-        return next((m for m in api.bot_messages(channel_id) if m.content == text), None)
-
-    await api.wait_for(lambda: shown() is not None)
-    found = shown()
-    assert found is not None
-    return found
-
-
-def contents(api: DiscordEmulator, channel_id: int) -> list[str]:
-    return [m.content for m in api.bot_messages(channel_id)]
 
 
 # -- DMs and memory -------------------------------------------------------------------------------

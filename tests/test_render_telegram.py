@@ -16,21 +16,15 @@ from telegram import Bot
 from adapters.telegram import sink as telegram_sink
 from adapters.telegram.pacing import ChatPacer
 from adapters.telegram.sink import TelegramSink
+from adapters.telegram.testing import bot_says, telegram_bot
 from bot.render import StreamRenderer, utf16_len
 from bot.sanitize import storable
 from tests.conftest import SettingsFactory
 from tests.fakes.model_server import ModelServer
 from tests.fakes.telegram_api import TelegramApiEmulator, VisibleMessage
-from tests.test_telegram import bot_says, telegram_bot
 
 ALICE = 1001
 LIMIT = 4096
-
-
-@pytest.fixture
-async def tg() -> AsyncIterator[TelegramApiEmulator]:
-    async with TelegramApiEmulator() as emulator:
-        yield emulator
 
 
 @pytest.fixture

@@ -9,15 +9,13 @@ what reached the database. Waits are bounded and re-check on every state change.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,85 +24,23 @@ import pytest
 
 from adapters.telegram.adapter import TelegramAdapter
 from adapters.telegram.pacing import BURST
+from adapters.telegram.testing import ALICE, BOB, GROUP, RunningBot, bot_says, telegram_bot
 from bot.app import open_service
 from bot.messages import Incoming
 from bot.render import utf16_len
-from bot.service import ChatService
-from bot.settings import Settings, SettingsError
+from bot.settings import SettingsError
 from storage import open_store
-from tests.conftest import free_port
+from tests.conftest import SettingsFactory, free_port
 from tests.fakes.model_server import ModelServer, closed_port_url
-from tests.fakes.telegram_api import TelegramApiEmulator, VisibleMessage
+from tests.fakes.telegram_api import TelegramApiEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUP = -1001234567890
-ALICE, BOB = 1001, 1002
-
-SettingsFactory = Callable[..., Settings]
-
-
-# ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-async def tg() -> AsyncIterator[TelegramApiEmulator]:
-    async with TelegramApiEmulator() as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def tg_settings(make_settings: SettingsFactory, tg: TelegramApiEmulator) -> SettingsFactory:
-    """Settings pointing the adapter at the emulator."""
-    def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"TELEGRAM_TOKEN": tg.bot_token,
-                                  "TELEGRAM_BASE_URL": tg.base_url}
-        return make_settings(**(values | overrides))
-    return make
-
-
-@dataclass
-class RunningBot:
-    adapter: TelegramAdapter
-    service: ChatService
-    settings: Settings
-    task: asyncio.Task[None]
-
-
-@contextlib.asynccontextmanager
-async def telegram_bot(tg: TelegramApiEmulator, settings: Settings,
-                       **adapter_options: Any) -> AsyncIterator[RunningBot]:
-    """The adapter running on a fresh service, stopped the way `python -m bot` stops it."""
-    async with open_service(settings) as service:
-        adapter = TelegramAdapter(settings, **adapter_options)
-        stop = asyncio.Event()
-        task = asyncio.create_task(adapter.run(service, stop))
-        receiving = "setWebhook" if settings.TELEGRAM_WEBHOOK_URL else "getUpdates"
-        await tg.wait_for(lambda: task.done() or bool(tg.calls(receiving)), 10,
-                          f"the adapter to call {receiving}")
-        if task.done():
-            task.result()  # raise what stopped it
-        try:
-            yield RunningBot(adapter, service, settings, task)
-        finally:
-            stop.set()
-            await service.shutdown(settings.SHUTDOWN_GRACE)
-            await asyncio.wait_for(task, settings.SHUTDOWN_GRACE + 10)
 
 
 @pytest.fixture
 async def bot(tg: TelegramApiEmulator, tg_settings: SettingsFactory) -> AsyncIterator[RunningBot]:
     async with telegram_bot(tg, tg_settings()) as running:
         yield running
-
-
-async def bot_says(tg: TelegramApiEmulator, chat_id: int, expected: list[str],
-                   timeout: float = 5.0) -> list[VisibleMessage]:  # noqa: ASYNC109
-    """Wait until the bot's messages in the chat read exactly `expected`."""
-    try:
-        await tg.wait_for(lambda: tg.bot_texts(chat_id) == expected, timeout)
-    except TimeoutError:
-        pytest.fail(f"expected bot messages {expected!r}; chat reads:\n{tg.transcript(chat_id)}")
-    return tg.bot_messages(chat_id)
 
 
 def user_prompts(model_server: ModelServer) -> list[str]:
