@@ -22,6 +22,7 @@ from discord.http import Route
 
 import adapters.discord.commands as discord_commands
 from adapters.discord.adapter import DiscordAdapter
+from adapters.discord.picks import choices_view
 from adapters.discord.sink import APOLOGY
 from adapters.discord.testing import (
     ALICE,
@@ -34,17 +35,20 @@ from adapters.discord.testing import (
 )
 from bot.app import open_service
 from bot.messages import Incoming
+from bot.reply import Choice, Choices
 from tests.conftest import SettingsFactory
 from tests.fakes.discord_api import (
     BOT_ID,
     BOT_ROLE_ID,
     CALLBACK_DEFERRED,
+    CALLBACK_DEFERRED_UPDATE,
     FLAG_EPHEMERAL,
     GUILD_ID,
     ROLE_ID,
     TEXT_CHANNEL_ID,
     THREAD_ID,
     DiscordEmulator,
+    InteractionRecord,
     ShownMessage,
 )
 from tests.fakes.model_server import ModelServer, closed_port_url
@@ -662,3 +666,137 @@ async def test_discord_persona_autocomplete_pick_and_admin_default(
     await discord_api.wait_for(lambda: any(m.content == "You said: hello"
                                            for m in discord_api.bot_messages(TEXT_CHANNEL_ID)))
     assert model_server.requests[-1].messages[0]["content"] == "Coach me."
+
+
+# -- picks: buttons and a select menu from the reply's choices ------------------------------------
+
+
+def components_sent(interaction: InteractionRecord) -> list[dict[str, Any]]:
+    """The components the bot put on its answer, as they crossed the wire."""
+    return [c for row in interaction.callbacks[0].data.get("components") or []
+            for c in row["components"]]
+
+
+async def test_model_buttons_are_the_askers_and_a_press_switches_her_model(
+        discord_api: DiscordEmulator, run_bot: StartBot, model_server: ModelServer) -> None:
+    bot = await run_bot()
+    shown = await discord_api.slash(ALICE, "model", channel_id=TEXT_CHANNEL_ID)
+    await discord_api.wait_for(lambda: shown.answered)
+    [menu] = shown.messages
+    assert menu.ephemeral and menu.visible_to == ALICE
+    assert [b["label"] for b in menu.buttons] == ["✓ llama3.2", "qwen2.5"]
+    assert [c["custom_id"] for c in components_sent(shown)] == [
+        f"pick:model:{ALICE}:llama3.2", f"pick:model:{ALICE}:qwen2.5"]
+    assert shown.callbacks[0].data["flags"] & FLAG_EPHEMERAL
+    listing = menu.content
+
+    # Bob cannot see Alice's menu; a forged press of his is refused, privately.
+    bobs = await discord_api.press(BOB, menu, f"pick:model:{ALICE}:qwen2.5")
+    await discord_api.wait_for(lambda: bobs.answered)
+    assert bobs.texts == ["This menu belongs to someone else. Send /model to pick yours."]
+    assert all(m.ephemeral and m.visible_to == BOB for m in bobs.messages)
+    assert menu.content == listing and len(menu.buttons) == 2
+    store = bot.service.store
+    assert await store.user_model("discord", str(ALICE)) is None
+    assert await store.user_model("discord", str(BOB)) is None
+
+    alices = await discord_api.press(ALICE, menu, f"pick:model:{ALICE}:qwen2.5")
+    await discord_api.wait_for(lambda: not menu.buttons)
+    # Answered first ("got it", the message unchanged), then the menu shows the pick.
+    assert alices.callbacks[0].type == CALLBACK_DEFERRED_UPDATE
+    assert alices.ack_after is not None and alices.ack_after < 3.0
+    assert menu.content == "Done: your model is now `qwen2.5`."
+    [edit] = discord_api.calls(f"PATCH /webhooks/{BOT_ID}/{alices.token}/messages/@original")
+    assert edit.body["content"] == menu.content and edit.body["components"] == []
+    assert await store.user_model("discord", str(ALICE)) == "qwen2.5"
+    assert await store.user_model("discord", str(BOB)) is None
+
+    # The same path as typing the argument: the next turn is on her model.
+    await discord_api.user_says(ALICE, "which model?")
+    await said(discord_api, discord_api.dm_channel(ALICE), "You said: which model?")
+    assert model_server.requests[-1].model == "qwen2.5"
+    again = await discord_api.slash(ALICE, "model")
+    await discord_api.wait_for(lambda: again.answered)
+    assert [b["label"] for b in again.messages[0].buttons] == ["llama3.2", "✓ qwen2.5"]
+
+
+async def test_persona_select_menu_past_five_choices(
+        discord_api: DiscordEmulator, run_bot: StartBot, model_server: ModelServer,
+        tmp_path: Path) -> None:
+    names = ["coach", "critic", "editor", "poet", "teacher", "tutor"]
+    path = tmp_path / "personas.toml"
+    path.write_text("".join(f'[{n}]\ndescription = "the {n}"\nsystem = "You are the {n}."\n'
+                            for n in names), encoding="utf-8")
+    bot = await run_bot(PERSONAS_FILE=str(path))
+    shown = await discord_api.slash(ALICE, "persona")
+    await discord_api.wait_for(lambda: shown.answered)
+    [menu] = shown.messages
+    assert menu.ephemeral and not menu.buttons
+    [select] = menu.selects
+    assert select["custom_id"] == f"pick:persona:{ALICE}"
+    assert [(o["label"], o["value"]) for o in select["options"]] == [
+        *((f"{n}: the {n}", n) for n in names), ("off (the default)", "off")]
+    assert components_sent(shown)[0]["type"] == 3  # a string select on the wire
+
+    # Bob's forged pick in Alice's menu is refused; hers sets her persona.
+    bobs = await discord_api.choose(BOB, menu, select["custom_id"], ["poet"])
+    await discord_api.wait_for(lambda: bobs.answered)
+    assert "belongs to someone else" in bobs.texts[0] and bobs.messages[0].ephemeral
+    # A persona gone since the menu was shown (the file was reloaded): told, not applied.
+    path.write_text(path.read_text(encoding="utf-8").replace("[critic]", "[judge]"),
+                    encoding="utf-8")
+    assert await bot.service.personas.reload_async()
+    stale = await discord_api.choose(ALICE, menu, select["custom_id"], ["critic"])
+    await discord_api.wait_for(lambda: stale.answered)
+    assert stale.callbacks[0].type == CALLBACK_DEFERRED_UPDATE
+    assert stale.texts == ["That choice is no longer offered. Send /persona for the list."]
+    assert stale.messages[0].ephemeral and menu.selects  # the menu stays as it was
+    key = f"discord:{ALICE}@dm"
+    assert await bot.service.store.personas_of(key, "discord", None) == (None, None)
+    alices = await discord_api.choose(ALICE, menu, select["custom_id"], ["poet"])
+    await discord_api.wait_for(lambda: not menu.selects)
+    assert alices.callbacks[0].type == CALLBACK_DEFERRED_UPDATE
+    assert menu.content == "Done: this conversation now uses the persona `poet`."
+    assert await bot.service.store.personas_of(key, "discord", None) == ("poet", None)
+    await discord_api.user_says(ALICE, "hello")
+    await said(discord_api, discord_api.dm_channel(ALICE), "You said: hello")
+    assert model_server.requests[-1].messages[0]["content"] == "You are the poet."
+    # The menu now marks her pick as the current one.
+    again = await discord_api.slash(ALICE, "persona")
+    await discord_api.wait_for(lambda: again.answered)
+    [options] = [s["options"] for s in again.messages[0].selects]
+    assert [o["value"] for o in options if o["default"]] == ["poet"]
+
+
+async def test_language_buttons_switch_the_bots_words(
+        discord_api: DiscordEmulator, run_bot: StartBot) -> None:
+    bot = await run_bot()
+    shown = await discord_api.slash(ALICE, "language")
+    await discord_api.wait_for(lambda: shown.answered)
+    [menu] = shown.messages
+    labels = [b["label"] for b in menu.buttons]
+    assert labels == ["English", "繁體中文", "简体中文"]
+    [tw] = [b for b in menu.buttons if b["label"] == "繁體中文"]
+    await discord_api.press(ALICE, menu, tw["custom_id"])
+    await discord_api.wait_for(lambda: not menu.buttons)
+    assert menu.content == "好了，之後我會用繁體中文跟你說話。"
+    assert await bot.service.store.user_language("discord", str(ALICE)) == "zh-TW"
+    memory = await discord_api.slash(ALICE, "memory")
+    await discord_api.wait_for(lambda: memory.answered)
+    assert memory.texts[0].startswith("這段對話已儲存的訊息：0 則")
+
+
+def test_a_menu_keeps_to_discords_limits_and_long_keys_still_resolve() -> None:
+    long_key = "registry.example.org/models/" + "x" * 120 + ":latest"
+    few = Choices("model", (Choice("llama3.2", "llama3.2", True), Choice(long_key, long_key)))
+    buttons = choices_view(ALICE, few)
+    assert buttons is not None
+    ids = [c["custom_id"] for row in buttons.to_components() for c in row["components"]]
+    assert all(len(i) <= 100 for i in ids) and ids[0] == f"pick:model:{ALICE}:llama3.2"
+    assert few.resolve(ids[1].rsplit(":", 1)[1]) == few.options[1]  # the digest names it
+    many = Choices("persona", tuple(Choice(f"p{i}", f"persona {i}") for i in range(40)))
+    select = choices_view(ALICE, many)
+    assert select is not None
+    [[menu]] = [row["components"] for row in select.to_components()]
+    assert menu["type"] == 3 and len(menu["options"]) == 25  # Discord's most
+    assert choices_view(ALICE, Choices("persona", ())) is None

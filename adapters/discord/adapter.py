@@ -38,6 +38,7 @@ from adapters.discord.inbound import (
     text_for_model,
     unsupported_kind,
 )
+from adapters.discord.picks import PickButton, Picks, PickSelect
 from adapters.discord.settings import bot_token, shard_ids
 from adapters.discord.sink import APOLOGY, MESSAGE_LIMIT, ChannelSink
 from bot.i18n import N_
@@ -102,6 +103,8 @@ class _GatewayClient(discord.AutoShardedClient):
     def __init__(self, adapter: DiscordAdapter, **options: object) -> None:
         super().__init__(**options)  # type: ignore[arg-type]
         self._adapter = adapter
+        self.picks = Picks(adapter.service, adapter.tracked)  # presses on choice menus
+        self.add_dynamic_items(PickButton, PickSelect)
         self._identified: dict[int, float] = {}  # bucket → when it last identified
         self._max_concurrency: int | None = None
 
