@@ -278,9 +278,9 @@ async def test_typing_shows_until_the_first_token(bot: RunningBot, tg: TelegramA
 
 async def test_edits_respect_the_interval(tg: TelegramApiEmulator, tg_settings: SettingsFactory,
                                           model_server: ModelServer) -> None:
-    interval = 0.2
+    interval = 0.1
     model_server.reply = " ".join(f"word{i}" for i in range(40))
-    model_server.chunk_delay = 0.02
+    model_server.chunk_delay = 0.01  # about 0.4 s of streaming: four intervals
     async with telegram_bot(tg, tg_settings(STREAM_EDIT_INTERVAL=interval)):
         tg.user_says(ALICE, "talk to me")
         [message] = await bot_says(tg, ALICE, [model_server.reply])
@@ -584,7 +584,7 @@ async def test_sigterm_stops_python_m_bot_cleanly(
            if not k.startswith(("TELEGRAM_", "DISCORD_", "OPENAI_", "LLM_"))}
     env |= {"TELEGRAM_TOKEN": tg.bot_token, "TELEGRAM_BASE_URL": tg.base_url,
             "OLLAMA_HOST": model_server.url, "DATABASE_URL": db_url,
-            "SHUTDOWN_GRACE": "1", "STREAM_EDIT_INTERVAL": "0.05", "LOG_LEVEL": "DEBUG",
+            "SHUTDOWN_GRACE": "0.3", "STREAM_EDIT_INTERVAL": "0.05", "LOG_LEVEL": "DEBUG",
             "RATE_LIMIT_PER_MINUTE": "0", "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", cwd=ROOT, env=env,

@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
+import httpx
 from telegram import Bot, BotCommand, CallbackQuery, Chat, Message, Update, User
 from telegram.constants import ChatMemberStatus, ChatType
 from telegram.error import InvalidToken, TelegramError
@@ -30,6 +32,7 @@ from telegram.ext import (
     MessageHandler,
     filters,
 )
+from telegram.request import HTTPXRequest
 
 from adapters.base import Adapter, utf16_len
 from adapters.telegram.addressing import BotIdentity, addressed_text
@@ -99,8 +102,11 @@ class TelegramAdapter(Adapter[Destination]):
 
     name = "telegram"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(settings)
+        # The Bot API connections' TLS context (None: one made on connect, httpx's default,
+        # shared by both connection pools: loading the CA bundle is ~0.1 s of CPU each).
+        self._tls = tls
         self._token = bot_token(settings)
         self._webhook_secret = webhook_secret(settings)
         self._me = BotIdentity(0, "")
@@ -161,12 +167,18 @@ class TelegramAdapter(Adapter[Destination]):
             self._quiet.close()
 
     def _build_application(self) -> Application:
+        tls = {"verify": self._tls or httpx.create_ssl_context()}
         builder = (
             Application.builder()
             .token(self._token)
             .concurrent_updates(True)
             .rate_limiter(default_rate_limiter())
-            .connect_timeout(10).read_timeout(30).write_timeout(30).pool_timeout(10)
+            # PTB's own defaults for both pools (256 connections, and 1 for getUpdates),
+            # with our timeouts for the calls the bot makes.
+            .request(HTTPXRequest(connection_pool_size=256, connect_timeout=10,
+                                  read_timeout=30, write_timeout=30, pool_timeout=10,
+                                  httpx_kwargs=tls))
+            .get_updates_request(HTTPXRequest(connection_pool_size=1, httpx_kwargs=tls))
         )
         base = self._settings.TELEGRAM_BASE_URL
         if base:

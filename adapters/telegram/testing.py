@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
 
 from adapters.telegram.adapter import TelegramAdapter
@@ -38,6 +41,13 @@ class RunningBot:
     task: asyncio.Task[None]
 
 
+@functools.cache
+def shared_tls() -> ssl.SSLContext:
+    """One TLS context for every adapter a test process starts (each would load the CA
+    bundle again: ~0.25 s of CPU per start; the emulator speaks plain HTTP anyway)."""
+    return httpx.create_ssl_context()
+
+
 def emulator_settings(tg: TelegramApiEmulator) -> dict[str, Any]:
     """The settings that point the adapter at the emulator."""
     return {"TELEGRAM_TOKEN": tg.bot_token, "TELEGRAM_BASE_URL": tg.base_url}
@@ -45,14 +55,13 @@ def emulator_settings(tg: TelegramApiEmulator) -> dict[str, Any]:
 
 @contextlib.asynccontextmanager
 async def telegram_bot(tg: TelegramApiEmulator, settings: Settings, *,
-                       service: ChatService | None = None,
-                       **adapter_options: Any) -> AsyncIterator[RunningBot]:
+                       service: ChatService | None = None) -> AsyncIterator[RunningBot]:
     """The adapter running on a fresh service (or on `service`), stopped the way
     `python -m bot` stops it."""
     async with contextlib.AsyncExitStack() as resources:
         if service is None:
             service = await resources.enter_async_context(open_service(settings))
-        adapter = TelegramAdapter(settings, **adapter_options)
+        adapter = TelegramAdapter(settings, tls=shared_tls())
         stop = asyncio.Event()
         task = asyncio.create_task(adapter.run(service, stop))
         receiving = "setWebhook" if settings.TELEGRAM_WEBHOOK_URL else "getUpdates"
