@@ -1,5 +1,7 @@
-"""Storage faults on both backends: forget with work in flight, the first message
-after a forget, summaries that never move back."""
+"""Storage faults on both backends, and the helpers the PostgreSQL-only faults share.
+
+Forget with work in flight, the first message after a forget, summaries that
+never move back."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""The renderer through the real Discord sink: discord.py against the Discord API
-emulator, on the real core. What the user saw is the emulator's messages; what
-crossed the wire is its recorded calls (issue 11, item 7 on Discord)."""
+"""The renderer through the real Discord sink, on the Discord emulator and the real core.
+
+discord.py against the Discord API emulator, on the real core. What the user saw is the
+emulator's messages; what crossed the wire is its recorded calls (issue 11, item 7 on
+Discord)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""The renderer through the real Telegram sink: python-telegram-bot against the Bot API
-emulator, which answers as Telegram does ("message text is empty", "can't parse
-entities", "message is too long"). What the user saw is the emulator's visible
-messages; what crossed the wire is its recorded calls; what reached the database
-is the core's audit log, for the end-to-end cases."""
+"""The renderer through the real Telegram sink, on the Bot API emulator.
+
+python-telegram-bot against the Bot API emulator, which answers as Telegram does
+("message text is empty", "can't parse entities", "message is too long"). What the user
+saw is the emulator's visible messages; what crossed the wire is its recorded calls;
+what reached the database is the core's audit log, for the end-to-end cases."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""/stop and the Stop buttons: the model's connection closes, the text so far stays, marked,
-the exchange is audited `cancelled` and is not history; only the asker (or an admin) may stop."""
+"""/stop and the Stop buttons: the model's call closes, the text so far stays, marked.
+
+The model's connection closes, the text so far stays, marked, the exchange is audited
+`cancelled` and is not history; only the asker (or an admin) may stop."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""The Telegram adapter end to end: the real python-telegram-bot against the Bot API
-emulator, the real core on a temp SQLite database, and the model stand-in.
+"""The Telegram adapter end to end, on the Bot API emulator, the real core and the model.
+
+The real python-telegram-bot against the Bot API emulator, the real core on a
+temp SQLite database, and the model stand-in.
 
 Every test checks what the user saw (the emulator's visible messages), what crossed
 the wire (the emulator's recorded calls, the prompts the model stand-in received) or
