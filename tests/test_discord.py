@@ -23,6 +23,7 @@ from discord.http import Route
 import adapters.discord.commands as discord_commands
 from adapters.discord.adapter import DiscordAdapter
 from adapters.discord.picks import choices_view
+from adapters.discord.settings import shard_ids
 from adapters.discord.sink import APOLOGY
 from adapters.discord.testing import (
     ALICE,
@@ -36,6 +37,7 @@ from adapters.discord.testing import (
 from bot.app import open_service
 from bot.messages import Incoming
 from bot.reply import Choice, Choices
+from bot.settings import SettingsError
 from tests.conftest import SettingsFactory
 from tests.fakes.discord_api import (
     BOT_ID,
@@ -801,3 +803,15 @@ def test_a_menu_keeps_to_discords_limits_and_long_keys_still_resolve() -> None:
     [[menu]] = [row["components"] for row in select.to_components()]
     assert menu["type"] == 3 and len(menu["options"]) == 25  # Discord's most
     assert choices_view(ALICE, Choices("persona", ())) is None
+
+
+def test_bad_shard_settings_stop_the_adapter_before_it_starts(
+        discord_settings: SettingsFactory) -> None:
+    with pytest.raises(SettingsError) as bad:
+        DiscordAdapter(discord_settings(DISCORD_SHARD_COUNT=2, DISCORD_SHARD_IDS="0,one"))
+    assert str(bad.value) == ("DISCORD_SHARD_IDS=0,one: allowed: comma-separated shard "
+                              "numbers like 0,1")
+    with pytest.raises(SettingsError, match="DISCORD_SHARD_IDS needs DISCORD_SHARD_COUNT"):
+        DiscordAdapter(discord_settings(DISCORD_SHARD_IDS="1"))
+    assert shard_ids(discord_settings(DISCORD_SHARD_COUNT=2, DISCORD_SHARD_IDS=" 1 ,0")) == [1, 0]
+    assert shard_ids(discord_settings()) is None  # every shard: discord.py decides

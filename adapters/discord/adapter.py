@@ -143,6 +143,7 @@ class DiscordAdapter(Adapter[discord.Message]):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self._token = bot_token(settings)
+        self._shards = shard_ids(settings)  # checked now: a bad value stops the start
         self._accepting = False
         self._client: _GatewayClient | None = None
         self._tree: app_commands.CommandTree[_GatewayClient] | None = None
@@ -173,7 +174,7 @@ class DiscordAdapter(Adapter[discord.Message]):
             # never pings @everyone, @here, roles or users.
             allowed_mentions=discord.AllowedMentions.none(),
             shard_count=s.DISCORD_SHARD_COUNT,
-            shard_ids=shard_ids(s),
+            shard_ids=self._shards,
             chunk_guilds_at_startup=False,
         )
 

@@ -20,11 +20,11 @@ from typing import Any
 import discord
 from discord import app_commands
 
-from adapters.discord.inbound import incoming_from_interaction
+from adapters.discord.inbound import DISCORD_LOCALES, incoming_from_interaction
 from adapters.discord.picks import choices_view
 from adapters.discord.sink import APOLOGY, MESSAGE_LIMIT
 from bot.commands import Arg, Command
-from bot.i18n import DISCORD_LOCALES, Catalogs
+from bot.i18n import Catalogs
 from bot.messages import Incoming
 from bot.render import split_markdown
 from bot.reply import Reply
@@ -51,12 +51,11 @@ class CatalogTranslator(app_commands.Translator):
     def __init__(self, catalogs: Catalogs) -> None:
         super().__init__()
         self._catalogs = catalogs
-        self._languages = {locale: code for code, locale in DISCORD_LOCALES.items()}
 
     async def translate(self, string: app_commands.locale_str, locale: discord.Locale,
                         context: app_commands.TranslationContextTypes) -> str | None:
-        code = self._languages.get(locale.value)
-        if code is None or context.location not in _TRANSLATED:
+        code = locale.value  # Discord's zh-TW and zh-CN are the bot's language codes
+        if code not in DISCORD_LOCALES or context.location not in _TRANSLATED:
             return None
         text = self._catalogs.for_language(code).gettext(string.message)
         return text[:100] if text != string.message else None

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import ssl
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from urllib.parse import urlsplit
 
 import httpx
@@ -49,7 +50,7 @@ from adapters.telegram.menu import (
 from adapters.telegram.pacing import ChatPacer
 from adapters.telegram.settings import bot_token, webhook_secret
 from adapters.telegram.sink import TelegramSink
-from bot.i18n import N_, TELEGRAM_COMMAND_LANGUAGES, Translator, from_telegram
+from bot.i18n import N_, Translator, from_language_tag
 from bot.images import Downloader
 from bot.messages import Incoming
 from bot.render import FormattingRejected
@@ -66,6 +67,9 @@ SORRY = N_("Sorry, something went wrong while answering. Please try again.")
 PICKED = {"model": (N_("Model: {model}"), "model"),
           "language": (N_("Language: {language}"), "language"),
           "persona": (N_("Persona: {name}"), "name")}
+# setMyCommands takes a two-letter code only, so one Chinese menu: Traditional, the
+# script the bot's users are expected to write.
+COMMAND_LANGUAGES = MappingProxyType({"zh": "zh-TW"})
 DRAIN_EXTRA = 5.0  # seconds, beyond SHUTDOWN_GRACE, before replies still running are cancelled
 ADMIN_CHECK_WITHIN = 3.0  # seconds for getChatMember before "not an admin"
 _ADMIN_STATUSES = (ChatMemberStatus.OWNER, ChatMemberStatus.ADMINISTRATOR)
@@ -194,7 +198,7 @@ class TelegramAdapter(Adapter[Destination]):
         # default menu in English, and one per language Telegram's clients ask for.
         menu = self.service.commands.menu(self.name)
         catalogs = self.service.catalogs
-        for code, language in (("", "en"), *TELEGRAM_COMMAND_LANGUAGES.items()):
+        for code, language in (("", "en"), *COMMAND_LANGUAGES.items()):
             tr = catalogs.for_language(language)
             commands = [BotCommand(c.name, tr.gettext(c.description)[:256]) for c in menu]
             try:
@@ -242,7 +246,7 @@ class TelegramAdapter(Adapter[Destination]):
             chat_id=str(chat.id),
             place_id=str(chat.id) if group else None,
             text=text, raw=raw, place_admin=place_admin if group else None,
-            language=from_telegram(user.language_code))
+            language=from_language_tag(user.language_code))
 
     async def _is_chat_admin(self, chat_id: int, user_id: int) -> bool:
         """The group's creator or an administrator, as getChatMember says."""
@@ -315,7 +319,7 @@ class TelegramAdapter(Adapter[Destination]):
         assert press is not None
         if not isinstance(message, Message):
             tr = self.service.catalogs.for_language(self.service.pick_language(
-                from_telegram(query.from_user.language_code)))
+                from_language_tag(query.from_user.language_code)))
             await query.answer(tr.gettext("This reply has already finished."))
             return
         owner, reply_id = press
@@ -338,7 +342,7 @@ class TelegramAdapter(Adapter[Destination]):
         service = self.service
         if press is None or not isinstance(message, Message):
             tr = service.catalogs.for_language(
-                service.pick_language(from_telegram(query.from_user.language_code)))
+                service.pick_language(from_language_tag(query.from_user.language_code)))
             await query.answer(tr.gettext("This button no longer works. Send /{command} "
                                           "again.", command="model"))
             return
@@ -385,7 +389,7 @@ class TelegramAdapter(Adapter[Destination]):
         # The user's platform language (the store may be what failed).
         user = update.effective_user
         sorry = self.service.catalogs.for_language(self.service.pick_language(
-            from_telegram(user.language_code) if user is not None else None)).gettext(SORRY)
+            from_language_tag(user.language_code) if user is not None else None)).gettext(SORRY)
         with contextlib.suppress(TelegramError):
             if update.callback_query is not None:
                 await update.callback_query.answer(sorry)
