@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the client libraries load only for the kind in use (openai: ~1 s)
     import ollama
     import openai
 
@@ -35,9 +35,6 @@ class Embedder:
         self.failures = 0
         self._ollama: ollama.AsyncClient | None = None
         self._openai: openai.AsyncOpenAI | None = None
-        # The clients are imported only when embeddings are configured: importing both
-        # costs most of the bot's start-up (about a second here), and most bots embed
-        # nothing.
         if kind == "ollama":
             import ollama
 
