@@ -26,6 +26,9 @@ SettingsFactory = Callable[..., Settings]
 # here, before the test modules are imported; subprocesses keep the environment's choice.
 sys.dont_write_bytecode = False
 
+# Each platform's test harness lives beside its adapter; its fixtures serve every test.
+pytest_plugins = ("adapters.telegram.testing", "adapters.discord.testing")
+
 
 @pytest.fixture
 async def model_server() -> AsyncIterator[ModelServer]:
