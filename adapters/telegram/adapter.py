@@ -44,6 +44,7 @@ from adapters.telegram.menu import (
     stop_keyboard,
 )
 from adapters.telegram.pacing import ChatPacer
+from adapters.telegram.request import AiohttpRequest
 from adapters.telegram.settings import bot_token, webhook_secret
 from adapters.telegram.sink import TelegramSink
 from bot.i18n import N_, TELEGRAM_COMMAND_LANGUAGES, Translator, from_telegram
@@ -166,7 +167,12 @@ class TelegramAdapter(Adapter[Destination]):
             .token(self._token)
             .concurrent_updates(True)
             .rate_limiter(default_rate_limiter())
-            .connect_timeout(10).read_timeout(30).write_timeout(30).pool_timeout(10)
+            # aiohttp instead of httpx: a third of the CPU per exchange (request.py).
+            .request(AiohttpRequest(connect_timeout=10, read_timeout=30, write_timeout=30,
+                                    pool_timeout=10))
+            .get_updates_request(AiohttpRequest(connection_pool_size=1, connect_timeout=10,
+                                                read_timeout=30, write_timeout=30,
+                                                pool_timeout=10))
         )
         base = self._settings.TELEGRAM_BASE_URL
         if base:
