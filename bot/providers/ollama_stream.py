@@ -12,6 +12,7 @@ Messages with images still go through the library (its image encoding).
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -32,8 +33,17 @@ def request_body(model: str, messages: list[dict[str, Any]],
         "messages": [{k: v for k, v in m.items() if v} for m in messages], "tools": []})
 
 
+def _loads(line: bytes) -> Any:
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        # orjson refuses what the stdlib (and so the library) reads: a lone surrogate
+        # escape, as a token that splits an emoji sends. Shown cleaned later.
+        return json.loads(line)
+
+
 def _part(line: bytes) -> tuple[str, Usage | None]:
-    part = orjson.loads(line)
+    part = _loads(line)
     if not isinstance(part, dict):
         raise TypeError(f"a stream line that is not an object: {line[:100]!r}")
     if err := part.get("error"):
