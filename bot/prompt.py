@@ -128,9 +128,12 @@ class PromptPlan:
             if used + extra <= budget:
                 full_system, used, summary_used = with_summary, used + extra, True
         history = self._history
+        costs = self._costs  # inlined _history_cost: this loop runs per message
         kept = 0
         while kept < len(history):
-            c = self._history_cost(kept)
+            if kept == len(costs):
+                costs.append(self._cost(history[-1 - kept].content))
+            c = costs[kept]
             if used + c > budget:
                 break
             used += c
