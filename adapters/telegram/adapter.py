@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from telegram import Bot, BotCommand, CallbackQuery, Chat, Message, Update, User
@@ -47,7 +49,7 @@ from adapters.telegram.pacing import ChatPacer
 from adapters.telegram.request import AiohttpRequest
 from adapters.telegram.settings import bot_token, webhook_secret
 from adapters.telegram.sink import TelegramSink
-from bot.i18n import N_, TELEGRAM_COMMAND_LANGUAGES, Translator, from_telegram
+from bot.i18n import N_, Translator, from_language_tag
 from bot.images import Downloader
 from bot.messages import Incoming
 from bot.render import FormattingRejected
@@ -64,6 +66,9 @@ SORRY = N_("Sorry, something went wrong while answering. Please try again.")
 PICKED = {"model": (N_("Model: {model}"), "model"),
           "language": (N_("Language: {language}"), "language"),
           "persona": (N_("Persona: {name}"), "name")}
+# setMyCommands takes a two-letter code only, so one Chinese menu: Traditional, the
+# script the bot's users are expected to write.
+COMMAND_LANGUAGES = MappingProxyType({"zh": "zh-TW"})
 DRAIN_EXTRA = 5.0  # seconds, beyond SHUTDOWN_GRACE, before replies still running are cancelled
 ADMIN_CHECK_WITHIN = 3.0  # seconds for getChatMember before "not an admin"
 _ADMIN_STATUSES = (ChatMemberStatus.OWNER, ChatMemberStatus.ADMINISTRATOR)
@@ -100,8 +105,11 @@ class TelegramAdapter(Adapter[Destination]):
 
     name = "telegram"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(settings)
+        # The Bot API connections' TLS context (None: aiohttp's default, loaded once per
+        # process and shared by both connection pools: loading the CA bundle is ~0.1 s).
+        self._tls = tls
         self._token = bot_token(settings)
         self._webhook_secret = webhook_secret(settings)
         self._me = BotIdentity(0, "")
@@ -167,12 +175,11 @@ class TelegramAdapter(Adapter[Destination]):
             .token(self._token)
             .concurrent_updates(True)
             .rate_limiter(default_rate_limiter())
-            # aiohttp instead of httpx: a third of the CPU per exchange (request.py).
+            # aiohttp instead of httpx: a third of the CPU per exchange (request.py);
+            # PTB's pool sizes (256 connections, and 1 for getUpdates), our timeouts.
             .request(AiohttpRequest(connect_timeout=10, read_timeout=30, write_timeout=30,
-                                    pool_timeout=10))
-            .get_updates_request(AiohttpRequest(connection_pool_size=1, connect_timeout=10,
-                                                read_timeout=30, write_timeout=30,
-                                                pool_timeout=10))
+                                    pool_timeout=10, tls=self._tls))
+            .get_updates_request(AiohttpRequest(connection_pool_size=1, tls=self._tls))
         )
         base = self._settings.TELEGRAM_BASE_URL
         if base:
@@ -188,7 +195,7 @@ class TelegramAdapter(Adapter[Destination]):
         # default menu in English, and one per language Telegram's clients ask for.
         menu = self.service.commands.menu(self.name)
         catalogs = self.service.catalogs
-        for code, language in (("", "en"), *TELEGRAM_COMMAND_LANGUAGES.items()):
+        for code, language in (("", "en"), *COMMAND_LANGUAGES.items()):
             tr = catalogs.for_language(language)
             commands = [BotCommand(c.name, tr.gettext(c.description)[:256]) for c in menu]
             try:
@@ -236,7 +243,7 @@ class TelegramAdapter(Adapter[Destination]):
             chat_id=str(chat.id),
             place_id=str(chat.id) if group else None,
             text=text, raw=raw, place_admin=place_admin if group else None,
-            language=from_telegram(user.language_code))
+            language=from_language_tag(user.language_code))
 
     async def _is_chat_admin(self, chat_id: int, user_id: int) -> bool:
         """The group's creator or an administrator, as getChatMember says."""
@@ -309,7 +316,7 @@ class TelegramAdapter(Adapter[Destination]):
         assert press is not None
         if not isinstance(message, Message):
             tr = self.service.catalogs.for_language(self.service.pick_language(
-                from_telegram(query.from_user.language_code)))
+                from_language_tag(query.from_user.language_code)))
             await query.answer(tr.gettext("This reply has already finished."))
             return
         owner, reply_id = press
@@ -332,7 +339,7 @@ class TelegramAdapter(Adapter[Destination]):
         service = self.service
         if press is None or not isinstance(message, Message):
             tr = service.catalogs.for_language(
-                service.pick_language(from_telegram(query.from_user.language_code)))
+                service.pick_language(from_language_tag(query.from_user.language_code)))
             await query.answer(tr.gettext("This button no longer works. Send /{command} "
                                           "again.", command="model"))
             return
@@ -379,7 +386,7 @@ class TelegramAdapter(Adapter[Destination]):
         # The user's platform language (the store may be what failed).
         user = update.effective_user
         sorry = self.service.catalogs.for_language(self.service.pick_language(
-            from_telegram(user.language_code) if user is not None else None)).gettext(SORRY)
+            from_language_tag(user.language_code) if user is not None else None)).gettext(SORRY)
         with contextlib.suppress(TelegramError):
             if update.callback_query is not None:
                 await update.callback_query.answer(sorry)

@@ -15,6 +15,7 @@ at its read.
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 import aiohttp
@@ -30,13 +31,14 @@ POOL_SIZE = 256  # as PTB's HTTPXRequest
 class AiohttpRequest(BaseRequest):
     """One aiohttp session; PTB makes one for its calls and one for getUpdates."""
 
-    __slots__ = ("_connect", "_pool", "_pool_size", "_read", "_session", "_write")
+    __slots__ = ("_connect", "_pool", "_pool_size", "_read", "_session", "_tls", "_write")
 
     def __init__(self, *, connection_pool_size: int = POOL_SIZE,
                  read_timeout: float | None = 5.0, write_timeout: float | None = 5.0,
                  connect_timeout: float | None = 5.0,
-                 pool_timeout: float | None = 1.0) -> None:
+                 pool_timeout: float | None = 1.0, tls: ssl.SSLContext | None = None) -> None:
         self._pool_size = connection_pool_size
+        self._tls = tls
         self._read, self._write = read_timeout, write_timeout
         self._connect, self._pool = connect_timeout, pool_timeout
         self._session: aiohttp.ClientSession | None = None
@@ -48,7 +50,8 @@ class AiohttpRequest(BaseRequest):
     async def initialize(self) -> None:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self._pool_size),
+                connector=aiohttp.TCPConnector(limit=self._pool_size,
+                                               ssl=self._tls if self._tls else True),
                 headers={"User-Agent": self.USER_AGENT},
                 # Redirects and cookies are not part of the Bot API.
                 cookie_jar=aiohttp.DummyCookieJar())
