@@ -77,6 +77,11 @@ async def index_rows(db_url: str, conv: int) -> tuple[int, int]:
     try:
         words = await conn.fetchval("SELECT count(*) FROM recall_terms WHERE "
                                     "conversation_id = $1", conv)
+        # The postings the search reads follow the tsvectors (triggers), deletions too.
+        assert await conn.fetchval("SELECT count(DISTINCT message_id) FROM recall_postings "
+                                   "WHERE conversation_id = $1", conv) == await conn.fetchval(
+            "SELECT count(*) FROM recall_terms WHERE conversation_id = $1"
+            " AND length(terms) > 0", conv)
         vectors = await conn.fetchval("SELECT count(*) FROM recall_vectors WHERE "
                                       "conversation_id = $1", conv)
         return int(words), int(vectors)
