@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +16,15 @@ from bot.messages import Incoming
 from bot.service import ChatService
 from bot.settings import Settings, load_settings
 from tests.fakes.model_server import ModelServer
+from tests.pg import spare_databases  # noqa: F401  (session-wide, for tests.pg's pg_url)
 
 SettingsFactory = Callable[..., Settings]
+
+# pytest caches the assertion-rewritten test modules (and Hypothesis, a plugin's package)
+# in __pycache__ only when bytecode may be written; with PYTHONDONTWRITEBYTECODE=1 every
+# xdist worker re-parses and rewrites ~170 modules on every run (~3 s of CPU each). Set
+# here, before the test modules are imported; subprocesses keep the environment's choice.
+sys.dont_write_bytecode = False
 
 # Each platform's test harness lives beside its adapter; its fixtures serve every test.
 pytest_plugins = ("adapters.telegram.testing", "adapters.discord.testing")

@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from adapters.console import NO_SERVER_HINT
 from storage.migrations import MIGRATIONS
 from tests.fakes.model_server import ModelServer
 
@@ -38,7 +39,7 @@ def bot_env(tmp_path: Path, model_server: ModelServer, **extra: str) -> dict[str
     return env
 
 
-async def test_console_remembers_across_restart_resets_switches_and_refuses(
+async def test_console_remembers_across_restart_resets_switches_refuses_and_forgets(
     tmp_path: Path, model_server: ModelServer
 ) -> None:
     env = bot_env(tmp_path, model_server, MAX_INPUT_CHARS="100")
@@ -75,14 +76,17 @@ async def test_console_remembers_across_restart_resets_switches_and_refuses(
     code, out, _ = await run_bot(["stats"], env)
     assert code == 0 and "ollama/llama3.2" in out and "ollama/qwen2.5" in out
 
-
-async def test_chinese_through_the_console(tmp_path: Path, model_server: ModelServer) -> None:
-    env = bot_env(tmp_path, model_server)
-    code, out, err = await run_bot(["console"], env, "我叫小明\n我叫什麼名字？\n")
+    # `forget` erases that user, on the same database: nothing left to show.
+    code, out, err = await run_bot(["forget", f"console:{records[0]['user_id']}"], env)
     assert code == 0, err
-    first, second = out.splitlines()
-    assert first == "You said: 我叫小明"
-    assert "小明" in second.split("You said:")[1]
+    # The exchange after /reset (the earlier ones went with it), /model's choice, and
+    # all four audit records, the refused one included.
+    for table in ("messages 2,", "conversations 1,", "user_settings 1,", "audit 4,"):
+        assert table in out, out
+    code, out, _ = await run_bot(["logs", "--json"], env)
+    assert code == 0 and out == ""
+    code, out, err = await run_bot(["forget", "nonsense"], env)
+    assert code == 2 and "PLATFORM:USER_ID" in err
 
 
 async def test_bad_setting_stops_startup_with_one_line(tmp_path: Path,
@@ -142,35 +146,11 @@ def test_env_example_lists_every_setting_with_its_default() -> None:
             assert lines[name] == str(default), name
 
 
-async def test_forget_erases_a_user(tmp_path: Path, model_server: ModelServer) -> None:
-    env = bot_env(tmp_path, model_server)
-    await run_bot(["console"], env, "my name is Ana\n/model qwen2.5\n")
-    code, out, _ = await run_bot(["logs", "--json"], env)
-    user = json.loads(out.splitlines()[0])["user_id"]
-    code, out, err = await run_bot(["forget", f"console:{user}"], env)
-    assert code == 0, err
-    assert "messages 2" in out and "audit 1" in out and "user_settings 1" in out
-    code, out, _ = await run_bot(["logs", "--json"], env)
-    assert out == ""
-    code, out, err = await run_bot(["forget", "nonsense"], env)
-    assert code == 2 and "PLATFORM:USER_ID" in err
-
-
 async def test_migrate_command(tmp_path: Path, model_server: ModelServer) -> None:
     code, out, err = await run_bot(["migrate"], bot_env(tmp_path, model_server))
     assert code == 0, err
     # The newest step, whichever it is: the list grows at its end.
     assert f"at migration {MIGRATIONS[-1].name} ({len(MIGRATIONS)} applied)" in out
-
-
-async def test_unwritable_database_path_is_one_line(tmp_path: Path,
-                                                    model_server: ModelServer) -> None:
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    env = bot_env(tmp_path, model_server, DATABASE_URL=f"sqlite:///{blocker}/sub/bot.db")
-    code, _, err = await run_bot(["console"], env, "hi\n")
-    assert code == 1
-    assert len(err.strip().splitlines()) == 1 and "cannot use database" in err
 
 
 async def test_env_example_copied_to_env_runs_the_console(tmp_path: Path,
@@ -184,18 +164,26 @@ async def test_env_example_copied_to_env_runs_the_console(tmp_path: Path,
                                    cwd=tmp_path)
     assert code == 0, err
     assert out == "You said: hi\n"
+    # A server that answers gets no "how to get a model" hint (test_local_provider.py).
+    assert not set(NO_SERVER_HINT.splitlines()) & set(err.splitlines()), err
 
 
-async def test_json_logs_hold_one_line_per_exchange(tmp_path: Path,
-                                                    model_server: ModelServer) -> None:
+async def test_chinese_through_the_console_with_json_logs_one_line_per_exchange(
+    tmp_path: Path, model_server: ModelServer
+) -> None:
+    # One process for both: what the user sees on stdout, the JSON log on stderr.
     env = bot_env(tmp_path, model_server, LOG_FORMAT="json")
-    code, _out, err = await run_bot(["console"], env, "hello\n你好\n")
+    code, out, err = await run_bot(["console"], env, "我叫小明\n我叫什麼名字？\n")
     assert code == 0, err
+    first, second = out.splitlines()
+    assert first == "You said: 我叫小明"
+    assert "小明" in second.split("You said:")[1]  # remembered, in Chinese
     lines = [json.loads(line) for line in err.splitlines()]  # every line is JSON
     exchanges = [r for r in lines if r["logger"] == "bot.exchange"]
-    assert [r["user_input"] for r in exchanges] == ["hello", "你好"]
+    assert [r["user_input"] for r in exchanges] == ["我叫小明", "我叫什麼名字？"]
+    # Each record holds the reply as the user saw it.
+    assert [r["model_response"] for r in exchanges] == [first, second]
     for r in exchanges:
-        assert r["model_response"] == f"You said: {r['user_input']}"
         assert r["session"] == r["conversation"]
         assert r["timestamp"] and r["response_time"] > 0
         assert r["prompt_tokens"] > 0 and r["completion_tokens"] > 0

@@ -38,15 +38,18 @@ def reply_or_summary(rec: Recorded) -> str:
     return fake_summariser(rec) if is_summary_call(rec) else echo_reply(rec)
 
 
-async def test_two_hundred_exchanges_keep_the_first_fact_within_budget(
+async def test_two_hundred_messages_keep_the_first_fact_within_budget(
     model_server: ModelServer, make_settings: SettingsFactory
 ) -> None:
+    # The README's promise: the name is still known 200 messages (100 exchanges) later.
+    # A 512-token window folds the oldest messages into the summary many times over by
+    # then, which is what the first fact must survive.
     model_server.reply = reply_or_summary
     settings = make_settings(CONTEXT_TOKENS=512, REPLY_TOKENS=128)
     budget = settings.prompt_budget
     async with open_service(settings) as svc:
         await ask(svc, "my name is Ana and I like tea")
-        for i in range(199):
+        for i in range(99):
             reply = await ask(svc, f"tell me something about topic number {i}, please")
             await asyncio.wait_for(svc.memory.wait_idle(), 5)
         conv = await svc.store.conversation_id(svc.conversation_ref(incoming("x")))
@@ -54,17 +57,18 @@ async def test_two_hundred_exchanges_keep_the_first_fact_within_budget(
         stored = await svc.store.count_messages(conv)
         memory = await ask(svc, "/memory")
         rows = await svc.store.audit_log(1000)
-    assert "Your name is Ana" in reply  # through the summary, 199 exchanges later
+    assert "Your name is Ana" in reply  # through the summary, 99 exchanges later
     chats = [r for r in model_server.requests if not is_summary_call(r)]
-    assert len(chats) == 200
+    assert len(chats) == 100
     assert "my name is Ana" in chats[-1].messages[0]["content"]  # the one system message
     assert all(count_messages(r.messages) <= budget for r in chats)
     assert all(prompt_tokens(r.messages) <= budget * 1.15 for r in chats)
     assert summary is not None and count_tokens(summary.text) <= settings.summary_cap
-    assert stored == 400  # the messages themselves are kept
-    assert "400" in memory and "my name is Ana" in memory
+    assert stored == 200  # the messages themselves are kept
+    assert "200" in memory and "my name is Ana" in memory
     summaries = [r for r in rows if r["kind"] == "summary"]
-    assert summaries and all(r["status"] == "ok" for r in summaries)
+    assert len(summaries) >= 20  # the fact went through many folds (47 today)
+    assert all(r["status"] == "ok" for r in summaries)
     assert all(r["prompt_tokens"] and r["completion_tokens"] for r in summaries)
     assert [r for r in rows if r["kind"] == "chat"][-1]["summary_used"] is True
 

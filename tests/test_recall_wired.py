@@ -72,8 +72,7 @@ async def index_rows(db_url: str, conv: int) -> tuple[int, int]:
             cur = await db.execute("SELECT count(*) FROM recall_vectors WHERE "
                                    "conversation_id = ?", (conv,))
             return int(words), int((await cur.fetchone())[0])  # type: ignore[index]
-    base, _, query = db_url.partition("?search_path=")
-    conn = await asyncpg.connect(base, server_settings={"search_path": query})
+    conn = await asyncpg.connect(db_url)  # its query parameters become server settings
     try:
         words = await conn.fetchval("SELECT count(*) FROM recall_terms WHERE "
                                     "conversation_id = $1", conv)
@@ -281,8 +280,7 @@ async def test_reindex_builds_what_an_old_database_lacks_interrupted_and_resumed
             await _old_rows(db, SQLITE.name)
     else:
         from storage.postgres_store import migrate as pg_migrate
-        base, _, schema = db_url.partition("?search_path=")
-        conn = await asyncpg.connect(base, server_settings={"search_path": schema})
+        conn = await asyncpg.connect(db_url)  # search_path and all, as the store connects
         try:
             await pg_migrate(conn, pre)
             await _old_rows(conn, POSTGRES.name)

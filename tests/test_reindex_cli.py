@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 
 from bot import operator_commands
+from bot.app import open_service
 from storage import open_store
-from tests.conftest import SettingsFactory
+from tests.conftest import SettingsFactory, ask
 from tests.fakes.model_server import ModelServer
 
 EMBED = "all-minilm"
@@ -20,19 +21,21 @@ async def test_reindex_command_prints_plain_progress_when_not_a_terminal(
     model_server: ModelServer, make_settings: SettingsFactory, tmp_path: Any,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    from tests.test_console import bot_env, run_bot
+    from tests.test_console import bot_env, run_bot  # `reindex` as a process
 
     model_server.models.append(EMBED)
     env = bot_env(tmp_path, model_server, EMBED_MODEL=EMBED)
-    code, _, _ = await run_bot(["console"], env, "my sister moved to Tainan\n")
-    assert code == 0
+    settings = make_settings(DATABASE_URL=env["DATABASE_URL"], EMBED_MODEL=EMBED)
+    # One exchange stored in-process (this test is about `reindex`, not the console):
+    # its embedding is written in the background, possibly cut off by the close.
+    async with open_service(settings) as svc:
+        assert await ask(svc, "my sister moved to Tainan") == "You said: my sister moved to Tainan"
     code, _, err = await run_bot(["reindex"], env)
     assert code == 0
-    # Words were indexed with the exchange; the console's embeddings may have been
-    # cut off at exit: reindex does what is missing, and says so in plain lines.
+    # Words were indexed with the exchange; its embedding may have been cut off at
+    # close: reindex does what is missing, and says so in plain lines.
     assert "words index: 0/0 messages" in err and "embedded with all-minilm" in err
     assert "\r" not in err  # no bar drawn into a file
-    settings = make_settings(DATABASE_URL=env["DATABASE_URL"], EMBED_MODEL=EMBED)
     assert await operator_commands.reindex(settings, "bad") == 2
     assert "PLATFORM:USER_ID" in capsys.readouterr().err
     assert await operator_commands.reindex(settings, "console:nobody") == 0
