@@ -162,7 +162,13 @@ async def against_server(url: str, db: Path, log: Callable[[str], None]) -> dict
         failed = [str(r["error"]) for r in sums if r["status"] != "ok"]
         log(f"  summary calls: {len(sums)} ({ok_sums} ok"
             f"{', failed: ' + _short(str(failed)) if failed else ''})")
-        log(f"  stored summary: {_short(summary.text, 200) if summary else None!r}")
+        for n, r in enumerate(sums, 1):
+            log(f"    summary call {n:2} [{r['status']:6}] {r.get('response_time') or 0:5.1f} s"
+                f"  prompt {r.get('prompt_tokens') or r.get('est_prompt_tokens') or '?'}"
+                f"{'' if r.get('prompt_tokens') else '~'} tok"
+                f"{'  ' + _short(str(r['error']), 60) if r.get('error') else ''}")
+        log(f"  stored summary (up to message {summary.upto_id if summary else '-'}): "
+            f"{_short(summary.text, 300) if summary else None!r}")
         chat = statuses[:-1]
         # Refused up front, answered, or refused in words after the refit: never a cut.
         digits_fine = statuses[-1] in ("ok", "rejected") or "more than the model" in shown

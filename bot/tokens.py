@@ -10,16 +10,19 @@ rarely exceed (the test holds it to 10% against Claude's legacy vocabulary):
   words one token, one of the next 17,000 two (english_words.txt, from
   wordfreq); any other word by its length (0.65 a letter: rare names,
   German or Finnish compounds, random letters), a letter with a diacritic
-  one token, mixed case (base64, identifiers) up to one a letter;
+  one token; capitals inside split a word into parts (identifiers, base64),
+  all capitals 0.7 a letter;
 * each digit one token (Gemma and Llama 2 split digits one by one);
 * ASCII punctuation one a mark (a run of one repeated mark merges);
 * every other character by its UTF-8 bytes (what byte-level BPE falls back
   to: emoji, symbols, other scripts), and so are rare CJK ideographs;
-* frequent CJK characters (kana, and the ideographs and Hangul of the
-  national standards GB 2312, Big5, JIS X 0208 and KS X 1001 level 1) at a
-  per-model cost a character, 2.0 until the model's own is learned (Gemma
-  and Qwen under 1, Claude's legacy vocabulary 1.0-1.4 on real text, up to
-  2.2 on random strings of them); Hangul a quarter more.
+* the most frequent CJK characters (cjk_frequent.txt: 600 in Chinese, 300
+  in Japanese, with kana, CJK punctuation and full-width forms) at a
+  per-model cost a character, 1.3 until the model's own is learned (Gemma
+  and Qwen under 1; Claude's legacy vocabulary 1.0-1.35 on real Chinese,
+  up to 1.4 on random strings of them); the other ideographs of level 1 of
+  GB 2312, Big5 and JIS X 0208 at 1.75 times that, the 300 most frequent
+  Hangul syllables at 1.75 times; every other CJK character by its bytes.
 
 `Calibration` then lowers (or raises) the estimate per model from the counts
 the model server reports, and is persisted so a restart keeps it. Servers
