@@ -200,12 +200,15 @@ def _kinds(srv: ModelServer) -> list[str]:
     return ["stream" if r.body.get("stream") else "whole" for r in srv.requests]
 
 
+@pytest.mark.parametrize("drop", [False, True])
 async def test_empty_stream_then_a_reply_shows_that_reply(
-    model_server: ModelServer, make_settings: SettingsFactory
+    drop: bool, model_server: ModelServer, make_settings: SettingsFactory
 ) -> None:
-    # An interrupted stream: the re-ask without streaming is answered.
+    # An interrupted stream (ended, or its connection dropped after the 200):
+    # the re-ask without streaming is answered.
     model_server.reply = "Hello Ana, nice to meet you."
     model_server.empty_streams, model_server.probe_replies = 1, ["reply"]
+    model_server.drop_empty_streams = drop
     async with open_service(make_settings(LLM_PROVIDER="openai")) as svc:
         reply = await ask(svc, "hi, I am Ana")
         rows = await svc.store.audit_log(5)
@@ -242,10 +245,12 @@ async def test_empty_stream_then_a_server_error_says_server_error(
     assert rows[-1]["status"] == "error" and "openai 500" in rows[-1]["error"]
 
 
-@pytest.mark.parametrize("probe", ["too_long", "http500_too_long", "length_empty"])
+@pytest.mark.parametrize(("probe", "drop"), [("too_long", False), ("too_long", True),
+                                           ("http500_too_long", False), ("length_empty", False)])
 async def test_empty_stream_then_too_long_in_any_form_is_refitted(
-    probe: str, model_server: ModelServer, make_settings: SettingsFactory
+    probe: str, drop: bool, model_server: ModelServer, make_settings: SettingsFactory
 ) -> None:
+    model_server.drop_empty_streams = drop
     model_server.context_lengths = {"llama3.2": 800}
     model_server.reply = "ok"
     settings = make_settings(LLM_PROVIDER="openai", CONTEXT_TOKENS=4096, REPLY_TOKENS=100,

@@ -65,14 +65,14 @@ class OpenAIProvider:
         self, model: str, messages: list[dict[str, Any]], *, num_ctx: int, max_tokens: int,
         options: CallOptions = NO_OPTIONS,
     ) -> AsyncIterator[str | Usage]:
-        started = False  # any chunk arrived
+        opened = False  # the server answered 200 and the stream began
         texted = False  # any text arrived
         finish: str | None = None  # a stream without a finish_reason was cut off
         usage: tuple[int | None, int | None] | None = None
         try:
             chunks = await self._open(model, messages, max_tokens, options)
+            opened = True
             async for chunk in chunks:
-                started = True
                 if chunk.usage is not None:
                     usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 for choice in chunk.choices:
@@ -84,25 +84,29 @@ class OpenAIProvider:
         except openai.APIStatusError as exc:
             raise _status_error(model, exc) from None
         except (openai.APIConnectionError, httpx.TransportError, OSError) as exc:
-            if started:
+            if texted:
                 raise cut_off(exc) from None
-            raise unreachable("OpenAI-compatible server", exc) from None
+            if not opened:
+                raise unreachable("OpenAI-compatible server", exc) from None
+            # llama-cpp-python: a too-long prompt's stream is a 200, then the
+            # connection drops (its error is raised after the headers went out).
+            log.info("%s: the stream broke before any text: %s", model, exc)
         except openai.APIError as exc:  # e.g. an error event or a malformed chunk
             raise ProviderError(
                 N_("The model server sent a reply I couldn't read. Please try again."),
                 detail=f"openai error: {type(exc).__name__}: {exc}",
-                retryable=not started,
+                retryable=not texted,
             ) from None
         except (ValueError, KeyError, TypeError) as exc:
             raise ProviderError(
                 N_("The model server sent a reply I couldn't read. Please try again."),
                 detail=f"malformed stream: {type(exc).__name__}: {exc}",
-                retryable=not started,
+                retryable=not texted,
             ) from None
         if finish is None and not texted:
             # llama-cpp-python answers a too-long streamed prompt with 200 and
-            # an empty stream (and ends a stream that another request interrupts
-            # the same way); asked without streaming it says why, or answers.
+            # an empty or broken stream (and ends a stream that another request
+            # interrupts the same way); asked without streaming it says why, or answers.
             text, answered = await self._diagnose_empty(model, messages, max_tokens)
             if text:
                 yield text
