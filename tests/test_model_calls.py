@@ -200,15 +200,15 @@ def _kinds(srv: ModelServer) -> list[str]:
     return ["stream" if r.body.get("stream") else "whole" for r in srv.requests]
 
 
-@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("form", ["eof", "drop", "hangup"])
 async def test_empty_stream_then_a_reply_shows_that_reply(
-    drop: bool, model_server: ModelServer, make_settings: SettingsFactory
+    form: str, model_server: ModelServer, make_settings: SettingsFactory
 ) -> None:
-    # An interrupted stream (ended, or its connection dropped after the 200):
-    # the re-ask without streaming is answered.
+    # An interrupted stream (ended, its connection dropped after the 200, or the
+    # server hung up before answering): the re-ask without streaming is answered.
     model_server.reply = "Hello Ana, nice to meet you."
     model_server.empty_streams, model_server.probe_replies = 1, ["reply"]
-    model_server.drop_empty_streams = drop
+    model_server.empty_stream_form = form
     async with open_service(make_settings(LLM_PROVIDER="openai")) as svc:
         reply = await ask(svc, "hi, I am Ana")
         rows = await svc.store.audit_log(5)
@@ -245,12 +245,13 @@ async def test_empty_stream_then_a_server_error_says_server_error(
     assert rows[-1]["status"] == "error" and "openai 500" in rows[-1]["error"]
 
 
-@pytest.mark.parametrize(("probe", "drop"), [("too_long", False), ("too_long", True),
-                                           ("http500_too_long", False), ("length_empty", False)])
+@pytest.mark.parametrize(("probe", "form"), [
+    ("too_long", "eof"), ("too_long", "drop"), ("too_long", "hangup"),
+    ("http500_too_long", "eof"), ("length_empty", "eof")])
 async def test_empty_stream_then_too_long_in_any_form_is_refitted(
-    probe: str, drop: bool, model_server: ModelServer, make_settings: SettingsFactory
+    probe: str, form: str, model_server: ModelServer, make_settings: SettingsFactory
 ) -> None:
-    model_server.drop_empty_streams = drop
+    model_server.empty_stream_form = form
     model_server.context_lengths = {"llama3.2": 800}
     model_server.reply = "ok"
     settings = make_settings(LLM_PROVIDER="openai", CONTEXT_TOKENS=4096, REPLY_TOKENS=100,

@@ -86,10 +86,11 @@ class OpenAIProvider:
         except (openai.APIConnectionError, httpx.TransportError, OSError) as exc:
             if texted:
                 raise cut_off(exc) from None
-            if not opened:
+            if not (opened or _hung_up(exc)):
                 raise unreachable("OpenAI-compatible server", exc) from None
-            # llama-cpp-python: a too-long prompt's stream is a 200, then the
-            # connection drops (its error is raised after the headers went out).
+            # llama-cpp-python: a long prompt's stream is a 200 whose connection
+            # drops, often before the headers are flushed (its error is raised
+            # after the app sent them): the request reached it, so ask again.
             log.info("%s: the stream broke before any text: %s", model, exc)
         except openai.APIError as exc:  # e.g. an error event or a malformed chunk
             raise ProviderError(
@@ -253,6 +254,13 @@ class OpenAIProvider:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _hung_up(exc: BaseException) -> bool:
+    """The server took the request and closed the connection without answering."""
+    cause = exc.__cause__ or exc
+    # By name: the openai SDK's transport is httpx or, in newer releases, its fork httpx2.
+    return any(c.__name__ in ("RemoteProtocolError", "ReadError") for c in type(cause).__mro__)
 
 
 def _other_limit_name(exc: openai.BadRequestError, sent: str) -> str | None:

@@ -532,7 +532,7 @@ _CONFIG_KEYS = (
     "llamacpp_routes",
     "vision_models",
     "empty_streams",
-    "drop_empty_streams",
+    "empty_stream_form",
     "probe_replies",
 )
 
@@ -575,7 +575,7 @@ class ModelServer:
         # "reply", "empty", "length_empty" (empty, cut at the limit), "http500",
         # "http500_too_long" (an older server's 500 quoting the window), "too_long".
         self.empty_streams = 0
-        self.drop_empty_streams = False
+        self.empty_stream_form = "eof"  # or "drop" (after the 200), "hangup" (before it)
         self.probe_replies: list[str] = []
         self.tokenize_calls = 0
         self.active = 0  # chat requests being handled now
@@ -806,13 +806,14 @@ class ModelServer:
         asked = rec.prompt_tokens + (dialect.limit() or 0)
         if self.overflow and asked > window:
             if self.overflow == "llama_cpp_python" and stream:
-                # llama-cpp-python: the stream starts with 200, then ends with nothing
-                # (a long prompt: the connection drops, its error raised after the headers).
+                # llama-cpp-python: the stream starts with 200, then ends with nothing.
+                # (A long prompt: the connection drops before the headers are flushed,
+                # its error raised after the app sent them.)
                 resp = web.StreamResponse(headers={"Content-Type": dialect.stream_content_type})
-                await resp.prepare(request)
                 if rec.prompt_tokens > 2 * window:
                     _abort(request)
                     return resp
+                await resp.prepare(request)
                 await resp.write_eof()
                 return resp
             return _too_long(self.overflow, rec.prompt_tokens, asked, window)
@@ -820,8 +821,11 @@ class ModelServer:
         if dialect.api == "openai" and stream and self.empty_streams > 0:
             self.empty_streams -= 1
             resp = web.StreamResponse(headers={"Content-Type": dialect.stream_content_type})
+            if self.empty_stream_form == "hangup":  # dropped before any response
+                _abort(request)
+                return resp
             await resp.prepare(request)
-            if self.drop_empty_streams:  # the connection drops after the 200
+            if self.empty_stream_form == "drop":  # the connection drops after the 200
                 _abort(request)
                 return resp
             await resp.write_eof()
