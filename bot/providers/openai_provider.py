@@ -157,18 +157,23 @@ class OpenAIProvider:
         the window: too long, window unknown); an empty reply (returned as
         such, the caller says so); any other error (raised, in words).
         """
-        try:
-            done = await self._create(model, messages, self._limit_for(model), max_tokens,
-                                      NO_OPTIONS, stream=False)
-        except openai.APIStatusError as exc:
-            raise _status_error(model, exc, any_status=True) from None
-        except (openai.APIConnectionError, httpx.TransportError, OSError) as exc:
-            raise unreachable("OpenAI-compatible server", exc) from None
-        except (openai.APIError, ValueError, KeyError, TypeError) as exc:
-            raise ProviderError(
-                N_("The model server sent a reply I couldn't read. Please try again."),
-                detail=f"empty stream, then {type(exc).__name__}: {exc}", retryable=True,
-            ) from None
+        for attempt in (1, 2):
+            try:
+                done = await self._create(model, messages, self._limit_for(model), max_tokens,
+                                          NO_OPTIONS, stream=False)
+                break
+            except openai.APIStatusError as exc:
+                raise _status_error(model, exc, any_status=True) from None
+            except (openai.APIConnectionError, httpx.TransportError, OSError) as exc:
+                # llama-cpp-python closes the broken stream's connection after the
+                # fact: the pooled one it left hangs up at once; a new one answers.
+                if attempt == 2 or not _hung_up(exc):
+                    raise unreachable("OpenAI-compatible server", exc) from None
+            except (openai.APIError, ValueError, KeyError, TypeError) as exc:
+                raise ProviderError(
+                    N_("The model server sent a reply I couldn't read. Please try again."),
+                    detail=f"empty stream, then {type(exc).__name__}: {exc}", retryable=True,
+                ) from None
         choice = done.choices[0] if getattr(done, "choices", None) else None
         text = (choice.message.content or "") if choice and choice.message else ""
         finish = choice.finish_reason if choice else None

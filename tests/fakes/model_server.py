@@ -573,7 +573,8 @@ class ModelServer:
         # llama-cpp-python's 200 with an empty stream, for this many streamed chat
         # requests; then each non-streamed one takes the next of `probe_replies`:
         # "reply", "empty", "length_empty" (empty, cut at the limit), "http500",
-        # "http500_too_long" (an older server's 500 quoting the window), "too_long".
+        # "http500_too_long" (an older server's 500 quoting the window), "too_long",
+        # "hangup" (the connection closed without an answer).
         self.empty_streams = 0
         self.empty_stream_form = "eof"  # or "drop" (after the 200), "hangup" (before it)
         self.probe_replies: list[str] = []
@@ -832,6 +833,9 @@ class ModelServer:
             return resp
         probe = self.probe_replies.pop(0) if dialect.api == "openai" and not stream \
             and self.probe_replies else "reply"
+        if probe == "hangup":  # the connection the broken stream left: closed at once
+            _abort(request)
+            return web.Response(status=499)
         if probe in ("http500", "http500_too_long"):
             message = (f"Requested tokens ({rec.prompt_tokens}) exceed context window of "
                        f"{window}" if probe == "http500_too_long" else "llama_decode failed")
