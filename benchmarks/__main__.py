@@ -521,8 +521,8 @@ TITLES = {
     "boot": "start-up to first getUpdates / IDENTIFY, 1,000,000 stored messages",
     "trips": "PostgreSQL round trips per exchange (counted)",
     "followup": "Telegram: a message 0.2 s after the previous reply's last edit",
-    "real-model": "real model: llama-cpp-python server (n_ctx 512, or REAL_MODEL_CTX) and LLM_PROVIDER=local, "
-                  "Gemma 3 270M",
+    "real-model": "real model: llama-cpp-python server (n_ctx 512, or REAL_MODEL_CTX) and "
+                  "LLM_PROVIDER=local, Gemma 3 270M",
 }
 
 
