@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import ollama
-import openai
+if TYPE_CHECKING:  # the client libraries load only for the kind in use (openai: ~1 s)
+    import ollama
+    import openai
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,12 @@ class Embedder:
         self._ollama: ollama.AsyncClient | None = None
         self._openai: openai.AsyncOpenAI | None = None
         if kind == "ollama":
+            import ollama
+
             self._ollama = ollama.AsyncClient(host=host, timeout=timeout)
         else:
+            import openai
+
             self._openai = openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "not-needed",
                                               max_retries=0, timeout=timeout)
 

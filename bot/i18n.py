@@ -27,11 +27,6 @@ LANGUAGES = ("en", "zh-TW", "zh-CN")  # what /language and LANGUAGE accept
 DEFAULT_LANGUAGE = "en"
 # Each language named in itself, for /language.
 LANGUAGE_NAMES = MappingProxyType({"en": "English", "zh-TW": "繁體中文", "zh-CN": "简体中文"})
-# Telegram's setMyCommands takes a two-letter code only, so one Chinese menu:
-# Traditional, the script the bot's users are expected to write.
-TELEGRAM_COMMAND_LANGUAGES = MappingProxyType({"zh": "zh-TW"})
-# Discord's locales for description_localizations.
-DISCORD_LOCALES = MappingProxyType({"zh-TW": "zh-TW", "zh-CN": "zh-CN"})
 
 
 def N_(msgid: str) -> str:
@@ -61,8 +56,9 @@ def normalize(code: str | None) -> str | None:
 _TRADITIONAL = frozenset({"hant", "tw", "hk", "mo"})
 
 
-def from_telegram(language_code: str | None) -> str | None:
-    """Telegram's `from.language_code` (an IETF tag) → a language; None if it sent none.
+def from_language_tag(language_code: str | None) -> str | None:
+    """An IETF language tag (Telegram's `from.language_code`, the tag of a LANG value)
+    → a language; None if there is none.
 
     zh-hant, zh-TW, zh-HK (and zh-MO) → zh-TW; zh-hans, zh-CN, zh (and any
     other Chinese) → zh-CN; anything else → en.
@@ -75,19 +71,6 @@ def from_telegram(language_code: str | None) -> str | None:
     return "zh-TW" if _TRADITIONAL & set(parts[1:]) else "zh-CN"
 
 
-def from_discord(locale: object) -> str | None:
-    """A Discord locale (`interaction.locale`, `guild.preferred_locale`) → a language.
-
-    Discord's own zh-TW and zh-CN as they are; anything else → en; None if none.
-    """
-    if locale is None:
-        return None
-    value = str(getattr(locale, "value", locale)).strip()
-    if not value:
-        return None
-    return value if value in ("zh-TW", "zh-CN") else "en"
-
-
 def from_lang_env(lang: str | None) -> str | None:
     """The console's LANG (zh_TW.UTF-8, zh_CN.UTF-8, en_US.UTF-8) → a language; None if unset."""
     if not lang:
@@ -95,7 +78,7 @@ def from_lang_env(lang: str | None) -> str | None:
     tag = lang.split(".", 1)[0].split("@", 1)[0]
     if tag in ("C", "POSIX", ""):
         return None
-    return from_telegram(tag)
+    return from_language_tag(tag)
 
 
 def choose_language(*, chosen: str | None = None, setting: str = "auto",
@@ -104,7 +87,7 @@ def choose_language(*, chosen: str | None = None, setting: str = "auto",
 
     The user's /language choice; else the LANGUAGE setting when it names a
     language; else (auto) the platform's signal for the user (already mapped
-    with from_telegram / from_discord); else the console's LANG; else en.
+    by its adapter, e.g. with from_language_tag); else the console's LANG; else en.
     """
     for candidate in (chosen, None if setting == "auto" else setting, platform,
                       from_lang_env(lang_env)):
@@ -198,8 +181,7 @@ class Catalogs:
         return tuple(self._translators)
 
     def in_every_language(self, msgid: str, /, **params: Any) -> dict[str, str]:
-        """One message in every language: Discord's description_localizations
-        (keys through DISCORD_LOCALES), Telegram's setMyCommands per language."""
+        """One message in every language, by language code (for platform menus)."""
         return {code: tr.gettext(msgid, **params) for code, tr in self._translators.items()}
 
     def for_language(self, code: str | None) -> Translator:

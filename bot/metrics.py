@@ -33,39 +33,42 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
-        self.exchanges = Counter(
-            "memorybot_exchanges", "Chat exchanges, by how they ended",
-            ["platform", "model", "status"], registry=r)
-        self.reply_seconds = Histogram(
-            "memorybot_reply_seconds", "Seconds from a message to its whole stored reply",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.first_token_seconds = Histogram(
-            "memorybot_first_token_seconds", "Seconds from the model call to its first text",
-            ["model"], buckets=FIRST_TOKEN_BUCKETS, registry=r)
-        self.tokens = Counter(
-            "memorybot_tokens", "Tokens the model server counted, prompt or completion",
-            ["model", "kind"], registry=r)
-        self.background_calls = Counter(
-            "memorybot_background_calls", "Summary and recall calls to the model server",
-            ["kind", "model", "status"], registry=r)
-        self.background_seconds = Histogram(
-            "memorybot_background_call_seconds", "Seconds a summary or recall call took",
-            ["kind"], buckets=LATENCY_BUCKETS, registry=r)
-        self.refused = Counter(
-            "memorybot_refused_messages", "Messages refused before the model",
-            ["platform", "kind"], registry=r)
-        self.storage_errors = Counter(
-            "memorybot_storage_errors", "Failed database reads or writes", registry=r)
-        self.in_flight = Gauge(
-            "memorybot_replies_in_flight", "Turns being answered now", registry=r)
-        self.waiting = Gauge(
-            "memorybot_turns_waiting_for_model", "Turns waiting for a model slot", registry=r)
+
+        def counter(name: str, doc: str, *labels: str) -> Counter:
+            return Counter(f"memorybot_{name}", doc, labels, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...],
+                      *labels: str) -> Histogram:
+            return Histogram(f"memorybot_{name}", doc, labels, buckets=buckets, registry=r)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(f"memorybot_{name}", doc, registry=r)
+
+        self.exchanges = counter("exchanges", "Chat exchanges, by how they ended",
+                                 "platform", "model", "status")
+        self.reply_seconds = histogram(
+            "reply_seconds", "Seconds from a message to its whole stored reply",
+            LATENCY_BUCKETS, "model")
+        self.first_token_seconds = histogram(
+            "first_token_seconds", "Seconds from the model call to its first text",
+            FIRST_TOKEN_BUCKETS, "model")
+        self.tokens = counter("tokens", "Tokens the model server counted, prompt or completion",
+                              "model", "kind")
+        self.background_calls = counter(
+            "background_calls", "Summary and recall calls to the model server",
+            "kind", "model", "status")
+        self.background_seconds = histogram(
+            "background_call_seconds", "Seconds a summary or recall call took",
+            LATENCY_BUCKETS, "kind")
+        self.refused = counter("refused_messages", "Messages refused before the model",
+                               "platform", "kind")
+        self.storage_errors = counter("storage_errors", "Failed database reads or writes")
+        self.in_flight = gauge("replies_in_flight", "Turns being answered now")
+        self.waiting = gauge("turns_waiting_for_model", "Turns waiting for a model slot")
         # Set by the health check, which every scrape of /metrics runs (cached).
-        self.model_server_up = Gauge(
-            "memorybot_model_server_up", "1 if the model server answered its last check",
-            registry=r)
-        self.database_up = Gauge(
-            "memorybot_database_up", "1 if the database answered its last check", registry=r)
+        self.model_server_up = gauge("model_server_up",
+                                     "1 if the model server answered its last check")
+        self.database_up = gauge("database_up", "1 if the database answered its last check")
 
     def watch(self, in_flight: Callable[[], float], waiting: Callable[[], float]) -> None:
         """Gauges read at scrape time from the service's own counts."""

@@ -1,4 +1,5 @@
-"""Progress of long operator work: a rich bar on a terminal, plain periodic lines otherwise."""
+"""Progress of long operator work (migrate, copy-db, backup, reindex): a rich bar on a
+terminal, plain periodic lines otherwise."""
 
 from __future__ import annotations
 
@@ -53,8 +54,8 @@ class Progress:
         """`label: done/total unit (pct), rate/s`: the plain form."""
         elapsed = max(1e-9, time.monotonic() - self._started)
         rate = self.done / elapsed
-        if self.total:
-            pct = 100 * self.done / self.total
+        if self.total is not None:
+            pct = 100 * self.done / self.total if self.total else 100.0
             return (f"{self.label}: {self.done:,}/{self.total:,} {self.unit} ({pct:.0f}%),"
                     f" {rate:,.0f} {self.unit}/s")
         return f"{self.label}: {self.done:,} {self.unit}, {rate:,.0f} {self.unit}/s"

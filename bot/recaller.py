@@ -7,6 +7,12 @@ message (the one embedding on the turn's path, under EMBED_TIMEOUT: slow or
 down means words alone) and compares it with the conversation's vectors
 cached in memory. Stored messages are embedded after their exchange is
 stored, in the background (batched, in the model slots behind replies).
+
+The summary is not embedded, on purpose: there is one running summary per
+conversation, and whenever it exists (MEMORY_STRATEGY=summarize) it goes into
+every prompt whole, before the recalled block, so ranking it by meaning could
+only ever re-add what the prompt already carries. The messages it folded stay
+stored, indexed and embedded, and recall reaches them by their exact words.
 """
 
 from __future__ import annotations
@@ -118,8 +124,11 @@ class Recaller:
         vector, _ = await asyncio.gather(self.query_embedder.embed_one(text), refresh)
         if vector is None:
             return []
+        # Only similarities that stand out from the conversation's background: a
+        # model that can't tell the language's sentences apart adds nothing, and
+        # its near-random top hits would displace strong word hits in the fusion.
         return [i for i, _ in self.cache.search(conversation_id, vector, before_id, CANDIDATES,
-                                                model=self.model)]
+                                                model=self.model, outliers_only=True)]
 
     def _loader(self, conversation_id: int) -> Loader:
         async def load(after_id: int) -> list[tuple[int, bytes]]:

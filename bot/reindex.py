@@ -7,12 +7,11 @@ missing, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import contextlib
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TextIO
 
+from bot.progress import progress
 from bot.recall.vectors import to_blob
 from bot.recaller import make_embedder
 from bot.settings import Settings
@@ -20,50 +19,6 @@ from bot.store import Store
 
 WORDS_BATCH = 2000
 EMBED_BATCH = 256
-PLAIN_EVERY = 5.0  # seconds between plain progress lines when not on a terminal
-
-
-class _Plain:
-    """A progress line every few seconds, and at the end (stderr is a file or pipe)."""
-
-    def __init__(self, label: str, total: int, stream: TextIO) -> None:
-        self.label, self.total, self.done, self.stream = label, total, 0, stream
-        self._last = time.monotonic()
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        if time.monotonic() - self._last >= PLAIN_EVERY:
-            self._last = time.monotonic()
-            self.line()
-
-    def line(self) -> None:
-        pct = 100 * self.done / self.total if self.total else 100
-        self.stream.write(f"{self.label}: {self.done:,}/{self.total:,} messages ({pct:.0f}%)\n")
-        self.stream.flush()
-
-
-class _Bar:
-    def __init__(self, bar: object) -> None:
-        self._bar = bar
-
-    def advance(self, n: int) -> None:
-        self._bar.update(n)  # type: ignore[attr-defined]
-
-
-@contextlib.contextmanager
-def _progress(label: str, total: int, stream: TextIO) -> Iterator[_Plain | _Bar]:
-    """A bar on a terminal (tqdm), plain lines otherwise."""
-    if stream.isatty():
-        from tqdm import tqdm
-
-        with tqdm(total=total, desc=label, unit="msg", file=stream) as bar:
-            yield _Bar(bar)
-        return
-    plain = _Plain(label, total, stream)
-    try:
-        yield plain
-    finally:
-        plain.line()
 
 
 async def reindex(settings: Settings, store: Store, user: str | None = None, *,
@@ -76,7 +31,7 @@ async def reindex(settings: Settings, store: Store, user: str | None = None, *,
         platform, _, user_id = user.partition(":")
         conversations = await store.user_conversations(platform, user_id)
     words = await store.count_missing(None, conversations)
-    with _progress("words index", words, out) as bar:
+    with progress("words index", words, unit="messages", stream=out) as bar:
         after = 0
         while True:
             indexed, after = await store.index_unindexed(after, WORDS_BATCH, conversations)
@@ -93,7 +48,8 @@ async def reindex(settings: Settings, store: Store, user: str | None = None, *,
     model = settings.EMBED_MODEL
     try:
         missing = await store.count_missing(model, conversations)
-        with _progress(f"embeddings ({model})", missing, out) as bar:
+        with progress(f"embeddings ({model})", missing, unit="messages",
+                      stream=out) as bar:
             after = 0
             while todo := await store.messages_without_vectors(model, after, EMBED_BATCH,
                                                                conversations):

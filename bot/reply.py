@@ -21,6 +21,7 @@ whole of it. A Reply with no text means: say nothing.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -65,9 +66,26 @@ class Choices:
     def find(self, key: str) -> Choice | None:
         return next((c for c in self.options if c.key == key), None)
 
+    def resolve(self, ref: str) -> Choice | None:
+        """The option a button's `key_ref` names, if it is still on offer."""
+        return next((c for c in self.options if refers_to(ref, c.key)), None)
+
     def pick_line(self, choice: Choice) -> str:
         """The command text that picks `choice`."""
         return f"/{self.command} {choice.key}"
+
+
+def key_ref(key: str, room: int) -> str:
+    """What a button carries for `key`: the key when it fits `room` bytes, else a short
+    digest of it (platforms bound a button's data: 64 bytes on Telegram, 100 on Discord)."""
+    if len(key.encode("utf-8")) <= room and not key.startswith("#"):
+        return key
+    return "#" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
+
+
+def refers_to(ref: str, key: str) -> bool:
+    """Whether a button's `ref` (from `key_ref`) names `key`."""
+    return ref == key or ref == key_ref(key, 0)
 
 
 # Ids only need to be unique within one process (a /stop finds a reply in memory).

@@ -188,14 +188,6 @@ class Settings(BaseSettings):
     def _ids(cls, value: str, info: object) -> str:
         return _check_platform_ids(getattr(info, "field_name", ""), value)
 
-    @field_validator("DISCORD_SHARD_IDS")
-    @classmethod
-    def _shards(cls, value: str) -> str:
-        for part in _csv(value):
-            if not part.isdigit():
-                raise ValueError("allowed: comma-separated shard numbers like 0,1")
-        return value
-
     @field_validator("DATABASE_URL")
     @classmethod
     def _db(cls, value: str) -> str:
@@ -249,8 +241,6 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"DB_POOL_SIZE={self.DB_POOL_SIZE} must be at least LLM_CONCURRENCY + 2 "
                 f"({self.LLM_CONCURRENCY + 2}) with PostgreSQL")
-        if self.DISCORD_SHARD_IDS and self.DISCORD_SHARD_COUNT is None:
-            raise ValueError("DISCORD_SHARD_IDS needs DISCORD_SHARD_COUNT")
         if self.PERSONA_DEFAULTS:
             from bot.personas import PersonaError, load_personas, parse_persona_defaults
 

@@ -18,6 +18,9 @@ from tests.fakes.model_server import ModelServer
 
 SettingsFactory = Callable[..., Settings]
 
+# Each platform's test harness lives beside its adapter; its fixtures serve every test.
+pytest_plugins = ("adapters.telegram.testing", "adapters.discord.testing")
+
 
 @pytest.fixture
 async def model_server() -> AsyncIterator[ModelServer]:

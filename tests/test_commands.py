@@ -8,6 +8,7 @@ import io
 import pytest
 
 from adapters.console import ConsoleAdapter
+from adapters.discord.testing import ALICE, StartBot
 from bot.app import open_service
 from bot.commands import Arg, Command, Commands, command, help_text, parse_command
 from bot.messages import Incoming
@@ -17,11 +18,6 @@ from tests.conftest import SettingsFactory, incoming
 from tests.fakes.discord_api import DiscordEmulator
 from tests.fakes.model_server import ModelServer
 from tests.fakes.telegram_api import TelegramApiEmulator
-from tests.test_discord import ALICE, StartBot, discord_api, discord_settings, run_bot
-from tests.test_telegram import tg, tg_settings
-
-# Fixtures used by the tests below (imported, so pytest finds them here).
-__all__ = ["discord_api", "discord_settings", "run_bot", "tg", "tg_settings"]
 
 PING_CALLS: list[tuple[str, str]] = []
 

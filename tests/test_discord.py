@@ -8,14 +8,11 @@ reached the database. Nothing waits by sleeping: `wait_for` wakes on state chang
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,82 +22,44 @@ from discord.http import Route
 
 import adapters.discord.commands as discord_commands
 from adapters.discord.adapter import DiscordAdapter
+from adapters.discord.picks import choices_view
+from adapters.discord.settings import shard_ids
 from adapters.discord.sink import APOLOGY
+from adapters.discord.testing import (
+    ALICE,
+    BOB,
+    TOKEN,
+    ServiceProxy,
+    StartBot,
+    contents,
+    said,
+)
 from bot.app import open_service
-from bot.commands import parse_command
 from bot.messages import Incoming
-from bot.reply import Reply
-from bot.service import ChatService
+from bot.reply import Choice, Choices
+from bot.settings import SettingsError
 from tests.conftest import SettingsFactory
 from tests.fakes.discord_api import (
     BOT_ID,
     BOT_ROLE_ID,
     CALLBACK_DEFERRED,
+    CALLBACK_DEFERRED_UPDATE,
     FLAG_EPHEMERAL,
     GUILD_ID,
     ROLE_ID,
     TEXT_CHANNEL_ID,
     THREAD_ID,
     DiscordEmulator,
+    InteractionRecord,
     ShownMessage,
 )
 from tests.fakes.model_server import ModelServer, closed_port_url
 
-TOKEN = "MTEwMDAwMDAwMDAwMDAwMDAwMQ.GxYzAb.emulator-only-discord-token-0123456789"
-ALICE = 2_100_000_000_000_000_001
-BOB = 2_100_000_000_000_000_002
 OTHER_BOT = 2_100_000_000_000_000_003
 WEBHOOK = 2_100_000_000_000_000_004
 REPO = Path(__file__).resolve().parents[1]
 # guilds | guild_messages | dm_messages | message_content
 EXPECTED_INTENTS = (1 << 0) | (1 << 9) | (1 << 12) | (1 << 15)
-
-
-# -- harness --------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunningBot:
-    adapter: DiscordAdapter
-    service: ChatService
-    stop_event: asyncio.Event
-    task: asyncio.Task[None]
-    resources: contextlib.AsyncExitStack  # the service's store and provider
-
-    async def stop(self) -> None:
-        """Stop the adapter as `python -m bot` does on a signal, then close its core."""
-        self.stop_event.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(self.task), timeout=15)
-        finally:
-            await self.resources.aclose()
-
-
-StartBot = Callable[..., Awaitable[RunningBot]]
-
-
-class ServiceProxy:
-    """The real core behind hooks: slow or failing on purpose, or with a canned answer."""
-
-    def __init__(self, inner: ChatService, *,
-                 before: Callable[[Incoming], Awaitable[None]] | None = None,
-                 canned: Callable[[Incoming], str | None] | None = None) -> None:
-        self._inner = inner
-        self._before = before
-        self._canned = canned
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    async def handle(self, msg: Incoming) -> Reply:
-        if self._before is not None:
-            await self._before(msg)
-        answer = self._canned(msg) if self._canned is not None else None
-        if answer is not None:
-            # Private as the core would mark it: by the command's declaration.
-            name = (parse_command(msg.text) or ("", ""))[0]
-            return Reply.notice(answer, private=self._inner.commands.private(name))
-        return await self._inner.handle(msg)
 
 
 @pytest.fixture(autouse=True)
@@ -115,73 +74,6 @@ def token_never_logged(caplog: pytest.LogCaptureFixture) -> Any:
         if record.exc_info:
             text += formatter.formatException(record.exc_info)
         assert TOKEN not in text, f"token logged by {record.name}"
-
-
-@pytest.fixture
-async def discord_api() -> AsyncIterator[DiscordEmulator]:
-    async with DiscordEmulator(token=TOKEN) as api:
-        yield api
-
-
-@pytest.fixture
-def discord_settings(make_settings: SettingsFactory,
-                     discord_api: DiscordEmulator) -> SettingsFactory:
-    def make(**overrides: Any) -> Any:
-        values: dict[str, Any] = {"DISCORD_TOKEN": TOKEN,
-                                  "DISCORD_API_BASE": discord_api.api_base,
-                                  "STREAM_EDIT_INTERVAL": 0.2}
-        values.update(overrides)
-        return make_settings(**values)
-
-    return make
-
-
-@pytest.fixture
-async def run_bot(discord_api: DiscordEmulator,
-                  discord_settings: SettingsFactory) -> AsyncIterator[StartBot]:
-    """Start a core and the adapter on it; both stop at the end of the test at the latest."""
-    async with contextlib.AsyncExitStack() as running:
-
-        async def start(*, api: DiscordEmulator | None = None, shards: int = 1,
-                        wrap: Callable[[ChatService], Any] | None = None,
-                        **overrides: Any) -> RunningBot:
-            api = api or discord_api
-            settings = discord_settings(DISCORD_API_BASE=api.api_base, **overrides)
-            resources = contextlib.AsyncExitStack()
-            service = await resources.enter_async_context(open_service(settings))
-            adapter = DiscordAdapter(settings)
-            stop = asyncio.Event()
-            identified = len(api.identifies)
-            task = asyncio.create_task(adapter.run(wrap(service) if wrap else service, stop))
-            bot = RunningBot(adapter, service, stop, task, resources)
-            running.push_async_callback(bot.stop)
-            ready = asyncio.create_task(api.wait_for(
-                lambda: len(api.identifies) >= identified + shards
-                and len(api.ready_shards) >= shards))
-            await asyncio.wait({task, ready}, return_when=asyncio.FIRST_COMPLETED)
-            if not ready.done():
-                ready.cancel()
-                await task  # raises what stopped the adapter
-                raise AssertionError("the adapter returned before connecting")
-            ready.result()
-            return bot
-
-        yield start
-
-
-async def said(api: DiscordEmulator, channel_id: int, text: str) -> ShownMessage:
-    """Wait until the bot shows exactly `text` in the channel; return that message."""
-    def shown() -> ShownMessage | None:
-        return next((m for m in api.bot_messages(channel_id) if m.content == text), None)
-
-    await api.wait_for(lambda: shown() is not None)
-    found = shown()
-    assert found is not None
-    return found
-
-
-def contents(api: DiscordEmulator, channel_id: int) -> list[str]:
-    return [m.content for m in api.bot_messages(channel_id)]
 
 
 # -- DMs and memory -------------------------------------------------------------------------------
@@ -460,11 +352,11 @@ async def test_who_may_not_use_the_bot_gets_nothing_in_a_server(
 
 async def test_typing_then_stream_with_per_conversation_throttle(
         discord_api: DiscordEmulator, run_bot: StartBot, model_server: ModelServer) -> None:
-    interval = 0.2
+    interval = 0.1
     await run_bot(STREAM_EDIT_INTERVAL=interval)
     reply = " ".join(f"word{i}" for i in range(40))
     model_server.reply = reply
-    model_server.chunk_delay = 0.03  # about 1.2 s of streaming
+    model_server.chunk_delay = 0.015  # about 0.6 s of streaming: six intervals
     model_server.gate = asyncio.Event()
     alice_dm, bob_dm = discord_api.dm_channel(ALICE), discord_api.dm_channel(BOB)
     await discord_api.user_says(ALICE, "go")
@@ -499,7 +391,7 @@ async def test_rate_limit_mid_stream_is_obeyed(discord_api: DiscordEmulator,
     await run_bot()
     reply = " ".join(f"token{i}" for i in range(30))
     model_server.reply = reply
-    model_server.chunk_delay = 0.03
+    model_server.chunk_delay = 0.02
     dm = discord_api.dm_channel(ALICE)
     discord_api.fail_next(f"PATCH /channels/{dm}/messages/*", status=429, retry_after=0.3)
     await discord_api.user_says(ALICE, "stream please")
@@ -644,12 +536,13 @@ async def test_configured_shards_run_only_those(run_bot: StartBot) -> None:
 async def test_sigterm_finishes_in_flight_and_exits_0(
         discord_api: DiscordEmulator, model_server: ModelServer, db_url: str,
         make_settings: SettingsFactory, tmp_path: Path) -> None:
+    GRACE = 0.3  # the held reply is cut after this: nothing else waits on it
     # Only what the bot needs: no settings, proxies or tokens from this machine leak in.
     env = {k: os.environ[k] for k in ("PATH", "HOME", "LANG", "TMPDIR") if k in os.environ}
     env.update({
         "PYTHONPATH": str(REPO), "DISCORD_TOKEN": TOKEN,
         "DISCORD_API_BASE": discord_api.api_base, "OLLAMA_HOST": model_server.url,
-        "DATABASE_URL": db_url, "SHUTDOWN_GRACE": "1", "STREAM_EDIT_INTERVAL": "0.2",
+        "DATABASE_URL": db_url, "SHUTDOWN_GRACE": str(GRACE), "STREAM_EDIT_INTERVAL": "0.2",
         "LLM_RETRIES": "0", "RATE_LIMIT_PER_MINUTE": "0", "LOG_LEVEL": "DEBUG",
     })
     # cwd: a directory without a .env, so only this environment counts.
@@ -679,7 +572,7 @@ async def test_sigterm_finishes_in_flight_and_exits_0(
     log_text = (await output).decode(errors="replace")
 
     assert code == 0, log_text[-3000:]
-    assert took < 1 + 5 + 3  # SHUTDOWN_GRACE, the drain margin, start-up slack
+    assert took < GRACE + 5 + 3  # SHUTDOWN_GRACE, the drain margin, start-up slack
     assert TOKEN not in log_text
     assert discord_api.closed_sessions and discord_api.closed_sessions[-1].close_code == 1000
     # The held reply was cut short with a note, and recorded as cancelled.
@@ -776,3 +669,149 @@ async def test_discord_persona_autocomplete_pick_and_admin_default(
     await discord_api.wait_for(lambda: any(m.content == "You said: hello"
                                            for m in discord_api.bot_messages(TEXT_CHANNEL_ID)))
     assert model_server.requests[-1].messages[0]["content"] == "Coach me."
+
+
+# -- picks: buttons and a select menu from the reply's choices ------------------------------------
+
+
+def components_sent(interaction: InteractionRecord) -> list[dict[str, Any]]:
+    """The components the bot put on its answer, as they crossed the wire."""
+    return [c for row in interaction.callbacks[0].data.get("components") or []
+            for c in row["components"]]
+
+
+async def test_model_buttons_are_the_askers_and_a_press_switches_her_model(
+        discord_api: DiscordEmulator, run_bot: StartBot, model_server: ModelServer) -> None:
+    bot = await run_bot()
+    shown = await discord_api.slash(ALICE, "model", channel_id=TEXT_CHANNEL_ID)
+    await discord_api.wait_for(lambda: shown.answered)
+    [menu] = shown.messages
+    assert menu.ephemeral and menu.visible_to == ALICE
+    assert [b["label"] for b in menu.buttons] == ["✓ llama3.2", "qwen2.5"]
+    assert [c["custom_id"] for c in components_sent(shown)] == [
+        f"pick:model:{ALICE}:llama3.2", f"pick:model:{ALICE}:qwen2.5"]
+    assert shown.callbacks[0].data["flags"] & FLAG_EPHEMERAL
+    listing = menu.content
+
+    # Bob cannot see Alice's menu; a forged press of his is refused, privately.
+    bobs = await discord_api.press(BOB, menu, f"pick:model:{ALICE}:qwen2.5")
+    await discord_api.wait_for(lambda: bobs.answered)
+    assert bobs.texts == ["This menu belongs to someone else. Send /model to pick yours."]
+    assert all(m.ephemeral and m.visible_to == BOB for m in bobs.messages)
+    assert menu.content == listing and len(menu.buttons) == 2
+    store = bot.service.store
+    assert await store.user_model("discord", str(ALICE)) is None
+    assert await store.user_model("discord", str(BOB)) is None
+
+    alices = await discord_api.press(ALICE, menu, f"pick:model:{ALICE}:qwen2.5")
+    await discord_api.wait_for(lambda: not menu.buttons)
+    # Answered first ("got it", the message unchanged), then the menu shows the pick.
+    assert alices.callbacks[0].type == CALLBACK_DEFERRED_UPDATE
+    assert alices.ack_after is not None and alices.ack_after < 3.0
+    assert menu.content == "Done: your model is now `qwen2.5`."
+    [edit] = discord_api.calls(f"PATCH /webhooks/{BOT_ID}/{alices.token}/messages/@original")
+    assert edit.body["content"] == menu.content and edit.body["components"] == []
+    assert await store.user_model("discord", str(ALICE)) == "qwen2.5"
+    assert await store.user_model("discord", str(BOB)) is None
+
+    # The same path as typing the argument: the next turn is on her model.
+    await discord_api.user_says(ALICE, "which model?")
+    await said(discord_api, discord_api.dm_channel(ALICE), "You said: which model?")
+    assert model_server.requests[-1].model == "qwen2.5"
+    again = await discord_api.slash(ALICE, "model")
+    await discord_api.wait_for(lambda: again.answered)
+    assert [b["label"] for b in again.messages[0].buttons] == ["llama3.2", "✓ qwen2.5"]
+
+
+async def test_persona_select_menu_past_five_choices(
+        discord_api: DiscordEmulator, run_bot: StartBot, model_server: ModelServer,
+        tmp_path: Path) -> None:
+    names = ["coach", "critic", "editor", "poet", "teacher", "tutor"]
+    path = tmp_path / "personas.toml"
+    path.write_text("".join(f'[{n}]\ndescription = "the {n}"\nsystem = "You are the {n}."\n'
+                            for n in names), encoding="utf-8")
+    bot = await run_bot(PERSONAS_FILE=str(path))
+    shown = await discord_api.slash(ALICE, "persona")
+    await discord_api.wait_for(lambda: shown.answered)
+    [menu] = shown.messages
+    assert menu.ephemeral and not menu.buttons
+    [select] = menu.selects
+    assert select["custom_id"] == f"pick:persona:{ALICE}"
+    assert [(o["label"], o["value"]) for o in select["options"]] == [
+        *((f"{n}: the {n}", n) for n in names), ("off (the default)", "off")]
+    assert components_sent(shown)[0]["type"] == 3  # a string select on the wire
+
+    # Bob's forged pick in Alice's menu is refused; hers sets her persona.
+    bobs = await discord_api.choose(BOB, menu, select["custom_id"], ["poet"])
+    await discord_api.wait_for(lambda: bobs.answered)
+    assert "belongs to someone else" in bobs.texts[0] and bobs.messages[0].ephemeral
+    # A persona gone since the menu was shown (the file was reloaded): told, not applied.
+    path.write_text(path.read_text(encoding="utf-8").replace("[critic]", "[judge]"),
+                    encoding="utf-8")
+    assert await bot.service.personas.reload_async()
+    stale = await discord_api.choose(ALICE, menu, select["custom_id"], ["critic"])
+    await discord_api.wait_for(lambda: stale.answered)
+    assert stale.callbacks[0].type == CALLBACK_DEFERRED_UPDATE
+    assert stale.texts == ["That choice is no longer offered. Send /persona for the list."]
+    assert stale.messages[0].ephemeral and menu.selects  # the menu stays as it was
+    key = f"discord:{ALICE}@dm"
+    assert await bot.service.store.personas_of(key, "discord", None) == (None, None)
+    alices = await discord_api.choose(ALICE, menu, select["custom_id"], ["poet"])
+    await discord_api.wait_for(lambda: not menu.selects)
+    assert alices.callbacks[0].type == CALLBACK_DEFERRED_UPDATE
+    assert menu.content == "Done: this conversation now uses the persona `poet`."
+    assert await bot.service.store.personas_of(key, "discord", None) == ("poet", None)
+    await discord_api.user_says(ALICE, "hello")
+    await said(discord_api, discord_api.dm_channel(ALICE), "You said: hello")
+    assert model_server.requests[-1].messages[0]["content"] == "You are the poet."
+    # The menu now marks her pick as the current one.
+    again = await discord_api.slash(ALICE, "persona")
+    await discord_api.wait_for(lambda: again.answered)
+    [options] = [s["options"] for s in again.messages[0].selects]
+    assert [o["value"] for o in options if o["default"]] == ["poet"]
+
+
+async def test_language_buttons_switch_the_bots_words(
+        discord_api: DiscordEmulator, run_bot: StartBot) -> None:
+    bot = await run_bot()
+    shown = await discord_api.slash(ALICE, "language")
+    await discord_api.wait_for(lambda: shown.answered)
+    [menu] = shown.messages
+    labels = [b["label"] for b in menu.buttons]
+    assert labels == ["English", "繁體中文", "简体中文"]
+    [tw] = [b for b in menu.buttons if b["label"] == "繁體中文"]
+    await discord_api.press(ALICE, menu, tw["custom_id"])
+    await discord_api.wait_for(lambda: not menu.buttons)
+    assert menu.content == "好了，之後我會用繁體中文跟你說話。"
+    assert await bot.service.store.user_language("discord", str(ALICE)) == "zh-TW"
+    memory = await discord_api.slash(ALICE, "memory")
+    await discord_api.wait_for(lambda: memory.answered)
+    assert memory.texts[0].startswith("這段對話已儲存的訊息：0 則")
+
+
+def test_a_menu_keeps_to_discords_limits_and_long_keys_still_resolve() -> None:
+    long_key = "registry.example.org/models/" + "x" * 120 + ":latest"
+    few = Choices("model", (Choice("llama3.2", "llama3.2", True), Choice(long_key, long_key)))
+    buttons = choices_view(ALICE, few)
+    assert buttons is not None
+    ids = [c["custom_id"] for row in buttons.to_components() for c in row["components"]]
+    assert all(len(i) <= 100 for i in ids) and ids[0] == f"pick:model:{ALICE}:llama3.2"
+    assert few.resolve(ids[1].rsplit(":", 1)[1]) == few.options[1]  # the digest names it
+    many = Choices("persona", tuple(Choice(f"p{i}", f"persona {i}") for i in range(40)))
+    select = choices_view(ALICE, many)
+    assert select is not None
+    [[menu]] = [row["components"] for row in select.to_components()]
+    assert menu["type"] == 3 and len(menu["options"]) == 25  # Discord's most
+    assert choices_view(ALICE, Choices("persona", ())) is None
+
+
+def test_bad_shard_settings_stop_the_adapter_before_it_starts(
+        discord_settings: SettingsFactory) -> None:
+    with pytest.raises(SettingsError) as bad:
+        DiscordAdapter(discord_settings(DISCORD_SHARD_COUNT=2, DISCORD_SHARD_IDS="0,one"))
+    assert str(bad.value) == ("DISCORD_SHARD_IDS=0,one: allowed: comma-separated shard "
+                              "numbers like 0,1")
+    with pytest.raises(SettingsError, match="DISCORD_SHARD_IDS needs DISCORD_SHARD_COUNT"):
+        DiscordAdapter(discord_settings(DISCORD_SHARD_IDS="1"))
+    assert shard_ids(discord_settings(DISCORD_SHARD_COUNT=2, DISCORD_SHARD_IDS=" 1 ,0")) == [1, 0]
+    assert shard_ids(discord_settings()) is None  # every shard: discord.py decides

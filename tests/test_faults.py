@@ -1,5 +1,7 @@
-"""Storage faults on both backends: forget with work in flight, the first message
-after a forget, summaries that never move back."""
+"""Storage faults on both backends, and the helpers the PostgreSQL-only faults share.
+
+Forget with work in flight, the first message after a forget, summaries that
+never move back."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from bot import operator_commands
 from bot.app import open_service
 from bot.records import AuditRecord, ConversationRef
 from bot.reply import Reply
+from bot.service import ChatService
 from bot.store import TABLES, Store
 from storage import open_store
 from tests.backends import db_url_both_backends  # noqa: F401  (SQLite and PostgreSQL)
@@ -27,6 +30,33 @@ async def collect(reply: Reply) -> str:
         async for delta in deltas:
             out.append(delta)
     return "".join(out)
+
+
+def hold_summaries(model_server: ModelServer) -> tuple[asyncio.Event, asyncio.Event]:
+    """(entered, release): a summary call sets `entered`, then waits for `release`;
+    a reply echoes."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held_summary(rec: Recorded) -> str:
+        if is_summary_call(rec):
+            entered.set()
+            await release.wait()
+            return fake_summariser(rec)
+        return echo_reply(rec)
+
+    model_server.reply = held_summary
+    return entered, release
+
+
+async def talk_until_a_summary_runs(svc: ChatService, entered: asyncio.Event) -> None:
+    """A name, then filler until a summary call is under way (held at the model)."""
+    await ask(svc, "my name is Ana")
+    for i in range(50):
+        await ask(svc, f"filler message number {i} " * 3)
+        if svc.memory.busy:
+            break
+    async with asyncio.timeout(10):
+        await entered.wait()
 
 
 @contextlib.asynccontextmanager
@@ -83,25 +113,10 @@ async def test_forget_while_a_reply_streams_leaves_nothing(
 async def test_forget_while_a_summary_runs_leaves_nothing(
     model_server: ModelServer, make_settings: SettingsFactory, db_url: str
 ) -> None:
-    entered, release = asyncio.Event(), asyncio.Event()
-
-    async def held_summary(rec: Recorded) -> str:
-        if is_summary_call(rec):
-            entered.set()
-            await release.wait()
-            return fake_summariser(rec)
-        return echo_reply(rec)
-
-    model_server.reply = held_summary
+    entered, release = hold_summaries(model_server)
     settings = make_settings(CONTEXT_TOKENS=300, REPLY_TOKENS=60)
     async with open_service(settings) as svc:
-        await ask(svc, "my name is Ana")
-        for i in range(50):  # talk until a summary call is under way
-            await ask(svc, f"filler message number {i} " * 3)
-            if svc.memory.busy:
-                break
-        async with asyncio.timeout(10):
-            await entered.wait()
+        await talk_until_a_summary_runs(svc, entered)
         assert await operator_commands.forget(settings, ME) == 0
         release.set()
         async with asyncio.timeout(10):

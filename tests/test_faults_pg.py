@@ -14,10 +14,10 @@ from bot.records import AuditRecord, ConversationRef
 from storage import open_store
 from storage.postgres_store import PostgresStore
 from tests.conftest import SettingsFactory, incoming
-from tests.fakes.model_server import ModelServer, Recorded, echo_reply
+from tests.fakes.model_server import ModelServer
 from tests.pg import pg_url  # noqa: F401  (a fresh database per test)
-from tests.test_faults import collect
-from tests.test_memory import fake_summariser, is_summary_call
+from tests.test_faults import collect, hold_summaries, talk_until_a_summary_runs
+from tests.test_memory import is_summary_call
 
 REF = ConversationRef("console:1@dm", "console", "1", "dm")
 
@@ -52,26 +52,11 @@ async def test_one_summariser_per_conversation_across_processes(
 async def test_a_second_process_does_not_call_the_model_while_one_summarises(
     model_server: ModelServer, make_settings: SettingsFactory, pg_url: str,  # noqa: F811
 ) -> None:
-    entered, release = asyncio.Event(), asyncio.Event()
-
-    async def held_summary(rec: Recorded) -> str:
-        if is_summary_call(rec):
-            entered.set()
-            await release.wait()
-            return fake_summariser(rec)
-        return echo_reply(rec)
-
-    model_server.reply = held_summary
+    entered, release = hold_summaries(model_server)
     settings = make_settings(DATABASE_URL=pg_url, CONTEXT_TOKENS=300, REPLY_TOKENS=60)
     async with open_service(settings) as a, open_service(settings) as b:
         ref = a.conversation_ref(incoming("x"))
-        await collect(await a.handle(incoming("my name is Ana")))
-        for i in range(50):
-            await collect(await a.handle(incoming(f"filler message number {i} " * 3)))
-            if a.memory.busy:
-                break
-        async with asyncio.timeout(10):
-            await entered.wait()
+        await talk_until_a_summary_runs(a, entered)
         conv = await b.store.conversation_id(ref)
         calls = sum(map(is_summary_call, model_server.requests))
         # The other process's summariser finds the conversation taken and skips it.

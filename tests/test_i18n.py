@@ -19,18 +19,18 @@ from babel.messages.pofile import read_po
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adapters.discord.inbound import from_discord
 from bot.i18n import (
     LANGUAGES,
     LOCALES_DIR,
     Catalogs,
     Translator,
     choose_language,
-    from_discord,
     from_lang_env,
-    from_telegram,
     normalize,
     parse_language,
 )
+from bot.i18n import from_language_tag as from_telegram  # what the Telegram adapter calls
 from bot.settings import SettingsError, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -19,6 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from adapters.discord.testing import StartBot, said
+from adapters.telegram.testing import bot_says, telegram_bot
 from bot.images import (
     Image,
     ImageRef,
@@ -33,18 +35,10 @@ from bot.images import (
 from bot.messages import Incoming
 from bot.records import ConversationRef
 from bot.service import ChatService
-from tests import test_discord
 from tests.conftest import SettingsFactory
 from tests.fakes.discord_api import TEXT_CHANNEL_ID, DiscordEmulator
 from tests.fakes.model_server import ModelServer
 from tests.fakes.telegram_api import TelegramApiEmulator
-from tests.test_discord import StartBot, said
-from tests.test_telegram import bot_says, telegram_bot
-
-# The Discord harness's fixtures, shared with tests/test_discord.py.
-discord_api = test_discord.discord_api
-discord_settings = test_discord.discord_settings
-run_bot = test_discord.run_bot
 
 ALICE, BOB = 1001, 1002
 D_ALICE = 2_100_000_000_000_000_001
@@ -55,12 +49,6 @@ def picture(seed: str, size: int) -> bytes:
     """`size` known bytes, different for each seed."""
     block = hashlib.sha256(seed.encode()).digest()
     return (block * (size // len(block) + 1))[:size]
-
-
-@pytest.fixture
-async def tg() -> AsyncIterator[TelegramApiEmulator]:
-    async with TelegramApiEmulator() as emulator:
-        yield emulator
 
 
 def tg_settings(make_settings: SettingsFactory, tg: TelegramApiEmulator,

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from adapters.discord.adapter import DiscordAdapter
-from adapters.telegram.adapter import TelegramAdapter
+from adapters.discord.testing import TOKEN as DISCORD_TOKEN
+from adapters.telegram.testing import telegram_bot
 from bot.app import open_service
 from bot.i18n import Catalogs
 from bot.providers.base import ProviderError
@@ -33,7 +34,6 @@ from tests.fakes.model_server import ModelServer
 from tests.fakes.telegram_api import TelegramApiEmulator
 
 TW_USER, CN_USER, EN_USER = 3001, 3002, 3003
-DISCORD_TOKEN = "MTEwMDAwMDAwMDAwMDAwMDAwMQ.GxYzAb.emulator-only-discord-token-0123456789"
 DISCORD_USER = 2_100_000_000_000_000_011
 WAIT = 10.0
 
@@ -53,12 +53,6 @@ TOO_FAST = {"zh-TW": re.compile(r"^你傳訊息的速度太快了，請 \d+ 秒�
 
 
 # ------------------------------------------------------------------ harness
-
-
-@pytest.fixture
-async def tg() -> AsyncIterator[TelegramApiEmulator]:
-    async with TelegramApiEmulator() as emulator:
-        yield emulator
 
 
 def _db_path(settings: Settings) -> Path:
@@ -82,33 +76,6 @@ async def _audit(settings: Settings, user_id: int) -> list[tuple[str, str]]:
             return list(db.execute("SELECT status, error FROM audit WHERE user_id = ?"
                                    " ORDER BY id", (str(user_id),)))
     return await asyncio.to_thread(read)
-
-
-@contextlib.asynccontextmanager
-async def telegram_bot(tg: TelegramApiEmulator, settings: Settings) -> AsyncIterator[ChatService]:
-    async with open_service(settings) as service:
-        adapter = TelegramAdapter(settings)
-        stop = asyncio.Event()
-        task = asyncio.create_task(adapter.run(service, stop))
-        await tg.wait_for(lambda: task.done() or bool(tg.calls("getUpdates")), WAIT,
-                          "the adapter to poll")
-        if task.done():
-            task.result()
-        try:
-            yield service
-        finally:
-            stop.set()
-            await service.shutdown(settings.SHUTDOWN_GRACE)
-            async with asyncio.timeout(settings.SHUTDOWN_GRACE + 10):
-                await task
-
-
-@pytest.fixture
-def tg_settings(make_settings: SettingsFactory, tg: TelegramApiEmulator) -> SettingsFactory:
-    def make(**overrides: Any) -> Settings:
-        return make_settings(**({"TELEGRAM_TOKEN": tg.bot_token,
-                                 "TELEGRAM_BASE_URL": tg.base_url} | overrides))
-    return make
 
 
 async def said(tg: TelegramApiEmulator, chat_id: int, count: int) -> str:
@@ -207,12 +174,6 @@ async def test_set_my_commands_is_sent_per_language(
 
 
 # ------------------------------------------------------------------ Discord
-
-
-@pytest.fixture
-async def discord_api() -> AsyncIterator[DiscordEmulator]:
-    async with DiscordEmulator(token=DISCORD_TOKEN) as api:
-        yield api
 
 
 @contextlib.asynccontextmanager
@@ -383,7 +344,8 @@ async def test_the_stop_button_and_the_stopped_mark_are_in_the_askers_language(
         model_server: ModelServer) -> None:
     model_server.reply = " ".join(f"詞{i}" for i in range(400))
     model_server.chunk_delay = 0.03
-    async with telegram_bot(tg, tg_settings()) as service:
+    async with telegram_bot(tg, tg_settings()) as running:
+        service = running.service
         tg.user_says(TW_USER, "講個長故事", language_code="zh-hant")
         await tg.wait_for(lambda: any(m.text.startswith("詞0") for m in tg.bot_messages(TW_USER)),
                           WAIT, "the answer to start")

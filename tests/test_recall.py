@@ -122,6 +122,29 @@ def test_cache_search_finds_the_most_similar_below_the_bound() -> None:
     assert cache.search(1, np.ones(3), before_id=100, limit=5) == []  # wrong dimension
 
 
+def test_outliers_only_keeps_a_standout_match_and_drops_near_random_tops() -> None:
+    # A model that can't tell this language's sentences apart: every vector near one
+    # direction plus noise, so every similarity is high and the top is only noise.
+    rng = np.random.default_rng(7)
+    common = rng.normal(size=32).astype(np.float32)
+    rows = np.stack([common + 0.5 * rng.normal(size=32).astype(np.float32)
+                     for _ in range(300)])
+    query = common + 0.5 * rng.normal(size=32).astype(np.float32)
+    cache = VectorCache()
+    cache.add(1, "m", list(range(1, 301)), rows)
+    plain = cache.search(1, query, before_id=10**9, limit=5)
+    assert len(plain) == 5 and plain[0][1] > 0.5  # high cosine, and meaningless
+    assert cache.search(1, query, before_id=10**9, limit=5, outliers_only=True) == []
+    # A real paraphrase of the query stands out from that background: it alone is kept.
+    cache.add(1, "m", [301], (query + 0.1 * rng.normal(size=32).astype(np.float32))[None, :])
+    got = cache.search(1, query, before_id=10**9, limit=5, outliers_only=True)
+    assert [i for i, _ in got] == [301]
+    # Too few messages to know the background: no gate at all.
+    small = VectorCache()
+    small.add(1, "m", list(range(1, 9)), rows[:8])
+    assert len(small.search(1, query, before_id=10**9, limit=5, outliers_only=True)) == 5
+
+
 def test_cache_refresh_asks_only_for_rows_newer_than_it_holds() -> None:
     import asyncio
 

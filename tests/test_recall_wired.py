@@ -356,3 +356,38 @@ async def _old_rows(conn: Any, dialect: str) -> None:
         await conn.execute("COMMIT")
     else:
         await conn.executemany(sql + "($1, $2, $3, $4)", rows)
+
+
+async def test_the_summary_reaches_every_prompt_whole_and_is_not_embedded(
+    model_server: ModelServer, make_settings: SettingsFactory,
+) -> None:
+    # bot/recaller.py: one running summary, always in the prompt, so no vector for it;
+    # the messages it folded are still recalled by their own words and vectors.
+    model_server.models.append(EMBED)
+    settings = make_settings(CONTEXT_TOKENS=1024, REPLY_TOKENS=256, MEMORY_STRATEGY="summarize",
+                             EMBED_MODEL=EMBED)
+    summary = "The user is a nurse in Hualien who keeps two cats, Miso and Pepper."
+    fact = "By the way, my sister moved to Tainan last spring."
+    async with open_service(settings) as svc:
+        await ask(svc, fact)
+        conv = await conv_of(svc)
+        await fill(svc, conv, 120, FILLER_EN)
+        context = await svc.store.turn_context(conv, "console", "1", 10**6, with_summary=False)
+        # As the summariser writes it: everything but the last 40 messages folded in.
+        assert await svc.store.save_summary(conv, summary, context.history[-41].id)
+        svc.recaller.stored(conv)
+        async with asyncio.timeout(30):
+            await svc.recaller.wait_idle()
+        await ask(svc, "Where does my sister live now?")
+        async with asyncio.timeout(30):
+            await svc.recaller.wait_idle()
+        _, vectors = await index_rows(settings.DATABASE_URL, conv)
+        stored = await svc.store.count_messages(conv)
+    rec = chats(model_server)[-1]
+    assert summary in system_of(rec)  # the gist, whole, in the prompt
+    assert fact in system_of(rec) and "## Recalled messages" in system_of(rec)  # exact words
+    assert fact not in window_of(rec)
+    sent = [t for r in model_server.embeddings.requests for t in (
+        r["input"] if isinstance(r["input"], list) else [r["input"]])]
+    assert summary not in sent and fact in sent  # messages embedded, the summary not
+    assert vectors == stored  # one vector per message, none for the summary

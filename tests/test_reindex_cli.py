@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import re
 from typing import Any
 
 import pytest
@@ -42,3 +44,35 @@ async def test_reindex_command_prints_plain_progress_when_not_a_terminal(
         assert await store.count_messages(1) == 2
     finally:
         await store.close()
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+async def test_reindex_draws_the_shared_rich_bar_on_a_terminal(
+    model_server: ModelServer, make_settings: SettingsFactory,
+) -> None:
+    from bot.app import open_service
+    from bot.reindex import reindex
+    from tests.conftest import ask
+
+    model_server.models.append(EMBED)
+    async with open_service(make_settings()) as service:  # no EMBED_MODEL: words only
+        for i in range(3):
+            await ask(service, f"row {i}")
+    settings = make_settings(EMBED_MODEL=EMBED)
+    store = open_store(settings.DATABASE_URL)
+    await store.open()
+    tty = _Terminal()
+    try:
+        assert await reindex(settings, store, stream=tty) == 0
+        assert await store.count_missing(EMBED) == 0
+    finally:
+        await store.close()
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", tty.getvalue())  # colours off
+    # bot.progress's rich bar (the one migrate, copy-db and backup draw), not plain lines.
+    assert "━" in shown and "embeddings (all-minilm) ━" in shown and "6/6 messages" in shown
+    assert "embeddings (all-minilm): " not in shown  # the plain form is for files
+    assert sum(len(r["input"]) for r in model_server.embeddings.requests) == 6

@@ -1,26 +1,25 @@
-"""The renderer through the real Discord sink: discord.py against the Discord API
-emulator, on the real core. What the user saw is the emulator's messages; what
-crossed the wire is its recorded calls (issue 11, item 7 on Discord)."""
+"""The renderer through the real Discord sink, on the Discord emulator and the real core.
+
+discord.py against the Discord API emulator, on the real core. What the user saw is the
+emulator's messages; what crossed the wire is its recorded calls (issue 11, item 7 on
+Discord)."""
 
 from __future__ import annotations
 
-import tests.test_discord as discord_tests
+from adapters.discord.testing import ALICE, StartBot
 from bot.render import fence_after
 from tests.fakes.discord_api import TEXT_CHANNEL_ID, DiscordEmulator
 from tests.fakes.model_server import ModelServer
 
-# The Discord tests' fixtures, so this file starts the bot the same way.
-from tests.test_discord import discord_api, discord_settings, run_bot  # noqa: F401
-
 
 async def test_a_fence_line_longer_than_a_message_is_split_under_the_limit(
-        discord_api: DiscordEmulator, run_bot: discord_tests.StartBot,  # noqa: F811
+        discord_api: DiscordEmulator, run_bot: StartBot,
         model_server: ModelServer) -> None:
     api, start = discord_api, run_bot
     await start(REPLY_TOKENS=6000, CONTEXT_TOKENS=16384)
     model_server.reply = "```" + "x" * 5000 + "\nprint(1)\n```\nafter"
     model_server.tokens_per_chunk = 500
-    await api.user_says(discord_tests.ALICE, "a fence", channel_id=TEXT_CHANNEL_ID,
+    await api.user_says(ALICE, "a fence", channel_id=TEXT_CHANNEL_ID,
                         mentions_bot=True)
     await api.wait_for(lambda: any(
         m.content.endswith("print(1)\n```\nafter")

@@ -1,8 +1,9 @@
-"""The renderer through the real Telegram sink: python-telegram-bot against the Bot API
-emulator, which answers as Telegram does ("message text is empty", "can't parse
-entities", "message is too long"). What the user saw is the emulator's visible
-messages; what crossed the wire is its recorded calls; what reached the database
-is the core's audit log, for the end-to-end cases."""
+"""The renderer through the real Telegram sink, on the Bot API emulator.
+
+python-telegram-bot against the Bot API emulator, which answers as Telegram does
+("message text is empty", "can't parse entities", "message is too long"). What the user
+saw is the emulator's visible messages; what crossed the wire is its recorded calls;
+what reached the database is the core's audit log, for the end-to-end cases."""
 
 from __future__ import annotations
 
@@ -16,21 +17,15 @@ from telegram import Bot
 from adapters.telegram import sink as telegram_sink
 from adapters.telegram.pacing import ChatPacer
 from adapters.telegram.sink import TelegramSink
+from adapters.telegram.testing import bot_says, telegram_bot
 from bot.render import StreamRenderer, utf16_len
 from bot.sanitize import storable
 from tests.conftest import SettingsFactory
 from tests.fakes.model_server import ModelServer
 from tests.fakes.telegram_api import TelegramApiEmulator, VisibleMessage
-from tests.test_telegram import bot_says, telegram_bot
 
 ALICE = 1001
 LIMIT = 4096
-
-
-@pytest.fixture
-async def tg() -> AsyncIterator[TelegramApiEmulator]:
-    async with TelegramApiEmulator() as emulator:
-        yield emulator
 
 
 @pytest.fixture

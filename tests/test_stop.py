@@ -1,5 +1,7 @@
-"""/stop and the Stop buttons: the model's connection closes, the text so far stays, marked,
-the exchange is audited `cancelled` and is not history; only the asker (or an admin) may stop."""
+"""/stop and the Stop buttons: the model's call closes, the text so far stays, marked.
+
+The model's connection closes, the text so far stays, marked, the exchange is audited
+`cancelled` and is not history; only the asker (or an admin) may stop."""
 
 from __future__ import annotations
 
@@ -10,33 +12,18 @@ from typing import Any
 
 import pytest
 
+from adapters.telegram.testing import ALICE, BOB, GROUP, telegram_bot
 from bot.app import open_service
 from bot.reply import Outcome
 from bot.service import ChatService
-from bot.settings import Settings
 from tests.conftest import SettingsFactory, ask, incoming
 from tests.fakes.model_server import ModelServer
 from tests.fakes.telegram_api import TelegramApiEmulator, VisibleMessage
-from tests.test_telegram import ALICE, BOB, GROUP, telegram_bot
 
 STORY = " ".join(f"word{i}" for i in range(400))  # ~800 tokens: long enough to stop
 MARK = "⏹ stopped"
 PROVIDERS = ["ollama", "openai"]
 CAROL = 1003
-
-
-@pytest.fixture
-async def tg() -> AsyncIterator[TelegramApiEmulator]:
-    async with TelegramApiEmulator() as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def tg_settings(make_settings: SettingsFactory, tg: TelegramApiEmulator) -> SettingsFactory:
-    def make(**overrides: Any) -> Settings:
-        return make_settings(**({"TELEGRAM_TOKEN": tg.bot_token,
-                                 "TELEGRAM_BASE_URL": tg.base_url} | overrides))
-    return make
 
 
 def slow(model_server: ModelServer) -> None:

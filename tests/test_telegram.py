@@ -1,5 +1,7 @@
-"""The Telegram adapter end to end: the real python-telegram-bot against the Bot API
-emulator, the real core on a temp SQLite database, and the model stand-in.
+"""The Telegram adapter end to end, on the Bot API emulator, the real core and the model.
+
+The real python-telegram-bot against the Bot API emulator, the real core on a
+temp SQLite database, and the model stand-in.
 
 Every test checks what the user saw (the emulator's visible messages), what crossed
 the wire (the emulator's recorded calls, the prompts the model stand-in received) or
@@ -9,15 +11,13 @@ what reached the database. Waits are bounded and re-check on every state change.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import os
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -26,85 +26,23 @@ import pytest
 
 from adapters.telegram.adapter import TelegramAdapter
 from adapters.telegram.pacing import BURST
+from adapters.telegram.testing import ALICE, BOB, GROUP, RunningBot, bot_says, telegram_bot
 from bot.app import open_service
 from bot.messages import Incoming
 from bot.render import utf16_len
-from bot.service import ChatService
-from bot.settings import Settings, SettingsError
+from bot.settings import SettingsError
 from storage import open_store
-from tests.conftest import free_port
+from tests.conftest import SettingsFactory, free_port
 from tests.fakes.model_server import ModelServer, closed_port_url
-from tests.fakes.telegram_api import TelegramApiEmulator, VisibleMessage
+from tests.fakes.telegram_api import TelegramApiEmulator
 
 ROOT = Path(__file__).resolve().parent.parent
-GROUP = -1001234567890
-ALICE, BOB = 1001, 1002
-
-SettingsFactory = Callable[..., Settings]
-
-
-# ----------------------------------------------------------------------------- fixtures
-
-
-@pytest.fixture
-async def tg() -> AsyncIterator[TelegramApiEmulator]:
-    async with TelegramApiEmulator() as emulator:
-        yield emulator
-
-
-@pytest.fixture
-def tg_settings(make_settings: SettingsFactory, tg: TelegramApiEmulator) -> SettingsFactory:
-    """Settings pointing the adapter at the emulator."""
-    def make(**overrides: Any) -> Settings:
-        values: dict[str, Any] = {"TELEGRAM_TOKEN": tg.bot_token,
-                                  "TELEGRAM_BASE_URL": tg.base_url}
-        return make_settings(**(values | overrides))
-    return make
-
-
-@dataclass
-class RunningBot:
-    adapter: TelegramAdapter
-    service: ChatService
-    settings: Settings
-    task: asyncio.Task[None]
-
-
-@contextlib.asynccontextmanager
-async def telegram_bot(tg: TelegramApiEmulator, settings: Settings,
-                       **adapter_options: Any) -> AsyncIterator[RunningBot]:
-    """The adapter running on a fresh service, stopped the way `python -m bot` stops it."""
-    async with open_service(settings) as service:
-        adapter = TelegramAdapter(settings, **adapter_options)
-        stop = asyncio.Event()
-        task = asyncio.create_task(adapter.run(service, stop))
-        receiving = "setWebhook" if settings.TELEGRAM_WEBHOOK_URL else "getUpdates"
-        await tg.wait_for(lambda: task.done() or bool(tg.calls(receiving)), 10,
-                          f"the adapter to call {receiving}")
-        if task.done():
-            task.result()  # raise what stopped it
-        try:
-            yield RunningBot(adapter, service, settings, task)
-        finally:
-            stop.set()
-            await service.shutdown(settings.SHUTDOWN_GRACE)
-            await asyncio.wait_for(task, settings.SHUTDOWN_GRACE + 10)
 
 
 @pytest.fixture
 async def bot(tg: TelegramApiEmulator, tg_settings: SettingsFactory) -> AsyncIterator[RunningBot]:
     async with telegram_bot(tg, tg_settings()) as running:
         yield running
-
-
-async def bot_says(tg: TelegramApiEmulator, chat_id: int, expected: list[str],
-                   timeout: float = 5.0) -> list[VisibleMessage]:  # noqa: ASYNC109
-    """Wait until the bot's messages in the chat read exactly `expected`."""
-    try:
-        await tg.wait_for(lambda: tg.bot_texts(chat_id) == expected, timeout)
-    except TimeoutError:
-        pytest.fail(f"expected bot messages {expected!r}; chat reads:\n{tg.transcript(chat_id)}")
-    return tg.bot_messages(chat_id)
 
 
 def user_prompts(model_server: ModelServer) -> list[str]:
@@ -342,9 +280,9 @@ async def test_typing_shows_until_the_first_token(bot: RunningBot, tg: TelegramA
 
 async def test_edits_respect_the_interval(tg: TelegramApiEmulator, tg_settings: SettingsFactory,
                                           model_server: ModelServer) -> None:
-    interval = 0.2
+    interval = 0.1
     model_server.reply = " ".join(f"word{i}" for i in range(40))
-    model_server.chunk_delay = 0.02
+    model_server.chunk_delay = 0.01  # about 0.4 s of streaming: four intervals
     async with telegram_bot(tg, tg_settings(STREAM_EDIT_INTERVAL=interval)):
         tg.user_says(ALICE, "talk to me")
         [message] = await bot_says(tg, ALICE, [model_server.reply])
@@ -648,7 +586,7 @@ async def test_sigterm_stops_python_m_bot_cleanly(
            if not k.startswith(("TELEGRAM_", "DISCORD_", "OPENAI_", "LLM_"))}
     env |= {"TELEGRAM_TOKEN": tg.bot_token, "TELEGRAM_BASE_URL": tg.base_url,
             "OLLAMA_HOST": model_server.url, "DATABASE_URL": db_url,
-            "SHUTDOWN_GRACE": "1", "STREAM_EDIT_INTERVAL": "0.05", "LOG_LEVEL": "DEBUG",
+            "SHUTDOWN_GRACE": "0.3", "STREAM_EDIT_INTERVAL": "0.05", "LOG_LEVEL": "DEBUG",
             "RATE_LIMIT_PER_MINUTE": "0", "PYTHONUNBUFFERED": "1"}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bot", cwd=ROOT, env=env,

@@ -38,6 +38,7 @@ from adapters.discord.inbound import (
     text_for_model,
     unsupported_kind,
 )
+from adapters.discord.picks import PickButton, Picks, PickSelect
 from adapters.discord.settings import bot_token, shard_ids
 from adapters.discord.sink import APOLOGY, MESSAGE_LIMIT, ChannelSink
 from bot.i18n import N_
@@ -102,6 +103,8 @@ class _GatewayClient(discord.AutoShardedClient):
     def __init__(self, adapter: DiscordAdapter, **options: object) -> None:
         super().__init__(**options)  # type: ignore[arg-type]
         self._adapter = adapter
+        self.picks = Picks(adapter.service, adapter.tracked)  # presses on choice menus
+        self.add_dynamic_items(PickButton, PickSelect)
         self._identified: dict[int, float] = {}  # bucket → when it last identified
         self._max_concurrency: int | None = None
 
@@ -140,6 +143,7 @@ class DiscordAdapter(Adapter[discord.Message]):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self._token = bot_token(settings)
+        self._shards = shard_ids(settings)  # checked now: a bad value stops the start
         self._accepting = False
         self._client: _GatewayClient | None = None
         self._tree: app_commands.CommandTree[_GatewayClient] | None = None
@@ -170,7 +174,7 @@ class DiscordAdapter(Adapter[discord.Message]):
             # never pings @everyone, @here, roles or users.
             allowed_mentions=discord.AllowedMentions.none(),
             shard_count=s.DISCORD_SHARD_COUNT,
-            shard_ids=shard_ids(s),
+            shard_ids=self._shards,
             chunk_guilds_at_startup=False,
         )
 

@@ -5,7 +5,8 @@ argument becomes an optional string option, autocompleted when it offers
 choices (the models for /model). Running one runs the chat command the core
 implements once (`/model NAME` through `service.handle`); this module only
 acknowledges the interaction in time and shows the answer, ephemeral when the
-command is declared private.
+command is declared private. Called without its argument, /model (and /persona,
+/language) answers with the choices as buttons or a select menu (adapters.discord.picks).
 """
 
 from __future__ import annotations
@@ -14,14 +15,16 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import discord
 from discord import app_commands
 
-from adapters.discord.inbound import incoming_from_interaction
+from adapters.discord.inbound import DISCORD_LOCALES, incoming_from_interaction
+from adapters.discord.picks import choices_view
 from adapters.discord.sink import APOLOGY, MESSAGE_LIMIT
 from bot.commands import Arg, Command
-from bot.i18n import DISCORD_LOCALES, Catalogs
+from bot.i18n import Catalogs
 from bot.messages import Incoming
 from bot.render import split_markdown
 from bot.reply import Reply
@@ -48,12 +51,11 @@ class CatalogTranslator(app_commands.Translator):
     def __init__(self, catalogs: Catalogs) -> None:
         super().__init__()
         self._catalogs = catalogs
-        self._languages = {locale: code for code, locale in DISCORD_LOCALES.items()}
 
     async def translate(self, string: app_commands.locale_str, locale: discord.Locale,
                         context: app_commands.TranslationContextTypes) -> str | None:
-        code = self._languages.get(locale.value)
-        if code is None or context.location not in _TRANSLATED:
+        code = locale.value  # Discord's zh-TW and zh-CN are the bot's language codes
+        if code not in DISCORD_LOCALES or context.location not in _TRANSLATED:
             return None
         text = self._catalogs.for_language(code).gettext(string.message)
         return text[:100] if text != string.message else None
@@ -127,8 +129,12 @@ class SlashCommands:
         await self.send(interaction, reply, text)
 
     async def send(self, interaction: discord.Interaction, reply: Reply, text: str) -> None:
-        """Show a whole reply as the interaction's answer (ephemeral when private)."""
-        ephemeral = reply.private
+        """Show a whole reply as the interaction's answer (ephemeral when private); its
+        choices become the asker's buttons or select menu, on an ephemeral message."""
+        view = choices_view(interaction.user.id, reply.choices) if reply.choices else None
+        ephemeral = reply.private or view is not None
+        # Only a menu adds components: every other answer crosses the wire as before.
+        with_view: dict[str, Any] = {"view": view} if view is not None else {}
         chunks = split_markdown(text, MESSAGE_LIMIT) if text.strip() else []
         if not chunks:  # the core says nothing; the interaction still needs closing
             if not interaction.response.is_done():
@@ -137,9 +143,9 @@ class SlashCommands:
             return
         first, *rest = chunks
         if interaction.response.is_done():
-            await interaction.edit_original_response(content=first)
+            await interaction.edit_original_response(content=first, **with_view)
         else:
-            await interaction.response.send_message(first, ephemeral=ephemeral)
+            await interaction.response.send_message(first, ephemeral=ephemeral, **with_view)
         for chunk in rest:
             await interaction.followup.send(chunk, ephemeral=ephemeral)
 

@@ -11,11 +11,12 @@ from collections.abc import Awaitable, Callable
 
 import discord
 
-from bot.i18n import from_discord
 from bot.images import Downloader, Fetch, ImageRef, is_image_type
 from bot.messages import Incoming
 
 PLATFORM = "discord"
+# The languages Discord names as the bot does (its locales zh-TW and zh-CN).
+DISCORD_LOCALES = ("zh-TW", "zh-CN")
 # User, role and channel mentions as Discord writes them in message content.
 _MENTION = re.compile(r"<(@[!&]?|#)(\d{15,20})>")
 # Only ordinary messages and replies carry something to answer (not joins, pins, …).
@@ -138,6 +139,19 @@ def incoming_from_message(message: discord.Message, text: str, *,
         unsupported=unsupported,
         place_admin=_admin_signal(admin),
     )
+
+
+def from_discord(locale: object) -> str | None:
+    """A Discord locale (`interaction.locale`, `guild.preferred_locale`) → a language.
+
+    Discord's own zh-TW and zh-CN as they are; anything else → en; None if none.
+    """
+    if locale is None:
+        return None
+    value = str(getattr(locale, "value", locale)).strip()
+    if not value:
+        return None
+    return value if value in DISCORD_LOCALES else "en"
 
 
 def incoming_from_interaction(interaction: discord.Interaction, text: str) -> Incoming:

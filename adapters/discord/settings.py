@@ -1,12 +1,12 @@
-"""The Discord settings' parsed forms: the token and the shards this process runs.
+"""The Discord settings' parsing and checks: the token and the shards this process runs.
 
-(Their checks stay with the fields in bot.settings, so that a bad value is
-refused when the settings load, before any adapter starts.)
+They run when the adapter is made (`DiscordAdapter(settings)`), before anything
+starts, so a bad value stops `python -m bot` with one line, as a bad setting does.
 """
 
 from __future__ import annotations
 
-from bot.settings import Settings
+from bot.settings import Settings, SettingsError
 
 
 def bot_token(settings: Settings) -> str:
@@ -17,5 +17,10 @@ def bot_token(settings: Settings) -> str:
 
 def shard_ids(settings: Settings) -> list[int] | None:
     """DISCORD_SHARD_IDS as numbers; None: every shard (discord.py decides)."""
-    ids = [int(p.strip()) for p in settings.DISCORD_SHARD_IDS.split(",") if p.strip()]
-    return ids or None
+    parts = [p.strip() for p in settings.DISCORD_SHARD_IDS.split(",") if p.strip()]
+    if not all(p.isdigit() for p in parts):
+        raise SettingsError(f"DISCORD_SHARD_IDS={settings.DISCORD_SHARD_IDS}: allowed: "
+                            "comma-separated shard numbers like 0,1")
+    if parts and settings.DISCORD_SHARD_COUNT is None:
+        raise SettingsError("DISCORD_SHARD_IDS needs DISCORD_SHARD_COUNT")
+    return [int(p) for p in parts] or None

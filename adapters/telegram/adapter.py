@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from dataclasses import dataclass, replace
+from types import MappingProxyType
 from urllib.parse import urlsplit
 
+import httpx
 from telegram import Bot, BotCommand, CallbackQuery, Chat, Message, Update, User
 from telegram.constants import ChatMemberStatus, ChatType
 from telegram.error import InvalidToken, TelegramError
@@ -30,6 +33,7 @@ from telegram.ext import (
     MessageHandler,
     filters,
 )
+from telegram.request import HTTPXRequest
 
 from adapters.base import Adapter, utf16_len
 from adapters.telegram.addressing import BotIdentity, addressed_text
@@ -46,7 +50,7 @@ from adapters.telegram.menu import (
 from adapters.telegram.pacing import ChatPacer
 from adapters.telegram.settings import bot_token, webhook_secret
 from adapters.telegram.sink import TelegramSink
-from bot.i18n import N_, TELEGRAM_COMMAND_LANGUAGES, Translator, from_telegram
+from bot.i18n import N_, Translator, from_language_tag
 from bot.images import Downloader
 from bot.messages import Incoming
 from bot.render import FormattingRejected
@@ -63,6 +67,9 @@ SORRY = N_("Sorry, something went wrong while answering. Please try again.")
 PICKED = {"model": (N_("Model: {model}"), "model"),
           "language": (N_("Language: {language}"), "language"),
           "persona": (N_("Persona: {name}"), "name")}
+# setMyCommands takes a two-letter code only, so one Chinese menu: Traditional, the
+# script the bot's users are expected to write.
+COMMAND_LANGUAGES = MappingProxyType({"zh": "zh-TW"})
 DRAIN_EXTRA = 5.0  # seconds, beyond SHUTDOWN_GRACE, before replies still running are cancelled
 ADMIN_CHECK_WITHIN = 3.0  # seconds for getChatMember before "not an admin"
 _ADMIN_STATUSES = (ChatMemberStatus.OWNER, ChatMemberStatus.ADMINISTRATOR)
@@ -99,8 +106,11 @@ class TelegramAdapter(Adapter[Destination]):
 
     name = "telegram"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(settings)
+        # The Bot API connections' TLS context (None: one made on connect, httpx's default,
+        # shared by both connection pools: loading the CA bundle is ~0.1 s of CPU each).
+        self._tls = tls
         self._token = bot_token(settings)
         self._webhook_secret = webhook_secret(settings)
         self._me = BotIdentity(0, "")
@@ -161,12 +171,18 @@ class TelegramAdapter(Adapter[Destination]):
             self._quiet.close()
 
     def _build_application(self) -> Application:
+        tls = {"verify": self._tls or httpx.create_ssl_context()}
         builder = (
             Application.builder()
             .token(self._token)
             .concurrent_updates(True)
             .rate_limiter(default_rate_limiter())
-            .connect_timeout(10).read_timeout(30).write_timeout(30).pool_timeout(10)
+            # PTB's own defaults for both pools (256 connections, and 1 for getUpdates),
+            # with our timeouts for the calls the bot makes.
+            .request(HTTPXRequest(connection_pool_size=256, connect_timeout=10,
+                                  read_timeout=30, write_timeout=30, pool_timeout=10,
+                                  httpx_kwargs=tls))
+            .get_updates_request(HTTPXRequest(connection_pool_size=1, httpx_kwargs=tls))
         )
         base = self._settings.TELEGRAM_BASE_URL
         if base:
@@ -182,7 +198,7 @@ class TelegramAdapter(Adapter[Destination]):
         # default menu in English, and one per language Telegram's clients ask for.
         menu = self.service.commands.menu(self.name)
         catalogs = self.service.catalogs
-        for code, language in (("", "en"), *TELEGRAM_COMMAND_LANGUAGES.items()):
+        for code, language in (("", "en"), *COMMAND_LANGUAGES.items()):
             tr = catalogs.for_language(language)
             commands = [BotCommand(c.name, tr.gettext(c.description)[:256]) for c in menu]
             try:
@@ -230,7 +246,7 @@ class TelegramAdapter(Adapter[Destination]):
             chat_id=str(chat.id),
             place_id=str(chat.id) if group else None,
             text=text, raw=raw, place_admin=place_admin if group else None,
-            language=from_telegram(user.language_code))
+            language=from_language_tag(user.language_code))
 
     async def _is_chat_admin(self, chat_id: int, user_id: int) -> bool:
         """The group's creator or an administrator, as getChatMember says."""
@@ -303,7 +319,7 @@ class TelegramAdapter(Adapter[Destination]):
         assert press is not None
         if not isinstance(message, Message):
             tr = self.service.catalogs.for_language(self.service.pick_language(
-                from_telegram(query.from_user.language_code)))
+                from_language_tag(query.from_user.language_code)))
             await query.answer(tr.gettext("This reply has already finished."))
             return
         owner, reply_id = press
@@ -326,7 +342,7 @@ class TelegramAdapter(Adapter[Destination]):
         service = self.service
         if press is None or not isinstance(message, Message):
             tr = service.catalogs.for_language(
-                service.pick_language(from_telegram(query.from_user.language_code)))
+                service.pick_language(from_language_tag(query.from_user.language_code)))
             await query.answer(tr.gettext("This button no longer works. Send /{command} "
                                           "again.", command="model"))
             return
@@ -373,7 +389,7 @@ class TelegramAdapter(Adapter[Destination]):
         # The user's platform language (the store may be what failed).
         user = update.effective_user
         sorry = self.service.catalogs.for_language(self.service.pick_language(
-            from_telegram(user.language_code) if user is not None else None)).gettext(SORRY)
+            from_language_tag(user.language_code) if user is not None else None)).gettext(SORRY)
         with contextlib.suppress(TelegramError):
             if update.callback_query is not None:
                 await update.callback_query.answer(sorry)

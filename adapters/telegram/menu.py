@@ -9,14 +9,13 @@ right now, so a forged or stale button can do nothing.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from telegram import InlineKeyboardButton, InlineKeyboardMarkup
 
 from bot.i18n import N_
-from bot.reply import Choices
+from bot.reply import Choices, key_ref, refers_to
 
 PREFIX = "m"  # /model's choices
 # Short prefixes keep the key's room in 64 bytes; a command not listed uses its name.
@@ -35,20 +34,13 @@ class ChoicePress:
 
 
 
-def _digest(key: str) -> str:
-    return "#" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:20]
-
-
 def _prefix(command: str) -> str:
     return PREFIXES.get(command, command)
 
 
 def encode_choice(owner_id: int, key: str, command: str = "model") -> str:
-    prefix = _prefix(command)
-    data = f"{prefix}:{owner_id}:{key}"
-    if len(data.encode("utf-8")) <= MAX_CALLBACK_BYTES and not key.startswith("#"):
-        return data
-    return f"{prefix}:{owner_id}:{_digest(key)}"
+    head = f"{_prefix(command)}:{owner_id}:"
+    return head + key_ref(key, MAX_CALLBACK_BYTES - len(head.encode("utf-8")))
 
 
 def decode_choice(data: str | None) -> ChoicePress | None:
@@ -65,10 +57,7 @@ def decode_choice(data: str | None) -> ChoicePress | None:
 
 def resolve_choice(key: str, available: Sequence[str]) -> str | None:
     """The option a button's key names, if it is still on offer."""
-    for option in available:
-        if key == option or key == _digest(option):
-            return option
-    return None
+    return next((option for option in available if refers_to(key, option)), None)
 
 
 def choices_keyboard(owner_id: int, choices: Choices) -> InlineKeyboardMarkup | None:

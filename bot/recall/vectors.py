@@ -11,6 +11,7 @@ coverage starts).
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,28 @@ def normalised(matrix: FloatArray) -> FloatArray:
     norms = np.linalg.norm(matrix, axis=-1, keepdims=True)
     norms[norms == 0] = 1.0
     return (matrix / norms).astype(np.float32, copy=False)
+
+
+MIN_BACKGROUND = 16  # fewer similarities than this say nothing about the background
+
+
+def outlier_floor(scores: FloatArray) -> float:
+    """The similarity a message needs to count as evidence, not noise.
+
+    Raw cosine floors don't carry across models or languages: all-MiniLM
+    puts unrelated English pairs near 0.05 but any two Chinese sentences near
+    0.6 (it was trained on English), so a fixed floor is either useless or
+    blind. Measured against the conversation's own similarities instead, a
+    match must beat the background mean by as many standard deviations as the
+    largest of n unrelated similarities would reach (√(2 ln n), the expected
+    maximum of n normal draws): near-random top hits then fall below it, and
+    a real paraphrase stands well above (z ≈ 4–10 in the memory benchmark).
+    """
+    n = len(scores)
+    if n < MIN_BACKGROUND:
+        return -np.inf
+    mean, std = float(scores.mean()), float(scores.std())
+    return mean + math.sqrt(2 * math.log(n)) * std
 
 
 @dataclass(slots=True)
@@ -165,8 +188,13 @@ class VectorCache:
         self._bytes += entry.nbytes
 
     def search(self, conversation_id: int, query: Sequence[float] | FloatArray,
-               before_id: int, limit: int, model: str | None = None) -> list[tuple[int, float]]:
-        """The `limit` most similar messages with id < before_id: (id, cosine), best first."""
+               before_id: int, limit: int, model: str | None = None,
+               *, outliers_only: bool = False) -> list[tuple[int, float]]:
+        """The `limit` most similar messages with id < before_id: (id, cosine), best first.
+
+        With `outliers_only`, only messages whose similarity stands out from the
+        conversation's own background (see `outlier_floor`) are returned.
+        """
         entry = self._entries.get(conversation_id)
         if entry is None or not entry.rows or limit <= 0 or (model and entry.model != model):
             return []
@@ -180,6 +208,12 @@ class VectorCache:
         if n == 0:
             return []
         scores = entry.matrix[:n] @ q
+        if outliers_only:
+            floor = outlier_floor(scores)
+            n_above = int((scores >= floor).sum())
+            if n_above == 0:
+                return []
+            limit = min(limit, n_above)
         k = min(limit, n)
         top = np.argpartition(-scores, k - 1)[:k] if k < n else np.arange(n)
         top = top[np.argsort(-scores[top], kind="stable")]

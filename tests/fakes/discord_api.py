@@ -53,6 +53,8 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from tests.fakes.files import serve_file
+
 API_PREFIX = "/api/v10"
 GATEWAY_PATH = "/gateway-ws"
 DISCORD_EPOCH_MS = 1_420_070_400_000
@@ -80,6 +82,8 @@ CHANNEL_PUBLIC_THREAD = 11
 INTERACTION_COMMAND = 2
 INTERACTION_COMPONENT = 3  # a button press on a message
 INTERACTION_AUTOCOMPLETE = 4
+COMPONENT_BUTTON = 2
+COMPONENT_SELECT = 3  # a string select menu
 CALLBACK_MESSAGE = 4
 CALLBACK_DEFERRED = 5
 CALLBACK_DEFERRED_UPDATE = 6  # a component's "got it", the message unchanged for now
@@ -125,16 +129,46 @@ def _error(status: int, code: int, message: str,
     return _json(body, status)
 
 
+def _component(c: dict[str, Any]) -> dict[str, Any]:
+    """A button (type 2) or a string select (type 3) as Discord echoes it."""
+    kind = c.get("type", COMPONENT_BUTTON)
+    if kind == COMPONENT_SELECT:
+        return {"type": kind, "custom_id": c.get("custom_id"),
+                "placeholder": c.get("placeholder"),
+                "min_values": c.get("min_values", 1), "max_values": c.get("max_values", 1),
+                "disabled": bool(c.get("disabled", False)),
+                "options": [{"label": o["label"], "value": o["value"],
+                             "description": o.get("description"),
+                             "default": bool(o.get("default", False))}
+                            for o in c.get("options", [])]}
+    return {"type": kind, "style": c.get("style", 1), "label": c.get("label"),
+            "custom_id": c.get("custom_id"), "disabled": bool(c.get("disabled", False))}
+
+
 def _components(value: Any) -> list[dict[str, Any]]:
     """Action rows as Discord echoes them (custom ids kept, defaults filled)."""
-    rows = []
-    for row in value or []:
-        buttons = [{"type": c.get("type", 2), "style": c.get("style", 1),
-                    "label": c.get("label"), "custom_id": c.get("custom_id"),
-                    "disabled": bool(c.get("disabled", False))}
-                   for c in row.get("components", [])]
-        rows.append({"type": 1, "components": buttons})
-    return rows
+    return [{"type": 1, "components": [_component(c) for c in row.get("components", [])]}
+            for row in value or []]
+
+
+def _bad_components(value: Any) -> str | None:
+    """What Discord would refuse in these action rows (its limits), or None."""
+    rows = value or []
+    if len(rows) > 5:
+        return "too many action rows"
+    for row in rows:
+        items = row.get("components", [])
+        if len(items) > 5 or (len(items) > 1 and any(
+                c.get("type") == COMPONENT_SELECT for c in items)):
+            return "an action row holds up to 5 buttons or one select menu"
+        for c in items:
+            if len(c.get("custom_id") or "") > 100 or len(c.get("label") or "") > 80:
+                return "custom_id over 100 or label over 80 characters"
+            options = c.get("options", [])
+            if len(options) > 25 or any(len(o["value"]) > 100 or len(o["label"]) > 100
+                                        for o in options):
+                return "more than 25 options, or an option over 100 characters"
+    return None
 
 
 def _too_long(field_name: str) -> web.Response:
@@ -253,6 +287,12 @@ class ShownMessage:
         """The buttons on the message now (type 2 components, in their rows)."""
         return [c for row in self.payload.get("components") or []
                 for c in row.get("components", []) if c.get("type") == 2]
+
+    @property
+    def selects(self) -> list[dict[str, Any]]:
+        """The select menus on the message now (type 3 components)."""
+        return [c for row in self.payload.get("components") or []
+                for c in row.get("components", []) if c.get("type") == COMPONENT_SELECT]
 
     @property
     def replies_to(self) -> int | None:
@@ -622,31 +662,61 @@ class DiscordEmulator:
     async def press(self, user_id: int, message: ShownMessage, custom_id: str, *,
                     author_name: str | None = None) -> InteractionRecord:
         """`user_id` presses the button `custom_id` on `message` (any id: a forged one too)."""
+        return await self._component(user_id, message, {"custom_id": custom_id,
+                                                        "component_type": COMPONENT_BUTTON},
+                                     author_name=author_name)
+
+    async def choose(self, user_id: int, message: ShownMessage, custom_id: str,
+                     values: list[str], *, author_name: str | None = None) -> InteractionRecord:
+        """`user_id` picks `values` in the select menu `custom_id` on `message` (any: a
+        forged pick too)."""
+        return await self._component(user_id, message, {
+            "custom_id": custom_id, "component_type": COMPONENT_SELECT, "values": values},
+            author_name=author_name)
+
+    async def _component(self, user_id: int, message: ShownMessage, data: dict[str, Any], *,
+                         author_name: str | None) -> InteractionRecord:
+        """A MESSAGE_COMPONENT interaction (type 3) on `message`, with its `data`."""
         channel = self.channels[message.channel_id]
-        guild_id = channel.guild_id
-        user = self.add_user(user_id, author_name or f"user{user_id}", guild_id=guild_id)
         record = InteractionRecord(
             id=self.snowflake(), token=secrets.token_urlsafe(48), type=INTERACTION_COMPONENT,
-            name=custom_id, options={"message_id": message.id}, user_id=user_id,
-            channel_id=channel.id, guild_id=guild_id, dispatched_at=time.monotonic())
-        payload: dict[str, Any] = {
+            name=data["custom_id"], options={"message_id": message.id,
+                                             "values": data.get("values")},
+            user_id=user_id, channel_id=channel.id, guild_id=channel.guild_id,
+            dispatched_at=time.monotonic())
+        payload = self._interaction_payload(record, channel, data, "en-US", author_name)
+        payload["message"] = message.payload
+        payload["app_permissions"] = str(MEMBER_PERMISSIONS)
+        await self._deliver(record, payload)
+        return record
+
+    def _interaction_payload(self, record: InteractionRecord, channel: Channel,
+                             data: dict[str, Any], locale: str,
+                             author_name: str | None) -> dict[str, Any]:
+        """An interaction as the gateway carries it, from its user (and member)."""
+        guild_id = channel.guild_id
+        user = self.add_user(record.user_id, author_name or f"user{record.user_id}",
+                             guild_id=guild_id)
+        payload = {
             "id": str(record.id), "application_id": str(self.application_id),
-            "type": INTERACTION_COMPONENT, "token": record.token, "version": 1,
-            "locale": "en-US", "data": {"custom_id": custom_id, "component_type": 2},
-            "message": message.payload, "channel_id": str(channel.id),
-            "channel": channel.payload(self.users), "app_permissions": str(MEMBER_PERMISSIONS),
-            "entitlements": [], "attachment_size_limit": 10 * 1024 * 1024,
+            "type": record.type, "token": record.token, "version": 1, "locale": locale,
+            "data": data, "channel_id": str(channel.id), "channel": channel.payload(self.users),
+            "app_permissions": "2248473465835073", "entitlements": [],
+            "attachment_size_limit": 10 * 1024 * 1024,
             "context": 0 if guild_id is not None else 1,
             "authorizing_integration_owners": {"0": str(guild_id)} if guild_id is not None
-            else {"1": str(user_id)},
+            else {"1": str(record.user_id)},
         }
         self._add_member(payload, guild_id, user)
+        return payload
+
+    async def _deliver(self, record: InteractionRecord, payload: dict[str, Any]) -> None:
+        """Send an interaction to the bot over the gateway."""
         self.interactions[record.id] = record
-        session = self._session_for(guild_id)
+        session = self._session_for(record.guild_id)
         if session is None:
             raise RuntimeError("no gateway session to deliver the interaction to")
         await self._dispatch(session, "INTERACTION_CREATE", payload)
-        return record
 
     def _add_member(self, payload: dict[str, Any], guild_id: int | None, user: User) -> None:
         """The interaction's member (with permissions: Manage Server for admins) or user."""
@@ -908,7 +978,6 @@ class DiscordEmulator:
             channel_id = self.dm_channel(user_id)
         channel = self.channels[channel_id]
         guild_id = channel.guild_id
-        user = self.add_user(user_id, author_name or f"user{user_id}", guild_id=guild_id)
         command = next((c for c in self.commands.get(guild_id, []) + self.commands.get(None, [])
                         if c["name"] == name), None)
         if command is None:
@@ -928,25 +997,12 @@ class DiscordEmulator:
             options=options, user_id=user_id, channel_id=channel_id, guild_id=guild_id,
             dispatched_at=time.monotonic(),
         )
-        payload: dict[str, Any] = {
-            "id": str(record.id), "application_id": str(self.application_id), "type": kind,
-            "token": record.token, "version": 1, "locale": locale,
-            "data": {"id": command["id"], "name": name, "type": 1, "options": data_options},
-            "channel_id": str(channel_id), "channel": channel.payload(self.users),
-            "app_permissions": "2248473465835073", "entitlements": [],
-            "attachment_size_limit": 10 * 1024 * 1024,
-            "context": 0 if guild_id is not None else 1,
-            "authorizing_integration_owners": {"0": str(guild_id)} if guild_id is not None
-            else {"1": str(user_id)},
-        }
+        data: dict[str, Any] = {"id": command["id"], "name": name, "type": 1,
+                                "options": data_options}
         if command.get("guild_id"):
-            payload["data"]["guild_id"] = command["guild_id"]
-        self._add_member(payload, guild_id, user)
-        self.interactions[record.id] = record
-        session = self._session_for(guild_id)
-        if session is None:
-            raise RuntimeError("no gateway session to deliver the interaction to")
-        await self._dispatch(session, "INTERACTION_CREATE", payload)
+            data["guild_id"] = command["guild_id"]
+        await self._deliver(record, self._interaction_payload(record, channel, data, locale,
+                                                              author_name))
         return record
 
     def _interaction_by_token(self, token: str) -> InteractionRecord | None:
@@ -959,6 +1015,7 @@ class DiscordEmulator:
         if loading:
             flags |= FLAG_LOADING
         payload = self._bot_message_payload(channel, data.get("content") or "", flags, None)
+        payload["components"] = _components(data.get("components"))
         payload["interaction_metadata"] = {"id": str(record.id), "type": record.type,
                                            "user": self.users[record.user_id].payload(),
                                            "authorizing_integration_owners": {}}
@@ -1038,19 +1095,7 @@ class DiscordEmulator:
             return _error(404, 0, "404: Not Found")
         stored.downloads += 1
         body = stored.data + b"\0" * max(0, stored.pad_to - len(stored.data))
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        if not stored.chunked:
-            response.content_length = len(body)
-        await response.prepare(request)
-        try:
-            for start in range(0, len(body), 64 * 1024):
-                piece = body[start:start + 64 * 1024]
-                await response.write(piece)
-                stored.sent += len(piece)
-            await response.write_eof()
-        except ConnectionError:
-            pass  # the downloader hung up: what it read is in `sent`
-        return response
+        return await serve_file(request, stored, body)
 
     async def _unknown(self, request: web.Request) -> web.Response:
         self.unknown_routes.append(f"{request.method} {request.path}")
@@ -1117,6 +1162,9 @@ class DiscordEmulator:
         return self._apply_edit(msg, request[_BODY] or {})
 
     def _apply_edit(self, msg: ShownMessage, body: dict[str, Any]) -> web.Response:
+        bad = _bad_components(body.get("components"))
+        if bad is not None:
+            return _error(400, 50035, f"Invalid Form Body: {bad}")
         if "content" in body:
             content = body["content"] or ""
             if len(content) > MAX_CONTENT:
@@ -1185,6 +1233,9 @@ class DiscordEmulator:
             return _too_long("data.content")
         if kind == CALLBACK_AUTOCOMPLETE and len(data.get("choices", [])) > 25:
             return _error(400, 50035, "Invalid Form Body")
+        bad = _bad_components(data.get("components"))
+        if bad is not None:
+            return _error(400, 50035, f"Invalid Form Body: {bad}")
         record.callbacks.append(Callback(kind, data, after))
         if kind == CALLBACK_UPDATE and record.type == INTERACTION_COMPONENT:
             pressed = self.messages.get(record.options["message_id"])
@@ -1208,9 +1259,13 @@ class DiscordEmulator:
             self, request: web.Request) -> tuple[InteractionRecord, ShownMessage] | None:
         """The interaction's message a webhook route names: "@original" or an id."""
         record = self._webhook_interaction(request)
+        mid = request.match_info.get("mid", "@original")
+        if record is not None and record.type == INTERACTION_COMPONENT and mid == "@original":
+            # After a deferred update, @original is the message the component is on.
+            pressed = self.messages.get(record.options["message_id"])
+            return (record, pressed) if pressed is not None else None
         if record is None or not record.messages:
             return None
-        mid = request.match_info.get("mid", "@original")
         msg = record.messages[0] if mid == "@original" else next(
             (m for m in record.messages if str(m.id) == mid), None)
         return (record, msg) if msg is not None else None
@@ -1232,7 +1287,8 @@ class DiscordEmulator:
         if found is None:
             return _error(404, 10008, "Unknown Message")
         record, msg = found
-        record.messages.remove(msg)
+        if msg in record.messages:
+            record.messages.remove(msg)
         del self.messages[msg.id]
         return web.Response(status=204)
 

@@ -42,6 +42,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from tests.fakes.files import serve_file
+
 MAX_MESSAGE_UTF16 = 4096
 MAX_CALLBACK_DATA_BYTES = 64
 DEFAULT_TOKEN = "7000001:AAEmulatorSecretTokenDoNotLog_x9Zq"
@@ -815,21 +817,10 @@ class TelegramApiEmulator:
         if stored.gate is not None:
             await stored.gate.wait()
         body = stored.data + b"\0" * (stored.served_size - len(stored.data))
-        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
-        if not stored.chunked:
-            response.content_length = len(body)
-        await response.prepare(request)
         try:
-            for start in range(0, len(body), 64 * 1024):
-                piece = body[start:start + 64 * 1024]
-                await response.write(piece)
-                stored.sent += len(piece)
-            await response.write_eof()
-        except ConnectionError:
-            pass  # the downloader hung up: what it read is in `sent`
+            return await serve_file(request, stored, body)
         finally:
             self._notify()
-        return response
 
     async def _handle(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
