@@ -109,7 +109,8 @@ async def _profiled(pid: int) -> AsyncIterator[None]:
     if not out:
         yield
         return
-    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250",  # noqa: ASYNC220
+    # --gil: only the thread holding the GIL, so samples are CPU, not waiting.
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--rate", "250", "--gil",  # noqa: ASYNC220
                             "--format", "raw", "--nonblocking", "--output", out],
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     await asyncio.sleep(0.5)  # attached before the first measured message

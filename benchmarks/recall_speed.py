@@ -29,6 +29,8 @@ import aiosqlite
 from benchmarks import dbseed, memory_corpus
 from bot.recall import fit_recalled, query_terms, terms
 from storage import recall_index
+from storage.dialect import POSTGRES, SQLITE
+from storage.migrations import MIGRATIONS
 
 SIZES = {"1k": 1_000, "100k": 100_000, "1m": 1_000_000}
 OTHERS = 5  # other conversations of 1,000 messages
@@ -68,10 +70,18 @@ def _texts(count: int, seed: int) -> Iterator[str]:
 
 
 def _cache_key() -> str:
-    # The words table's definition and the tokenizer decide what is stored.
-    src = (inspect.getsource(terms) + recall_index.SQLITE_MIGRATIONS[0][1].split(";")[0]
-           + inspect.getsource(recall_index.fts_terms))
-    return f"{dbseed.schema_key()}-{hashlib.sha256(src.encode()).hexdigest()[:8]}"
+    # The tokenizer, the stored form of terms and the recall tables decide what is
+    # stored; later migrations are applied to the cached copy when it is used.
+    recall_step = next(m for m in MIGRATIONS if m.name == recall_index.MIGRATION_NAME)
+    src = (inspect.getsource(terms) + inspect.getsource(recall_index.fts_terms)
+           + inspect.getsource(recall_index.tsvector_literal)
+           + repr(recall_step.statements(SQLITE)) + repr(recall_step.statements(POSTGRES)))
+    return hashlib.sha256(src.encode()).hexdigest()[:10]
+
+
+def _upgrade(path: Path) -> None:
+    """Apply migrations added since the cached file was built (none: a quick check)."""
+    dbseed.create_schema(path)
 
 
 def build(size: int, log: bool = True) -> Path:
@@ -79,6 +89,7 @@ def build(size: int, log: bool = True) -> Path:
     dbseed.CACHE_DIR.mkdir(exist_ok=True)
     path = dbseed.CACHE_DIR / f"recall-{size}-{_cache_key()}.db"
     if path.exists():
+        _upgrade(path)
         return path
     for stale in dbseed.CACHE_DIR.glob(f"recall-{size}-*.db"):
         stale.unlink()
@@ -89,7 +100,6 @@ def build(size: int, log: bool = True) -> Path:
     try:
         db.execute("PRAGMA synchronous = OFF")
         db.execute("PRAGMA cache_size = -262144")
-        db.executescript(recall_index.SQLITE_MIGRATIONS[0][1])
         db.execute("BEGIN")
         convs = [(f"telegram:r{n}@dm", f"r{n}") for n in range(OTHERS + 1)]
         db.executemany("INSERT INTO conversations (key, platform, user_id, place, created_at) "
@@ -124,12 +134,6 @@ def build(size: int, log: bool = True) -> Path:
 
 async def _measure(path: Path, reps: int) -> list[float]:
     async with aiosqlite.connect(path) as conn:
-        # Steps of the recall migration added after the cache was built (idempotent).
-        await conn.executescript(recall_index.SQLITE_MIGRATIONS[0][1].split(";", 1)[1]
-                                 .replace("CREATE TABLE recall_vectors",
-                                          "CREATE TABLE IF NOT EXISTS recall_vectors")
-                                 .replace("CREATE INDEX recall_vectors",
-                                          "CREATE INDEX IF NOT EXISTS recall_vectors"))
         cur = await conn.execute("SELECT max(id) FROM messages WHERE conversation_id = 1")
         newest = int((await cur.fetchone())[0])  # type: ignore[index]
         before = newest - 60  # the window holds the newest messages
@@ -180,6 +184,9 @@ async def _pg_build(size: int) -> str:
         have = {r[0] for r in await admin.fetch(
             "SELECT datname FROM pg_database WHERE datname LIKE $1", f"{PG_DB_PREFIX}{size}_%")}
         if name in have:
+            store = open_store(url, pool_size=2)
+            await store.open()  # migrations added since it was built
+            await store.close()
             return url
         for stale in have:
             await admin.execute(f'DROP DATABASE "{stale}"')
@@ -192,12 +199,9 @@ async def _pg_build(size: int) -> str:
     store = open_store(tmp_url, pool_size=2)
     await store.open()  # the schema by the store's own migrations
     await store.close()
-    src = sqlite3.connect(build(size))
+    src = sqlite3.connect(await asyncio.to_thread(build, size))
     conn = await asyncpg.connect(tmp_url)
     try:
-        if await conn.fetchval("SELECT to_regclass('recall_terms')") is None:
-            # The recall migration, where the store does not run it yet.
-            await conn.execute(recall_index.POSTGRES_MIGRATIONS[0][1])
         await conn.copy_records_to_table(
             "conversations", columns=["id", "key", "platform", "user_id", "place", "created_at"],
             records=src.execute("SELECT id, key, platform, user_id, place, created_at "

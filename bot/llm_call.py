@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,6 +49,10 @@ class _End:
     pass
 
 
+class _Expired:
+    """The wait for the model ran out (put in the queue by the one timer)."""
+
+
 def _first_wait(backoff: float) -> Callable[[RetryCallState], Awaitable[None]]:
     """The first attempt ran outside tenacity: wait before tenacity's first one too."""
 
@@ -86,8 +89,28 @@ async def stream_reply(
     and with it the connection (Ollama and OpenAI-compatible servers stop
     generating when it closes).
     """
-    deadline = None if limits.reply is None else time.monotonic() + limits.reply
+    loop = asyncio.get_running_loop()
+    deadline = None if limits.reply is None else loop.time() + limits.reply
     queue: asyncio.Queue[object] = asyncio.Queue()
+    # One timer for the waits, not one per token: it re-arms itself from the time
+    # the model last sent something, and puts _Expired in the queue once the wait
+    # (first token, then stall, and the whole reply's limit) runs out.
+    last = loop.time()  # when the model last sent something
+    got_text = False
+    timer: asyncio.TimerHandle | None = None
+
+    def expires_at() -> float:
+        at = last + (limits.stall if got_text else limits.first_token)
+        return at if deadline is None else min(at, deadline)
+
+    def check() -> None:
+        nonlocal timer
+        at = expires_at()
+        if loop.time() < at:
+            timer = loop.call_at(at, check)
+        else:
+            timer = None
+            queue.put_nowait(_Expired())
 
     async def first_of(stream: AsyncIterator[str | Usage]) -> AsyncIterator[str | Usage]:
         try:
@@ -127,10 +150,12 @@ async def stream_reply(
         raise AssertionError("unreachable")
 
     async def feed() -> None:
+        nonlocal last
         try:
             stream = await open_stream()
             try:
                 async for item in stream:
+                    last = loop.time()
                     queue.put_nowait(item)
             finally:
                 await stream.aclose()
@@ -158,42 +183,42 @@ async def stream_reply(
             queue.put_nowait(CallStopped())  # wakes the reader below
 
         watcher = asyncio.create_task(watch())
-    got_text = False
+    timer = loop.call_at(expires_at(), check)
     try:
         while True:
             if stop is not None and stop.is_set():
                 raise CallStopped()
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and loop.time() >= deadline:
                 raise _reply_timeout(limits.reply or 0.0)
-            if not queue.empty():
-                item = queue.get_nowait()  # no timer for what already arrived
-            else:
+            item = queue.get_nowait() if not queue.empty() else await queue.get()
+            if isinstance(item, _Expired):
+                if deadline is not None and loop.time() >= deadline - 0.001:
+                    raise _reply_timeout(limits.reply or 0.0) from None
                 wait = limits.stall if got_text else limits.first_token
-                left = None if deadline is None else deadline - time.monotonic()
-                try:
-                    async with asyncio.timeout(wait if left is None else min(wait, left)):
-                        item = await queue.get()
-                except TimeoutError:
-                    if deadline is not None and time.monotonic() >= deadline - 0.001:
-                        raise _reply_timeout(limits.reply or 0.0) from None
-                    if got_text:
-                        raise ProviderError(
-                            N_("The model stopped responding in the middle of the reply."),
-                            detail=f"no new token for {wait:g} s",
-                        ) from None
+                if got_text:
                     raise ProviderError(
-                        N_("The model didn't start replying within {seconds:g} seconds. "
-                           "Please try again later."), params={"seconds": wait},
-                        detail=f"no first token within {wait:g} s",
+                        N_("The model stopped responding in the middle of the reply."),
+                        detail=f"no new token for {wait:g} s",
                     ) from None
+                raise ProviderError(
+                    N_("The model didn't start replying within {seconds:g} seconds. "
+                       "Please try again later."), params={"seconds": wait},
+                    detail=f"no first token within {wait:g} s",
+                ) from None
             if isinstance(item, _End):
                 return
             if isinstance(item, BaseException):
                 raise item
-            if isinstance(item, str):
+            if isinstance(item, str) and not got_text:
                 got_text = True
+                # The stall limit may be shorter than the first token's: re-armed now.
+                if timer is not None:
+                    timer.cancel()
+                timer = loop.call_at(expires_at(), check)
             yield item  # type: ignore[misc]
     finally:
+        if timer is not None:
+            timer.cancel()
         if watcher is not None:
             watcher.cancel()
         # Once: a second cancel would interrupt the stream's own close, and leave

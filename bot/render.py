@@ -28,6 +28,7 @@ from bot.text_fit import longest_prefix
 log = logging.getLogger(__name__)
 
 TYPING_DELAY = 0.2  # seconds before the typing indicator shows
+TYPING_INTERVAL = 4.0  # seconds between typing actions while nothing shows (Telegram: ~5 s each)
 MIN_LIMIT = 16  # the smallest message size the splitter promises to handle
 _GRAPHEME = regex.compile(r"\X", regex.DOTALL)
 _REGIONAL = regex.compile(r"\p{Regional_Indicator}")
@@ -299,14 +300,16 @@ class StreamRenderer:
         limit: int,
         edit_interval: float = 1.0,
         measure: Callable[[str], int] = len,
-        typing_interval: float = 4.0,
+        typing_interval: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sink = sink
         self._limit = limit
         self._interval = edit_interval
         self._measure = measure
-        self._typing_interval = typing_interval
+        # How long one typing action shows: the sink may say (Discord's last ~10 s).
+        self._typing_interval = typing_interval if typing_interval is not None \
+            else getattr(sink, "typing_interval", TYPING_INTERVAL)
         self._clock = clock
         self._text = ""
         self._shown: list[_Shown] = []

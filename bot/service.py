@@ -53,7 +53,7 @@ from bot.models import ModelCatalog, ModelWindows
 from bot.ordering import ConversationOrder
 from bot.persona_turn import NO_PERSONA, PersonaTurn
 from bot.personas import PersonaBook
-from bot.prompt import Prompt, TooLong, build_prompt
+from bot.prompt import Prompt, PromptPlan, TooLong, build_prompt
 from bot.providers.base import Provider, ProviderError, Usage
 from bot.ratelimit import MovingWindowLimiter, NoticeOnce
 from bot.recall import Recalled
@@ -769,14 +769,17 @@ class ChatService:
         win = persona.window(await self.windows.window(model))
         factors = await self.windows.factors(model)
         notes_text = note_commands.notes_section(notes, win.budget // 4, factors.count)
-        recalled = await self._recall(conv, text, history, summary, notes_text, win.budget,
-                                      factors.count)
+        # Every message is counted once for the turn: the recall window's start and
+        # each fit below share the plan's counts.
+        plan = PromptPlan(persona.system(s.SYSTEM_PROMPT), history, text,
+                          summary=summary.text if summary else None, counter=factors.count,
+                          system_as_user=s.SYSTEM_AS_USER, examples=persona.examples())
+        recalled = await self._recall(conv, text, plan, history, summary, notes_text,
+                                      win.budget, factors.count)
 
         def build(budget: int) -> Prompt:
             return _with_images(self._turn_prompt(
-                persona.system(s.SYSTEM_PROMPT), persona.examples(),
-                text, history, summary, notes_text, recalled,
-                budget - IMAGE_TOKENS * len(images), factors.count), images)
+                plan, notes_text, recalled, budget - IMAGE_TOKENS * len(images)), images)
 
         try:
             prompt = await self._fit(model, build, win.budget)
@@ -911,27 +914,26 @@ class ChatService:
                               win.budget, factors.count)
 
     # -- notes and recall in the prompt
-    async def _recall(self, conv: int, text: str, history: list[StoredMessage],
-                      summary: Summary | None, notes_text: str, budget: int,
-                      counter: Callable[[str], int]) -> Recalled:
+    async def _recall(self, conv: int, text: str, plan: PromptPlan,
+                      history: list[StoredMessage], summary: Summary | None,
+                      notes_text: str, budget: int, counter: Callable[[str], int]) -> Recalled:
         """The older messages recalled for `text`, within RECALL_TOKENS: only among
-        messages older than the window the prompt keeps with that room taken."""
+        messages older than the window the turn's prompt keeps with that room taken
+        (the same plan: the persona's system prompt and examples included)."""
         s = self.settings
         if not self.recaller.on:
             return NOTHING
         reserve = min(s.recall_tokens, budget)
         try:
-            window = build_prompt(s.SYSTEM_PROMPT, history, text, budget - reserve,
-                                  summary=summary.text if summary else None, counter=counter,
-                                  sections=self._notes_sections(notes_text),
-                                  system_as_user=s.SYSTEM_AS_USER)
+            oldest_used_id, dropped = plan.oldest_kept(budget - reserve,
+                                                       self._notes_sections(notes_text))
         except TooLong:
             return NOTHING
-        older = window.dropped > 0 or summary is not None or len(history) >= self._load_limit()
+        older = dropped > 0 or summary is not None or len(history) >= self._load_limit()
         if not older:
             return NOTHING  # everything stored is in the window anyway
-        if window.oldest_used_id is not None:
-            before = window.oldest_used_id
+        if oldest_used_id is not None:
+            before = oldest_used_id
         elif history:
             before = history[-1].id + 1
         else:  # all of it summarised
@@ -942,23 +944,16 @@ class ChatService:
     def _notes_sections(notes_text: str) -> list[tuple[str, str]]:
         return [(note_commands.NOTES_HEADING, notes_text)] if notes_text else []
 
-    def _turn_prompt(self, system: str, examples: Sequence[dict[str, str]], text: str,
-                     history: list[StoredMessage], summary: Summary | None,
-                     notes_text: str, recalled: Recalled, budget: int,
-                     counter: Callable[[str], int]) -> Prompt:
+    def _turn_prompt(self, plan: PromptPlan, notes_text: str, recalled: Recalled,
+                     budget: int) -> Prompt:
         """System prompt, notes, summary, recalled block, the window, the new message;
         a message too long for those leaves out the recall block, then the notes."""
-        s = self.settings
+        notes = self._notes_sections(notes_text)
         late = [("Recalled messages", recalled.text)] if recalled.text else []
-        attempts = [(self._notes_sections(notes_text), late), (self._notes_sections(notes_text),
-                                                               []), ([], [])]
+        attempts = [(notes, late), (notes, []), ([], [])]
         for n, (sections, late_sections) in enumerate(attempts):
             try:
-                return build_prompt(system, history, text, budget,
-                                    summary=summary.text if summary else None,
-                                    counter=counter, sections=sections,
-                                    late_sections=late_sections,
-                                    system_as_user=s.SYSTEM_AS_USER, examples=examples)
+                return plan.build(budget, sections, late_sections)
             except TooLong:
                 if n == len(attempts) - 1:
                     raise

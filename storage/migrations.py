@@ -256,3 +256,109 @@ def _notes(d: Dialect) -> list[str]:
 def _user_language(d: Dialect) -> list[str]:
     # The user's /language choice (NULL: follow the platform), next to their model.
     return ["ALTER TABLE user_settings ADD COLUMN language TEXT"]
+
+
+# The writes of a turn's exchange in one round trip (storage/postgres_store.py): this
+# function runs the steps that need a snapshot taken after a lock they wait for (a
+# plpgsql function's every statement takes a fresh one; one SQL statement's would
+# predate the wait). On the lock connection it also ends the conversation's session
+# lock, keeping it as a transaction lock until the exchange commits: the next turn
+# waits for the commit, not just for the unlock. Returns the conversation to write
+# to (0: the user was erased since the turn began) and whether the session lock was
+# still held.
+_SAVE_GUARD = """
+CREATE OR REPLACE FUNCTION memorybot_save_guard(
+    p_conv BIGINT, p_key TEXT, p_platform TEXT, p_user_id TEXT, p_place TEXT,
+    p_erase_key TEXT, p_erasure_id TEXT, p_since TEXT, p_now TEXT, p_lock_key TEXT,
+    OUT conv BIGINT, OUT unlocked BOOLEAN)
+LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    unlocked := false;
+    IF p_lock_key IS NOT NULL
+            AND pg_try_advisory_xact_lock(hashtextextended(p_lock_key, 0)) THEN
+        unlocked := pg_advisory_unlock(hashtextextended(p_lock_key, 0));
+        PERFORM set_config('lock_timeout', '0', false);
+    END IF;
+    -- Wait for a forget in flight (and keep one from starting until commit).
+    PERFORM pg_advisory_xact_lock_shared(hashtextextended(p_erase_key, 0));
+    IF EXISTS (SELECT 1 FROM erasures WHERE platform = p_platform
+               AND user_id = p_erasure_id AND erased_at >= p_since) THEN
+        conv := 0;
+        RETURN;
+    END IF;
+    SELECT id INTO conv FROM conversations WHERE id = p_conv;
+    IF conv IS NULL THEN
+        -- Erased before this turn began (by another process): anew.
+        INSERT INTO conversations (key, platform, user_id, place, created_at)
+            VALUES (p_key, p_platform, p_user_id, p_place, p_now)
+            ON CONFLICT (key) DO NOTHING RETURNING id INTO conv;
+        IF conv IS NULL THEN
+            SELECT id INTO conv FROM conversations WHERE key = p_key;
+        END IF;
+    END IF;
+END $$
+"""
+
+
+# PostgreSQL's words index as postings, newest first per conversation and term: a
+# search reads at most a bounded number of each term's newest matches (a GIN index
+# finds every match, and a long history has thousands per common word). Kept by
+# triggers from recall_terms (its tsvectors stay for ranking), so every path that
+# writes or deletes those rows, cascades included, keeps postings in step.
+_POSTINGS = [
+    # The key comes after the backfill: one sorted build, not a random insert per row
+    # (minutes at a million messages). The triggers come first: they lock recall_terms
+    # until commit, so no row written meanwhile is missed.
+    "CREATE TABLE recall_postings (conversation_id BIGINT NOT NULL, term TEXT NOT NULL,"
+    " message_id BIGINT NOT NULL)",
+    """CREATE OR REPLACE FUNCTION memorybot_postings_added() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO recall_postings (conversation_id, term, message_id)
+        SELECT n.conversation_id, unnest(tsvector_to_array(n.terms)), n.message_id
+        FROM added n ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END $$""",
+    """CREATE OR REPLACE FUNCTION memorybot_postings_removed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM recall_postings p USING removed o
+        WHERE p.conversation_id = o.conversation_id
+        AND p.term = ANY (tsvector_to_array(o.terms)) AND p.message_id = o.message_id;
+    RETURN NULL;
+END $$""",
+    """CREATE OR REPLACE FUNCTION memorybot_postings_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM recall_postings p USING removed o
+        WHERE p.conversation_id = o.conversation_id
+        AND p.term = ANY (tsvector_to_array(o.terms)) AND p.message_id = o.message_id;
+    INSERT INTO recall_postings (conversation_id, term, message_id)
+        SELECT n.conversation_id, unnest(tsvector_to_array(n.terms)), n.message_id
+        FROM added n ON CONFLICT DO NOTHING;
+    RETURN NULL;
+END $$""",
+    "CREATE TRIGGER recall_postings_insert AFTER INSERT ON recall_terms"
+    " REFERENCING NEW TABLE AS added FOR EACH STATEMENT"
+    " EXECUTE FUNCTION memorybot_postings_added()",
+    "CREATE TRIGGER recall_postings_delete AFTER DELETE ON recall_terms"
+    " REFERENCING OLD TABLE AS removed FOR EACH STATEMENT"
+    " EXECUTE FUNCTION memorybot_postings_removed()",
+    "CREATE TRIGGER recall_postings_update AFTER UPDATE ON recall_terms"
+    " REFERENCING OLD TABLE AS removed NEW TABLE AS added FOR EACH STATEMENT"
+    " EXECUTE FUNCTION memorybot_postings_changed()",
+    "INSERT INTO recall_postings (conversation_id, term, message_id)"
+    " SELECT conversation_id, unnest(tsvector_to_array(terms)), message_id FROM recall_terms",
+    "ALTER TABLE recall_postings ADD PRIMARY KEY (conversation_id, term, message_id)",
+    # Searches no longer read it; every message paid for it on insert.
+    "DROP INDEX IF EXISTS recall_terms_terms",
+]
+
+
+@migration("013_pg_speed")
+def _pg_speed(d: Dialect) -> list[str]:
+    # PostgreSQL: an exchange's writes (and the unlock) in one round trip; recall
+    # by postings. SQLite needs neither (no round trips; FTS5 doclists are ordered).
+    if d.is_sqlite:
+        return []
+    return [_SAVE_GUARD, *_POSTINGS]

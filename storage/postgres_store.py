@@ -45,7 +45,18 @@ from urllib.parse import unquote, urlsplit
 
 import asyncpg
 
-from bot.records import AuditRecord, ConversationRef, StorageError, utcnow, utcnow_precise
+from bot.recall.fitting import Around
+from bot.recaller import FUSED_HITS
+from bot.records import (
+    AUDIT_COLUMNS,
+    AuditRecord,
+    ConversationRef,
+    Note,
+    StorageError,
+    TurnContext,
+    utcnow,
+    utcnow_precise,
+)
 from bot.store import redact_url
 from storage import queries, recall_index
 from storage.dialect import POSTGRES
@@ -57,6 +68,7 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the server at open
 COMMAND_TIMEOUT = 60.0  # default bound on one statement (the lock wait sets its own)
+MIGRATION_TIMEOUT = 7 * 86400.0  # a step takes what the history needs (asyncpg needs a bound)
 CLOSE_TIMEOUT = 10.0  # seconds close() waits for borrowed connections
 UNLOCK_TIMEOUT = 5.0
 RATE_HORIZON = 3600.0  # rate events older than this (and the window) are garbage
@@ -64,6 +76,7 @@ RATE_PRUNE_EVERY = 500  # hits between sweeps of every user's old rate events
 # Any fixed 64-bit number will do; it only has to be the same in every process.
 MIGRATION_LOCK = 0x6D656D6F72796231  # "memoryb1"
 _LOCK_KEY = "hashtextextended($1, 0)"  # 64-bit advisory lock key of a text
+AROUND_PREFETCH = FUSED_HITS  # words hits whose neighbours are read with the search
 
 
 def _rowcount(status: str) -> int:
@@ -128,14 +141,40 @@ class _Turn:
     key: str
     conversation_id: int | None  # read with the lock; None: not created yet
     busy: asyncio.Lock = dataclasses.field(default_factory=asyncio.Lock)
+    # The session lock: "held", "released" (by the exchange's save, which keeps it
+    # as a transaction lock until its commit) or "unknown" (a save that failed).
+    lock: str = "held"
+    notes: tuple[int, list[Note]] | None = None  # (conversation, its notes) read with context
+    # Neighbours of the best words hits, read with the search: (hit ids, arounds).
+    # (conversation, before_id, the hits looked at, their arounds by hit id)
+    around: tuple[int, int, frozenset[int], dict[int, Around]] | None = None
 
 
-# Both messages and the audit row of an exchange in one statement: data-modifying
-# WITH parts always run, and the statement is one transaction.
+_PG_TYPE = {str: "TEXT", int: "BIGINT", float: "DOUBLE PRECISION", bool: "BOOLEAN"}
+# An exchange's writes in one statement and one round trip: memorybot_save_guard
+# (storage/migrations.py) checks for an erasure, finds the conversation (anew if
+# it was erased before the turn began) and, given the lock key, ends the session
+# lock (held on as a transaction lock until commit); the two messages, their words
+# and the audit row follow, each written only if the guard said so. Arguments: the
+# guard's ten, user text, reply text, their tsvectors, then the audit row.
 _SAVE_EXCHANGE = POSTGRES.sql(
-    f"WITH m AS ({POSTGRES_QUERIES.message_insert_head}(?, 'user', ?, ?), "
-    "($1, 'assistant', ?, $3)) "
-    f"{POSTGRES_QUERIES.audit_insert_head}{queries.AUDIT_ROW} RETURNING id")
+    "WITH g AS (SELECT conv, unlocked FROM memorybot_save_guard("
+    "?, ?, ?, ?, ?, ?, ?, ?, ?, ?)), "
+    "m AS (INSERT INTO messages (conversation_id, role, content, created_at) "
+    "SELECT g.conv, r.role, r.content, $9 FROM g, (VALUES (1, 'user', CAST(? AS TEXT)), "
+    "(2, 'assistant', CAST(? AS TEXT))) AS r(n, role, content) WHERE g.conv > 0 "
+    "ORDER BY r.n RETURNING id, role, conversation_id), "
+    "t AS (INSERT INTO recall_terms (message_id, conversation_id, terms) "
+    "SELECT m.id, m.conversation_id, CASE m.role WHEN 'user' THEN CAST(? AS TSVECTOR) "
+    "ELSE CAST(? AS TSVECTOR) END FROM m), "
+    f"a AS (INSERT INTO audit ({', '.join(queries.quoted(c) for c in AUDIT_COLUMNS)}) "
+    "SELECT " + ", ".join(f"CAST(? AS {_PG_TYPE[COLUMNS['audit'][c]]})" for c in AUDIT_COLUMNS)
+    + " FROM g WHERE g.conv > 0 RETURNING id) "
+    "SELECT (SELECT id FROM a), (SELECT unlocked FROM g)")
+# The turn's context (queries.turn_context) and the conversation's notes, in one
+# round trip; notes are kind 3 rows (id, created_at, text).
+_TURN_CONTEXT_AND_NOTES = POSTGRES_QUERIES.turn_context + (
+    " UNION ALL SELECT 3, id, created_at, text, NULL FROM notes WHERE conversation_id = $1")
 # Unlock and restore the default lock_timeout in one round trip.
 _UNLOCK = f"SELECT pg_advisory_unlock({_LOCK_KEY}), set_config('lock_timeout', '0', false)"
 _UNLOCK_ALL = "SELECT pg_advisory_unlock_all(), set_config('lock_timeout', '0', false)"
@@ -176,6 +215,14 @@ async def _release_lock_connection(
             await pool.release(conn)
 
 
+def _gone(conn: asyncpg.Connection) -> bool:
+    """Whether the connection is closed (the pool takes a dead one back at once)."""
+    try:
+        return conn.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+
+
 def _lock_lost(key: str, why: str) -> None:
     log.warning("lock of %s was lost before its turn ended (%s); another process may have "
                 "worked on it meanwhile", key, " ".join(why.split()))
@@ -196,7 +243,8 @@ async def migrate(conn: asyncpg.Connection, steps: Sequence[Migration] = MIGRATI
             await conn.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
             if not await conn.fetchval(q.migration_done, name):
                 for statement in statements(POSTGRES):
-                    await conn.execute(statement)
+                    # A step may rewrite every row (backfills): no COMMAND_TIMEOUT.
+                    await conn.execute(statement, timeout=MIGRATION_TIMEOUT)
                 await conn.execute(q.insert_migration, name, utcnow())
         if progress is not None:
             progress(step, len(steps))
@@ -354,25 +402,92 @@ class PostgresStore(SQLStore):
     async def save_exchange(
         self, conversation_id: int, user_text: str, reply_text: str, audit: AuditRecord
     ) -> int:
-        now = audit.timestamp
-        # The erasure check needs a transaction (see _erased). A pooled connection,
-        # not the turn's lock connection: a killed lock session must not lose a
-        # reply that can still be stored.
-        async with self.pool.acquire() as conn, conn.transaction():
-            if await self._erased(conn, audit):
-                return 0
-            if await conn.fetchval("SELECT 1 FROM conversations WHERE id = $1",
-                                   conversation_id) is None:
-                # Erased before this turn began (by another process): anew.
-                conversation_id = await self._resolve(conn, audit)
-            ids = [int(r[0]) for r in await conn.fetch(
-                self.q.message_pair_insert, conversation_id, "user", user_text, now,
-                conversation_id, "assistant", reply_text, now)]
-            # Indexed in the same transaction: a stored message is always findable.
-            await recall_index.index_messages(conn, list(zip(
-                sorted(ids), (conversation_id, conversation_id), (user_text, reply_text),
-                strict=True)))
-            return int(await conn.fetchval(self.q.audit_insert, *audit.values()))
+        # On the turn's lock connection, the statement also ends the session lock
+        # (held as a transaction lock until commit): the next turn waits for this
+        # commit. A lock connection already lost: a pooled one (the reply can still
+        # be stored; the loss is reported at the turn's end).
+        key = audit.conversation
+        turn = self._current_turn()
+        lock_key = turn.key if turn is not None and turn.lock == "held" \
+            and not _gone(turn.conn) else None
+        args = (conversation_id, key, audit.platform, audit.user_id,
+                key.rpartition("@")[2] if "@" in key else "dm",
+                _erase_key(audit.platform, audit.user_id),
+                queries.erasure_id(audit.platform, audit.user_id), audit.since,
+                audit.timestamp, lock_key, user_text, reply_text,
+                recall_index.tsvector_literal(recall_index.index_terms(user_text)),
+                recall_index.tsvector_literal(recall_index.index_terms(reply_text)),
+                *audit.values())
+        if turn is not None and lock_key is not None:
+            async with turn.busy:
+                turn.lock = "unknown"  # until the answer says
+                try:
+                    row = await turn.conn.fetchrow(_SAVE_EXCHANGE, *args)
+                except (asyncpg.InterfaceError, asyncpg.PostgresConnectionError,
+                        asyncpg.exceptions.OperatorInterventionError,
+                        asyncpg.exceptions.InternalClientError, ConnectionError):
+                    # The lock session died (killed, lost) and its transaction with it:
+                    # stored through the pool below.
+                    row = None
+                else:
+                    turn.lock = "released" if row[1] else "lost"
+            if row is not None:
+                return int(row[0] or 0)
+        async with self.pool.acquire() as conn:
+            row = await conn.fetchrow(_SAVE_EXCHANGE, *args[:9], None, *args[10:])
+        return int(row[0] or 0)
+
+    def _current_turn(self) -> _Turn | None:
+        """The turn the calling task runs (holding its conversation's lock), if any."""
+        task = asyncio.current_task()
+        return self._turns.get(task) if task is not None else None
+
+    async def turn_context(
+        self, conversation_id: int, platform: str, user_id: str, limit: int,
+        with_summary: bool,
+    ) -> TurnContext:
+        turn = self._current_turn()
+        if turn is None:
+            return await super().turn_context(conversation_id, platform, user_id, limit,
+                                              with_summary)
+        # The notes come along (the turn asks for them next): one round trip.
+        rows = await self._fetch(_TURN_CONTEXT_AND_NOTES, conversation_id, with_summary,
+                                 conversation_id, self.dialect.limit(limit), platform,
+                                 user_id)
+        turn.notes = (conversation_id, sorted(
+            (Note(int(r[1]), r[3], r[2]) for r in rows if r[0] == 3), key=lambda n: n.id))
+        return queries.turn_context(r for r in rows if r[0] != 3)
+
+    async def notes(self, conversation_id: int) -> list[Note]:
+        turn = self._current_turn()
+        if turn is not None and turn.notes is not None and turn.notes[0] == conversation_id:
+            found, turn.notes = turn.notes[1], None
+            return found
+        return await super().notes(conversation_id)
+
+    async def recall_search(self, conversation_id: int, terms: list[str], before_id: int,
+                            limit: int) -> list[tuple[int, float]]:
+        turn = self._current_turn()
+        if turn is None:
+            return await super().recall_search(conversation_id, terms, before_id, limit)
+        # The best hits' neighbours come along (the turn asks for them next).
+        async with self._conn() as conn:
+            hits, arounds = await recall_index.search_around(
+                conn, conversation_id, terms, before_id, limit, AROUND_PREFETCH)
+        turn.around = (conversation_id, before_id, frozenset(
+            i for i, _ in hits[:AROUND_PREFETCH]), {a.hit.id: a for a in arounds})
+        return hits
+
+    async def recall_around(self, conversation_id: int, ids: list[int],
+                            before_id: int) -> list[Around]:
+        turn = self._current_turn()
+        got = turn.around if turn is not None else None
+        if got is not None and got[:2] == (conversation_id, before_id) \
+                and got[2].issuperset(ids):
+            # A hit looked at but not found was deleted meanwhile: left out, as below.
+            return [got[3][i] for i in ids if i in got[3]]
+        # Hits beyond the prefetched ones (meaning found them): read as usual.
+        return await super().recall_around(conversation_id, ids, before_id)
 
     async def _resolve(self, conn: asyncpg.Connection, audit: AuditRecord) -> int:
         key = audit.conversation
@@ -508,7 +623,17 @@ class PostgresStore(SQLStore):
 
     async def _unlock(self, pool: asyncpg.Pool, turn: _Turn) -> None:
         async with turn.busy:  # a call of the turn still on the connection ends first
-            await _release_lock_connection(pool, turn.conn, turn.key, locked=True)
+            if turn.lock == "released":  # by the exchange's save, which committed
+                with contextlib.suppress(Exception):
+                    await pool.release(turn.conn)
+                return
+            if turn.lock == "lost":
+                _lock_lost(turn.key, "the server no longer held it")
+            # "unknown" (a save that failed): unlock whatever is still held, quietly,
+            # unless the session itself is gone.
+            await _release_lock_connection(
+                pool, turn.conn, turn.key,
+                locked=turn.lock == "held" or (turn.lock == "unknown" and _gone(turn.conn)))
 
     async def _advisory_lock(
         self, conn: asyncpg.Connection, key: str, wait: float, remaining: float

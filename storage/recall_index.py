@@ -3,8 +3,9 @@
 SQLite keeps the tokenizer's terms in an FTS5 table (rowid = message id;
 each term prefixed with its conversation, see `fts_terms`; a `conv` column
 names the conversation for deletion; ranked by `bm25()`); PostgreSQL keeps
-them as a `tsvector` with positions in a side table with a GIN index, ranked
-by `ts_rank_cd`. The terms come from `bot.recall.terms`, the same tokenizer
+them as a `tsvector` with positions in a side table (ranked by `ts_rank`) whose
+triggers keep postings per conversation and term (`recall_postings`, read
+newest first). The terms come from `bot.recall.terms`, the same tokenizer
 on both sides and for the query, so neither database's own parser is
 involved (no 'simple' config surprises with Chinese). Vectors are
 little-endian float32 blobs / bytea, one per message and model.
@@ -18,21 +19,26 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiosqlite
 
 from bot.recall.fitting import Around, RecallMessage
 from bot.recall.terms import index_terms
 
+if TYPE_CHECKING:
+    import asyncpg  # only for hints: a SQLite bot never imports it
+
 MIGRATION_NAME = "009_recall"  # the step of storage/migrations.py that makes the tables
 
 MAX_POSITION = 16383  # PostgreSQL's largest tsvector position
-# SQLite ranks at most this many candidate matches, the newest first: bm25 costs per
-# match, and a long history must not make a turn slower. The rarest terms are kept
-# whole (terms go in rarest first while their matches fit); a term too common to
-# fit says little about any one message anyway (its idf is near zero).
-MAX_CANDIDATES = 1000
+# Both backends rank at most this many candidate matches, the newest first: ranking
+# costs per match (bm25 about 3 µs each here), and a long history must not make a
+# turn slower (250: a 1,000,000-message history's recall within 2.5 × a 1,000's).
+# The rarest terms are kept whole (terms go in rarest first while their matches
+# fit); a term too common to fit says little about any one message anyway (its idf
+# is near zero).
+MAX_CANDIDATES = 250
 
 
 def _is_sqlite(conn: Any) -> bool:
@@ -52,12 +58,6 @@ def fts_terms(conversation_id: int, terms: Iterable[str]) -> str:
     prefix ends at the first "x", which no id contains, so it decodes uniquely.
     """
     return " ".join(f"{conversation_id}x{t}" for t in terms)
-
-
-def _fts_query(conversation_id: int, terms: Sequence[str]) -> str:
-    quoted = " OR ".join('"' + f"{conversation_id}x{t}".replace('"', '""') + '"'
-                         for t in terms)
-    return f"terms : ({quoted})"
 
 
 def _lexeme(term: str) -> str:
@@ -146,41 +146,113 @@ async def search(conn: Any, conversation_id: int, terms: Sequence[str], before_i
     if not terms or limit <= 0:
         return []
     if _is_sqlite(conn):
-        kept = await _affordable_terms(conn, conversation_id, terms)
-        if not kept:
-            return []
-        cur = await conn.execute(
-            "SELECT rowid, score FROM (SELECT rowid, -bm25(recall_fts, 1.0, 0.0) AS score "
-            "FROM recall_fts WHERE recall_fts MATCH ? AND rowid < ? ORDER BY rowid DESC "
-            "LIMIT ?) ORDER BY score DESC, rowid DESC LIMIT ?",
-            (_fts_query(conversation_id, kept), before_id, MAX_CANDIDATES, limit))
+        cur = await conn.execute(_SEARCH_SQLITE, (json.dumps(list(dict.fromkeys(terms))),
+                                                  conversation_id, before_id, MAX_CANDIDATES,
+                                                  limit))
         return [(int(r[0]), float(r[1])) for r in await cur.fetchall()]
-    rows = await conn.fetch(
-        "SELECT message_id, ts_rank_cd(terms, q, 1) AS score "
-        "FROM recall_terms, CAST($2 AS tsquery) AS q "
-        "WHERE conversation_id = $1 AND message_id < $3 AND terms @@ q "
-        "ORDER BY score DESC, message_id DESC LIMIT $4",
-        conversation_id, tsquery_literal(terms), before_id, limit)
-    return [(int(r[0]), float(r[1])) for r in rows]
+    rows = await conn.fetch(_SEARCH_POSTGRES + " SELECT id, score FROM ranked",
+                            *_search_args(conversation_id, terms, before_id, limit))
+    return sorted(((int(r[0]), float(r[1])) for r in rows), key=lambda h: (-h[1], -h[0]))
 
 
-async def _affordable_terms(conn: aiosqlite.Connection, conversation_id: int,
-                            terms: Sequence[str]) -> list[str]:
-    """The terms that occur in the conversation, rarest first, while their matches fit
-    MAX_CANDIDATES."""
-    sql = " UNION ALL ".join(["SELECT ?, doc FROM recall_vocab WHERE term = ?"] * len(terms))
-    stored = [f"{conversation_id}x{t}" for t in terms]
-    cur = await conn.execute(sql, tuple(x for pair in zip(terms, stored, strict=True)
-                                        for x in pair))
-    found = sorted(((int(doc), term) for term, doc in await cur.fetchall()), key=lambda x: x[0])
-    kept: list[str] = []
-    total = 0
-    for doc, term in found:
-        if kept and total + doc > MAX_CANDIDATES:
-            break
-        kept.append(term)
-        total += doc
-    return kept
+# PostgreSQL's search, as SQLite's: each term's matches counted newest first up to
+# MAX_CANDIDATES + 1 (recall_postings' primary key, read backwards); the rarest terms
+# kept while their matches fit; the newest MAX_CANDIDATES matches of those ranked by
+# ts_rank with every query term. Only this conversation's messages older than $3.
+# Arguments: conversation, terms (text[]), before_id, limit, tsquery, cap.
+_SEARCH_POSTGRES = """
+WITH counted AS MATERIALIZED (  -- counted once, not per reference
+    SELECT t.term, (SELECT count(*) FROM (
+        SELECT 1 FROM recall_postings p WHERE p.conversation_id = $1 AND p.term = t.term
+        AND p.message_id < $3 ORDER BY p.message_id DESC LIMIT $6 + 1) AS x) AS n
+    FROM unnest($2::text[]) AS t(term)
+), kept AS (
+    SELECT term FROM (
+        SELECT term, row_number() OVER w AS rank, sum(n) OVER w AS running
+        FROM counted WHERE n > 0 WINDOW w AS (ORDER BY n, term ROWS UNBOUNDED PRECEDING)
+    ) AS s WHERE rank = 1 OR running <= $6
+), candidates AS (
+    SELECT DISTINCT x.message_id FROM kept, LATERAL (
+        SELECT p.message_id FROM recall_postings p WHERE p.conversation_id = $1
+        AND p.term = kept.term AND p.message_id < $3 ORDER BY p.message_id DESC LIMIT $6
+    ) AS x ORDER BY x.message_id DESC LIMIT $6
+), ranked AS (
+    SELECT r.message_id AS id, ts_rank(r.terms, CAST($5 AS tsquery), 1) AS score
+    FROM candidates c JOIN recall_terms r ON r.message_id = c.message_id
+    WHERE r.conversation_id = $1 ORDER BY score DESC, r.message_id DESC LIMIT $4
+)"""
+
+
+def _search_args(conversation_id: int, terms: Sequence[str], before_id: int,
+                 limit: int) -> tuple[Any, ...]:
+    return (conversation_id, list(dict.fromkeys(terms)), before_id, limit,
+            tsquery_literal(terms), MAX_CANDIDATES)
+
+
+# The search and, for its best `$7` hits, their neighbours (as `around`), in one round
+# trip: kind 0 rows are hits (id, score), kind 1 rows neighbours (hit, side, message).
+_SEARCH_AROUND_POSTGRES = _SEARCH_POSTGRES + """, best AS (
+    SELECT id AS h FROM ranked ORDER BY score DESC, id DESC LIMIT $7
+)
+SELECT 0, id, score, NULL::int, NULL::bigint, NULL, NULL, NULL FROM ranked
+UNION ALL
+SELECT 1, h, NULL, 0, m.id, m.role, m.content, m.created_at FROM best
+    JOIN messages m ON m.id = best.h AND m.conversation_id = $1 AND m.id < $3
+UNION ALL
+SELECT 1, h, NULL, -1, p.id, p.role, p.content, p.created_at FROM best,
+    LATERAL (SELECT id, role, content, created_at FROM messages
+             WHERE conversation_id = $1 AND id < best.h ORDER BY id DESC LIMIT 1) p
+UNION ALL
+SELECT 1, h, NULL, 1, n.id, n.role, n.content, n.created_at FROM best,
+    LATERAL (SELECT id, role, content, created_at FROM messages
+             WHERE conversation_id = $1 AND id > best.h AND id < $3 ORDER BY id LIMIT 1) n
+"""
+
+
+async def search_around(conn: asyncpg.Connection, conversation_id: int, terms: Sequence[str],
+                        before_id: int, limit: int, best: int
+                        ) -> tuple[list[tuple[int, float]], list[Around]]:
+    """PostgreSQL: `search`, and `around` of its first `best` hits, in one query."""
+    if not terms or limit <= 0:
+        return [], []
+    rows = await conn.fetch(_SEARCH_AROUND_POSTGRES,
+                            *_search_args(conversation_id, terms, before_id, limit), best)
+    hits = sorted(((int(r[1]), float(r[2])) for r in rows if r[0] == 0),
+                  key=lambda h: (-h[1], -h[0]))
+    return hits, _arounds([h for h, _ in hits[:best]],
+                          [(r[1], r[3], r[4], r[5], r[6], r[7]) for r in rows if r[0] == 1])
+
+
+# SQLite's search in one statement (one thread hop): each term's matches before ?3
+# counted newest first up to MAX_CANDIDATES + 1 (at most that many rowids of its
+# doclist, whatever the history's size; the words table's vocabulary would count a
+# common term's every match); the rarest terms kept while their matches fit (ties
+# by name; the first is always kept); bm25 over the newest MAX_CANDIDATES matches
+# of those. Terms are quoted FTS5 strings, so no query syntax gets through; with
+# no term in the conversation the query names a token no message has ("0x").
+# Arguments: terms (JSON), conversation, before_id, cap, limit.
+_SEARCH_SQLITE = """
+WITH t(term) AS (SELECT value FROM json_each(?1)),
+counted AS (
+    SELECT term, (SELECT count(*) FROM (
+        SELECT rowid FROM recall_fts WHERE recall_fts MATCH
+            'terms : "' || ?2 || 'x' || replace(term, '"', '""') || '"'
+        AND rowid < ?3 ORDER BY rowid DESC LIMIT ?4 + 1)) AS n
+    FROM t
+), ordered AS (
+    SELECT term, sum(n) OVER w AS running, row_number() OVER w AS rank
+    FROM counted WHERE n > 0 WINDOW w AS (ORDER BY n, term ROWS UNBOUNDED PRECEDING)
+), kept(q) AS (
+    SELECT 'terms : (' || group_concat('"' || ?2 || 'x' || replace(term, '"', '""') || '"',
+                                       ' OR ') || ')'
+    FROM ordered WHERE rank = 1 OR running <= ?4
+)
+SELECT rowid, score FROM (
+    SELECT rowid, -bm25(recall_fts, 1.0, 0.0) AS score FROM recall_fts
+    WHERE recall_fts MATCH coalesce((SELECT q FROM kept), 'terms : "0x"') AND rowid < ?3
+    ORDER BY rowid DESC LIMIT ?4
+) ORDER BY score DESC, rowid DESC LIMIT ?5
+"""
 
 
 async def vectors_since(conn: Any, conversation_id: int, model: str, after_id: int,
@@ -238,6 +310,12 @@ async def around(conn: Any, conversation_id: int, ids: Sequence[int],
         rows: Sequence[Sequence[Any]] = await cur.fetchall()
     else:
         rows = await conn.fetch(_AROUND_POSTGRES, list(ids), conversation_id, before_id)
+    return _arounds(ids, rows)
+
+
+def _arounds(ids: Sequence[int], rows: Iterable[Sequence[Any]]) -> list[Around]:
+    """(hit, side, id, role, content, created_at) rows as each hit's Around, in `ids`
+    order; a hit without its own row (not in the conversation) is left out."""
     found: dict[int, dict[int, RecallMessage]] = {}
     for hit, side, mid, role, content, created in rows:
         found.setdefault(int(hit), {})[int(side)] = RecallMessage(int(mid), role, content,

@@ -129,7 +129,7 @@ async def test_only_messages_older_than_the_bound_and_better_matches_first(db: D
     # Every match below the bound comes back, best first.
     assert {h[0] for h in hits} == set(range(weak, strong + 1))
     assert [h[1] for h in hits] == sorted((h[1] for h in hits), reverse=True)
-    if db.sqlite:  # bm25: the rarer term, twice, beats the common one (ts_rank_cd has no idf)
+    if db.sqlite:  # bm25: the rarer term, twice, beats the common one (ts_rank has no idf)
         assert hits[0][0] == strong and hits[0][1] > hits[1][1]
     assert await recall_index.search(db.conn, conv, ["garage"], before_id=strong, limit=10) == []
     assert await recall_index.search(db.conn, conv, [], before_id=10**9, limit=10) == []
@@ -200,9 +200,14 @@ async def test_delete_conversation_removes_its_entries_and_no_one_elses(db: Db) 
         theirs]
     assert len(await recall_index.vectors_since(db.conn, other, "m", 0)) == 1
     # Vectors also go with their message (foreign key), whoever deletes it.
+    if not db.sqlite:  # the postings the search reads: kept by triggers, both ways
+        assert await db.rows("SELECT DISTINCT conversation_id, message_id FROM "
+                             "recall_postings") == [(other, theirs)]
     await db.run("DELETE FROM messages WHERE id = $1", theirs)
     await db.commit()
     assert await recall_index.vectors_since(db.conn, other, "m", 0) == []
+    if not db.sqlite:
+        assert await db.rows("SELECT * FROM recall_postings") == []
 
 
 async def test_a_common_word_does_not_crowd_out_a_rare_one_in_a_long_history(
@@ -214,9 +219,10 @@ async def test_a_common_word_does_not_crowd_out_a_rare_one_in_a_long_history(
     await db.commit()
     hits = await recall_index.search(db.conn, conv, ["code", "garage"], 10**9, 5)
     assert hits[0][0] == fact
-    # On SQLite the common term alone is still searched, newest matches first and bounded.
+    # The common term alone is still searched, newest matches first and bounded
+    # (PostgreSQL too: its postings are read newest first).
     hits = await recall_index.search(db.conn, conv, ["code"], 10**9, 100)
-    if db.sqlite:
-        assert len(hits) == 20 and {h[0] for h in hits} <= set(common[-20:]) | {fact}
-    else:
-        assert len(hits) == 51
+    assert len(hits) == 20 and {h[0] for h in hits} <= set(common[-20:]) | {fact}
+    # Bounded below the window as well: the newest 20 matches older than it.
+    hits = await recall_index.search(db.conn, conv, ["code"], common[-10], 100)
+    assert {h[0] for h in hits} == set(common[-30:-10])

@@ -77,6 +77,11 @@ async def index_rows(db_url: str, conv: int) -> tuple[int, int]:
     try:
         words = await conn.fetchval("SELECT count(*) FROM recall_terms WHERE "
                                     "conversation_id = $1", conv)
+        # The postings the search reads follow the tsvectors (triggers), deletions too.
+        assert await conn.fetchval("SELECT count(DISTINCT message_id) FROM recall_postings "
+                                   "WHERE conversation_id = $1", conv) == await conn.fetchval(
+            "SELECT count(*) FROM recall_terms WHERE conversation_id = $1"
+            " AND length(terms) > 0", conv)
         vectors = await conn.fetchval("SELECT count(*) FROM recall_vectors WHERE "
                                       "conversation_id = $1", conv)
         return int(words), int(vectors)
@@ -391,3 +396,33 @@ async def test_the_summary_reaches_every_prompt_whole_and_is_not_embedded(
         r["input"] if isinstance(r["input"], list) else [r["input"]])]
     assert summary not in sent and fact in sent  # messages embedded, the summary not
     assert vectors == stored  # one vector per message, none for the summary
+
+
+async def test_recall_starts_where_the_personas_window_ends(
+    tmp_path: Any, model_server: ModelServer, make_settings: SettingsFactory,
+) -> None:
+    # A persona whose system prompt is far longer than SYSTEM_PROMPT: the window the
+    # prompt keeps is shorter than SYSTEM_PROMPT's would be, and recall must start
+    # where the persona's window ends, or a message between the two ends is in
+    # neither the window nor the recall block.
+    long_system = "You are a careful, friendly assistant. " * 40
+    (tmp_path / "personas.toml").write_text(f'[long]\nsystem = "{long_system}"\n',
+                                            encoding="utf-8")
+    fact = "By the way, my sister moved to Tainan last spring."
+    settings = make_settings(CONTEXT_TOKENS=2048, REPLY_TOKENS=256, RECALL_TOKENS=80,
+                             MEMORY_STRATEGY="truncate",
+                             PERSONAS_FILE=str(tmp_path / "personas.toml"))
+    lost = []
+    async with open_service(settings) as svc:
+        for n in range(20, 60, 2):
+            user = str(100 + n)
+            await ask(svc, "/persona long", user=user)
+            await ask(svc, fact, user=user)
+            conv = await conv_of(svc, user=user)
+            await fill(svc, conv, n, FILLER_EN, user=user)
+            await ask(svc, "Where does my sister live now?", user=user)
+            rec = chats(model_server)[-1]
+            assert system_of(rec).startswith(long_system.strip())
+            if fact not in system_of(rec) and fact not in window_of(rec):
+                lost.append(n)
+    assert lost == []

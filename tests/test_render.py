@@ -300,3 +300,16 @@ async def test_typing_shows_while_nothing_is_visible_and_stops_once_something_is
     assert "typing" in kinds[:first_send]  # text had come, but nothing showed yet
     assert "typing" not in kinds[first_send:]
     assert sink.calls[0] == ("send", 0, "```python\nprint(1)\n", True)
+
+
+async def test_typing_is_renewed_as_often_as_the_sink_says_one_lasts() -> None:
+    # A platform whose indicator lasts long (Discord's ~10 s) renews it less often;
+    # the stream says nothing for 0.7 s, then its whole text.
+    often, seldom = RecordingSink(), RecordingSink()
+    often.typing_interval = 0.1  # type: ignore[attr-defined]
+    seldom.typing_interval = 9.0  # type: ignore[attr-defined]
+    async with asyncio.timeout(10):
+        await asyncio.gather(*(StreamRenderer(s, limit=4096, edit_interval=0).run(
+            paced(["hello"], 0, first=0.7)) for s in (often, seldom)))
+    assert seldom.typing_calls == 1 and often.typing_calls >= 3
+    assert often.messages == seldom.messages == ["hello"]

@@ -88,6 +88,8 @@ class ChannelSink:
         await asyncio.sleep(max(0.0, self._last_change + self._interval - time.monotonic()))
         await self._first.edit(view=None)
 
+    typing_interval = 9.0  # seconds: one indicator shows for about 10 s
+
     async def typing(self) -> None:
         await self._channel.typing()  # one indicator; Discord shows it for ~10 s
 

@@ -12,6 +12,7 @@ import ollama
 
 from bot.i18n import N_
 from bot.images import ollama_messages
+from bot.providers import ollama_stream
 from bot.providers.base import (
     NO_OPTIONS,
     CallOptions,
@@ -23,6 +24,15 @@ from bot.providers.base import (
 )
 
 log = logging.getLogger(__name__)
+
+
+async def _parts(stream: AsyncIterator[ollama.ChatResponse]) \
+        -> AsyncIterator[tuple[str, Usage | None]]:
+    """The ollama library's parts as (text, Usage once done): for messages with images."""
+    async for part in stream:
+        text = part.message.content if part.message else ""
+        yield text or "", (Usage(part.prompt_eval_count, part.eval_count, part.done_reason)
+                           if part.done else None)
 
 
 class OllamaProvider:
@@ -42,20 +52,20 @@ class OllamaProvider:
         try:
             # num_ctx: Ollama otherwise truncates long prompts silently at its
             # own default window.
-            parts = await self._client.chat(
-                model=model,
-                messages=ollama_messages(messages),
-                stream=True,
-                options={**options.ollama, "num_ctx": num_ctx, "num_predict": max_tokens},
-            )
+            call_options = {**options.ollama, "num_ctx": num_ctx, "num_predict": max_tokens}
+            if any(m.get("images") for m in messages):
+                parts: AsyncIterator[Any] = _parts(await self._client.chat(
+                    model=model, messages=ollama_messages(messages), stream=True,
+                    options=call_options))
+            else:
+                parts = ollama_stream.chat_parts(self._client, model, messages, call_options)
             done: Usage | None = None
-            async for part in parts:
+            async for text, finished in parts:
                 started = True
-                text = part.message.content if part.message else ""
                 if text:
                     yield text
-                if part.done:
-                    done = Usage(part.prompt_eval_count, part.eval_count, part.done_reason)
+                if finished is not None:
+                    done = finished
                     # Read on to the end of the body (it ends here) so that
                     # the HTTP connection goes back to the pool for reuse.
             if done is not None:
