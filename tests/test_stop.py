@@ -116,12 +116,21 @@ async def test_another_users_stop_changes_nothing(
 @contextlib.asynccontextmanager
 async def streaming(tg: TelegramApiEmulator, chat: int, user: int,
                     **where: Any) -> AsyncIterator[VisibleMessage]:
-    """`user` asks for the story; yields the bot's answer once it shows text."""
+    """`user` asks for the story; yields the bot's answer once it shows text and,
+    from its first edit on, the Stop button."""
     ask = f"@{tg.bot_username} tell me a long story" if where else "tell me a long story"
     tg.user_says(user, ask, **where)
-    await tg.wait_for(lambda: any(m.text.startswith("word0") for m in tg.bot_messages(chat)),
-                      10, "the answer to start")
-    yield next(m for m in tg.bot_messages(chat) if m.text.startswith("word0"))
+
+    def answer() -> VisibleMessage | None:
+        return next((m for m in tg.bot_messages(chat)
+                     if m.text.startswith("word0") and m.reply_markup), None)
+
+    await tg.wait_for(lambda: answer() is not None, 10, "the answer to start, with its button")
+    shown = answer()
+    assert shown is not None
+    first = next(c for c in tg.calls("sendMessage") if c.params["chat_id"] == chat)
+    assert first.params.get("reply_markup") is None  # the button came with an edit
+    yield shown
 
 
 async def check_stopped(svc: ChatService, tg: TelegramApiEmulator, model_server: ModelServer,
@@ -132,6 +141,20 @@ async def check_stopped(svc: ChatService, tg: TelegramApiEmulator, model_server:
     row = await last_audit(svc, user_key)
     assert row["status"] == "cancelled"
     assert answer.text == row["model_response"] + "\n\n" + MARK
+
+
+async def test_a_reply_complete_by_its_first_message_shows_no_stop_button(
+        tg: TelegramApiEmulator, tg_settings: SettingsFactory,
+        model_server: ModelServer) -> None:
+    # One call per quick reply: no button put on and taken off again, so a
+    # follow-up right after it finds the chat's pace unspent.
+    async with telegram_bot(tg, tg_settings(STREAM_EDIT_INTERVAL="1.0")):
+        for question in ("hello", "and again"):
+            tg.user_says(ALICE, question)
+            await tg.wait_for(lambda q=question: f"You said: {q}" in tg.bot_texts(ALICE), 10)
+        assert [m.reply_markup for m in tg.bot_messages(ALICE)] == [None, None]
+        assert not tg.calls("editMessageReplyMarkup") and not tg.calls("editMessageText")
+        assert all(p.get("reply_markup") is None for p in tg.params("sendMessage"))
 
 
 @pytest.mark.parametrize("how", ["command", "button"])

@@ -282,6 +282,7 @@ class TelegramAdapter(Adapter[Destination]):
             keyboard = stop_keyboard(to.owner_id, reply.id, to.stop_label)
         sink = TelegramSink(self._bot, to.chat_id, pacer=self._pacer, thread_id=to.thread_id,
                             reply_to=to.reply_to, reply_markup=keyboard,
+                            markup_waits_for_an_edit=reply.streaming,
                             edit_interval=self._settings.STREAM_EDIT_INTERVAL)
         if not reply.streaming:
             await self.stream(reply, sink, limit=MESSAGE_LIMIT, measure=utf16_len)

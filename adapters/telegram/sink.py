@@ -51,6 +51,7 @@ class TelegramSink:
     def __init__(self, bot: Bot, chat_id: int, *, pacer: ChatPacer | None = None,
                  thread_id: int | None = None, reply_to: int | None = None,
                  reply_markup: InlineKeyboardMarkup | None = None,
+                 markup_waits_for_an_edit: bool = False,
                  edit_interval: float = 0.0) -> None:
         self._bot = bot
         self._chat_id = chat_id
@@ -62,6 +63,11 @@ class TelegramSink:
         self._interval = edit_interval
         self._last_change = float("-inf")  # when a message of this reply last changed
         self._unbutton = False  # the keyboard is to go with the first message's next edit
+        # A Stop button rides on the first edit, not the first message: a reply
+        # complete by then never shows one, and costs no edit to take it away
+        # (a quick follow-up in the chat then finds the chat's pace unspent).
+        self._deferred = markup_waits_for_an_edit
+        self._shown = False  # the keyboard is on the first message now
 
     async def send(self, text: str, *, formatted: bool) -> int:
         body, mode = self._body(text, formatted)
@@ -73,12 +79,14 @@ class TelegramSink:
                 sent = await self._bot.send_message(
                     self._chat_id, body, parse_mode=mode, message_thread_id=self._thread_id,
                     reply_parameters=reply, link_preview_options=_NO_PREVIEW,
-                    reply_markup=self._markup if self._first is None else None)
+                    reply_markup=self._markup if self._first is None and not self._deferred
+                    else None)
         except BadRequest as exc:
             _translate(exc, formatted)
             raise
         if self._first is None:
             self._first = sent.message_id
+            self._shown = self._markup is not None and not self._deferred
         self._last_change = time.monotonic()
         return sent.message_id
 
@@ -98,12 +106,13 @@ class TelegramSink:
         self._last_change = time.monotonic()
         if handle == self._first:
             self._unbutton = False
+            self._shown = self._markup is not None
 
     def release_markup(self) -> None:
         """The reply is complete: its keyboard (a Stop button) goes with the next edit."""
         if self._markup is not None:
             self._markup = None
-            self._unbutton = self._first is not None
+            self._unbutton = self._shown
 
     async def drop_markup(self) -> None:
         """Take the keyboard off the first message if the last edit did not already
@@ -121,6 +130,7 @@ class TelegramSink:
         except BadRequest as exc:
             if not is_not_modified(exc):
                 raise
+        self._shown = False
 
     async def typing(self) -> None:
         if not self._pacer.claim_typing(self._chat_id):
