@@ -172,6 +172,9 @@ REAL_MODEL_ROWS: list[tuple[str, str, str, str, Check]] = [
     ("real_server_turns", "real server: turns sent", "n", "", None),
     ("real_server_window", "real server: window the bot learned", "tok", "≤ 1,024",
      lambda v: v <= 1024),
+    ("real_server_digits_first_overflowed",
+     "real server: 3,500 digits first (window unknown) overflowed", "yes", "no",
+     lambda v: v == 0),
     ("real_server_digits_overflowed", "real server: 3,500 digits overflowed", "yes", "no",
      lambda v: v == 0),
     ("real_server_summaries_ok", "real server: summary calls ok", "n", "≥ 1", lambda v: v >= 1),
@@ -518,8 +521,8 @@ TITLES = {
     "boot": "start-up to first getUpdates / IDENTIFY, 1,000,000 stored messages",
     "trips": "PostgreSQL round trips per exchange (counted)",
     "followup": "Telegram: a message 0.2 s after the previous reply's last edit",
-    "real-model": "real model: llama-cpp-python server (n_ctx 1024) and LLM_PROVIDER=local, "
-                  "Gemma 3 270M",
+    "real-model": "real model: llama-cpp-python server (n_ctx 512, or REAL_MODEL_CTX) and "
+                  "LLM_PROVIDER=local, Gemma 3 270M",
 }
 
 

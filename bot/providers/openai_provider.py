@@ -29,6 +29,7 @@ from bot.providers.base import (
     ProviderError,
     Usage,
     cut_off,
+    too_long,
     too_long_error,
     unreachable,
 )
@@ -64,14 +65,14 @@ class OpenAIProvider:
         self, model: str, messages: list[dict[str, Any]], *, num_ctx: int, max_tokens: int,
         options: CallOptions = NO_OPTIONS,
     ) -> AsyncIterator[str | Usage]:
-        started = False  # any chunk arrived
+        opened = False  # the server answered 200 and the stream began
         texted = False  # any text arrived
         finish: str | None = None  # a stream without a finish_reason was cut off
         usage: tuple[int | None, int | None] | None = None
         try:
             chunks = await self._open(model, messages, max_tokens, options)
+            opened = True
             async for chunk in chunks:
-                started = True
                 if chunk.usage is not None:
                     usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
                 for choice in chunk.choices:
@@ -83,26 +84,36 @@ class OpenAIProvider:
         except openai.APIStatusError as exc:
             raise _status_error(model, exc) from None
         except (openai.APIConnectionError, httpx.TransportError, OSError) as exc:
-            if started:
+            if texted:
                 raise cut_off(exc) from None
-            raise unreachable("OpenAI-compatible server", exc) from None
+            if not (opened or _hung_up(exc)):
+                raise unreachable("OpenAI-compatible server", exc) from None
+            # llama-cpp-python: a long prompt's stream is a 200 whose connection
+            # drops, often before the headers are flushed (its error is raised
+            # after the app sent them): the request reached it, so ask again.
+            log.info("%s: the stream broke before any text: %s", model, exc)
         except openai.APIError as exc:  # e.g. an error event or a malformed chunk
             raise ProviderError(
                 N_("The model server sent a reply I couldn't read. Please try again."),
                 detail=f"openai error: {type(exc).__name__}: {exc}",
-                retryable=not started,
+                retryable=not texted,
             ) from None
         except (ValueError, KeyError, TypeError) as exc:
             raise ProviderError(
                 N_("The model server sent a reply I couldn't read. Please try again."),
                 detail=f"malformed stream: {type(exc).__name__}: {exc}",
-                retryable=not started,
+                retryable=not texted,
             ) from None
+        if finish is None and not texted:
+            # llama-cpp-python answers a too-long streamed prompt with 200 and
+            # an empty or broken stream (and ends a stream that another request
+            # interrupts the same way); asked without streaming it says why, or answers.
+            text, answered = await self._diagnose_empty(model, messages, max_tokens)
+            if text:
+                yield text
+            yield answered
+            return
         if finish is None:
-            if not texted:
-                # llama-cpp-python answers a too-long streamed prompt with 200
-                # and an empty stream; asked without streaming it says why.
-                await self._diagnose_empty(model, messages, max_tokens)
             raise cut_off(EOFError("stream ended without a finish_reason"))
         prompt, completion = usage if usage is not None else (None, None)
         yield Usage(prompt, completion, finish)
@@ -135,20 +146,46 @@ class OpenAIProvider:
         )
 
     async def _diagnose_empty(self, model: str, messages: list[dict[str, Any]],
-                              max_tokens: int) -> None:
-        """Raise the too-long error a non-streamed request gets, if it gets one.
+                              max_tokens: int) -> tuple[str, Usage]:
+        """After a 200 with an empty stream: the same request without streaming.
 
-        Same reply limit: llama-cpp-python refuses prompt + limit > n_ctx.
+        Same reply limit (llama-cpp-python refuses prompt + limit > n_ctx).
+        Every answer is one of: a too-long refusal in any status (raised as
+        kind "too_long", so the caller learns the window and refits); a
+        reply (the empty stream was an interruption: that reply is the
+        answer); an empty reply cut at the length limit (the prompt filled
+        the window: too long, window unknown); an empty reply (returned as
+        such, the caller says so); any other error (raised, in words).
         """
-        try:
-            await self._create(model, messages, self._limit_for(model), max_tokens,
-                               NO_OPTIONS, stream=False)
-        except openai.APIStatusError as exc:
-            err = _status_error(model, exc)
-            if err.kind == "too_long":
-                raise err from None
-        except (openai.APIError, httpx.HTTPError, OSError, ValueError) as exc:
-            log.info("probe after an empty stream failed: %s", exc)
+        for attempt in (1, 2):
+            try:
+                done = await self._create(model, messages, self._limit_for(model), max_tokens,
+                                          NO_OPTIONS, stream=False)
+                break
+            except openai.APIStatusError as exc:
+                raise _status_error(model, exc, any_status=True) from None
+            except (openai.APIConnectionError, httpx.TransportError, OSError) as exc:
+                # llama-cpp-python closes the broken stream's connection after the
+                # fact: the pooled one it left hangs up at once; a new one answers.
+                if attempt == 2 or not _hung_up(exc):
+                    raise unreachable("OpenAI-compatible server", exc) from None
+            except (openai.APIError, ValueError, KeyError, TypeError) as exc:
+                raise ProviderError(
+                    N_("The model server sent a reply I couldn't read. Please try again."),
+                    detail=f"empty stream, then {type(exc).__name__}: {exc}", retryable=True,
+                ) from None
+        choice = done.choices[0] if getattr(done, "choices", None) else None
+        text = (choice.message.content or "") if choice and choice.message else ""
+        finish = choice.finish_reason if choice else None
+        used = done.usage
+        prompt = used.prompt_tokens if used is not None else None
+        completion = used.completion_tokens if used is not None else None
+        if not text.strip() and finish == "length":
+            raise too_long(f"empty stream, then an empty reply cut at the length limit "
+                           f"({prompt} prompt tokens)")
+        log.info("%s: empty stream, then %s without streaming", model,
+                 "a reply" if text else "an empty reply")
+        return text, Usage(prompt, completion, finish or "stop")
 
     async def list_models(self) -> list[str]:
         try:
@@ -224,6 +261,13 @@ class OpenAIProvider:
         await self._client.close()
 
 
+def _hung_up(exc: BaseException) -> bool:
+    """The server took the request and closed the connection without answering."""
+    cause = exc.__cause__ or exc
+    # By name: the openai SDK's transport is httpx or, in newer releases, its fork httpx2.
+    return any(c.__name__ in ("RemoteProtocolError", "ReadError") for c in type(cause).__mro__)
+
+
 def _other_limit_name(exc: openai.BadRequestError, sent: str) -> str | None:
     """The other reply-limit name if this 400 says `sent` isn't supported."""
     text = f"{exc.message} {json.dumps(exc.body, default=str)}".lower()
@@ -233,8 +277,15 @@ def _other_limit_name(exc: openai.BadRequestError, sent: str) -> str | None:
     return None
 
 
-def _status_error(model: str, exc: openai.APIStatusError) -> ProviderError:
+def _status_error(model: str, exc: openai.APIStatusError, *,
+                  any_status: bool = False) -> ProviderError:
+    """The user's words for an error status; `any_status` looks for a too-long
+    refusal in any status (after an empty stream, a 500 may say so too)."""
     status = exc.status_code
+    if any_status and status not in (400, 413, 422):
+        err = too_long_error(f"{exc.message} {json.dumps(exc.body, default=str)}")
+        if err is not None:
+            return err
     if status == 401:
         return ProviderError(
             N_("The model server refused the bot's credentials. Please tell the operator."),

@@ -531,6 +531,9 @@ _CONFIG_KEYS = (
     "report_window",
     "llamacpp_routes",
     "vision_models",
+    "empty_streams",
+    "empty_stream_form",
+    "probe_replies",
 )
 
 
@@ -567,6 +570,14 @@ class ModelServer:
         self.report_window = False
         self.llamacpp_routes = False
         self.vision_models: list[str] = []  # /api/show says "vision" for these
+        # llama-cpp-python's 200 with an empty stream, for this many streamed chat
+        # requests; then each non-streamed one takes the next of `probe_replies`:
+        # "reply", "empty", "length_empty" (empty, cut at the limit), "http500",
+        # "http500_too_long" (an older server's 500 quoting the window), "too_long",
+        # "hangup" (the connection closed without an answer).
+        self.empty_streams = 0
+        self.empty_stream_form = "eof"  # or "drop" (after the 200), "hangup" (before it)
+        self.probe_replies: list[str] = []
         self.tokenize_calls = 0
         self.active = 0  # chat requests being handled now
         self.peak_active = 0
@@ -797,15 +808,44 @@ class ModelServer:
         if self.overflow and asked > window:
             if self.overflow == "llama_cpp_python" and stream:
                 # llama-cpp-python: the stream starts with 200, then ends with nothing.
+                # (A long prompt: the connection drops before the headers are flushed,
+                # its error raised after the app sent them.)
                 resp = web.StreamResponse(headers={"Content-Type": dialect.stream_content_type})
+                if rec.prompt_tokens > 2 * window:
+                    _abort(request)
+                    return resp
                 await resp.prepare(request)
                 await resp.write_eof()
                 return resp
             return _too_long(self.overflow, rec.prompt_tokens, asked, window)
 
-        text = await self._make_reply(rec)
+        if dialect.api == "openai" and stream and self.empty_streams > 0:
+            self.empty_streams -= 1
+            resp = web.StreamResponse(headers={"Content-Type": dialect.stream_content_type})
+            if self.empty_stream_form == "hangup":  # dropped before any response
+                _abort(request)
+                return resp
+            await resp.prepare(request)
+            if self.empty_stream_form == "drop":  # the connection drops after the 200
+                _abort(request)
+                return resp
+            await resp.write_eof()
+            return resp
+        probe = self.probe_replies.pop(0) if dialect.api == "openai" and not stream \
+            and self.probe_replies else "reply"
+        if probe == "hangup":  # the connection the broken stream left: closed at once
+            _abort(request)
+            return web.Response(status=499)
+        if probe in ("http500", "http500_too_long"):
+            message = (f"Requested tokens ({rec.prompt_tokens}) exceed context window of "
+                       f"{window}" if probe == "http500_too_long" else "llama_decode failed")
+            return web.json_response({"error": {"message": message, "code": None,
+                                                "type": "internal_server_error"}}, status=500)
+        if probe == "too_long":
+            return _too_long("llama_cpp_python", rec.prompt_tokens, asked, window)
+        text = "" if probe in ("empty", "length_empty") else await self._make_reply(rec)
         tokens = tokenize(text)
-        finish = "stop"
+        finish = "length" if probe == "length_empty" else "stop"
         limit = dialect.limit()
         if limit is not None and len(tokens) > limit:
             tokens, finish = tokens[:limit], "length"
