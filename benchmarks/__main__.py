@@ -461,7 +461,7 @@ def section_trips(run: Run) -> None:
 
 
 def section_followup(run: Run) -> None:
-    got = asyncio.run(telegram_followup.measure(5 if run.quick else 15, 1.2, gap=0.2))
+    got = asyncio.run(telegram_followup.measure(5 if run.quick else 15, 3.0, gap=0.2))
     run.put("added_latency_p50_ms_telegram_back_to_back", got["followup_p50_ms"])
     run.put("added_latency_p99_ms_telegram_back_to_back", got["followup_p99_ms"])
     print(f"  {got['pairs']} follow-ups 0.2 s after a reply: p50 {got['followup_p50_ms']} ms, "
