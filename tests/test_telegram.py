@@ -484,10 +484,14 @@ async def test_a_wrong_token_is_one_clear_error_without_the_token(
 
 async def test_an_unreachable_bot_api_is_one_clear_error(tg_settings: SettingsFactory) -> None:
     settings = tg_settings(TELEGRAM_BASE_URL=await closed_port_url() + "/bot")
+    adapter = TelegramAdapter(settings)
     async with open_service(settings) as service:
         with pytest.raises(ConnectionError) as raised:
-            await TelegramAdapter(settings).run(service, asyncio.Event())
+            await adapter.run(service, asyncio.Event())
     assert str(raised.value).startswith("cannot reach the Telegram Bot API at 127.0.0.1:")
+    # Its HTTP sessions are closed, not left to "Unclosed client session" at exit.
+    sessions = [r._session for r in adapter._requests]
+    assert len(sessions) == 2 and all(s is None or s.closed for s in sessions)
     assert settings.TELEGRAM_TOKEN is not None
     assert settings.TELEGRAM_TOKEN.get_secret_value() not in str(raised.value)
 

@@ -115,6 +115,7 @@ class TelegramAdapter(Adapter[Destination]):
         self._me = BotIdentity(0, "")
         self._pacer = ChatPacer(settings.STREAM_EDIT_INTERVAL)
         self._app: Application | None = None
+        self._requests: tuple[AiohttpRequest, ...] = ()
         self._quiet = contextlib.ExitStack()  # the token kept out of logs while running
         self._downloads = Downloader()  # photos and image files the users send
 
@@ -129,6 +130,10 @@ class TelegramAdapter(Adapter[Destination]):
         except BaseException as exc:
             self._app = None
             self._quiet.close()
+            # PTB shuts a bot's requests down only once it has initialised.
+            for request in self._requests:
+                with contextlib.suppress(Exception):
+                    await request.shutdown()
             if isinstance(exc, InvalidToken):  # PTB's own message quotes the token
                 raise SettingsError("TELEGRAM_TOKEN was refused by the Bot API server "
                                     "(401 Unauthorized)") from None
@@ -170,16 +175,19 @@ class TelegramAdapter(Adapter[Destination]):
             self._quiet.close()
 
     def _build_application(self) -> Application:
+        # aiohttp instead of httpx: a third of the CPU per exchange (request.py);
+        # PTB's pool sizes (256 connections, and 1 for getUpdates), our timeouts.
+        requests = self._requests = (
+            AiohttpRequest(connect_timeout=10, read_timeout=30, write_timeout=30,
+                           pool_timeout=10, tls=self._tls),
+            AiohttpRequest(connection_pool_size=1, tls=self._tls))
         builder = (
             Application.builder()
             .token(self._token)
             .concurrent_updates(True)
             .rate_limiter(default_rate_limiter())
-            # aiohttp instead of httpx: a third of the CPU per exchange (request.py);
-            # PTB's pool sizes (256 connections, and 1 for getUpdates), our timeouts.
-            .request(AiohttpRequest(connect_timeout=10, read_timeout=30, write_timeout=30,
-                                    pool_timeout=10, tls=self._tls))
-            .get_updates_request(AiohttpRequest(connection_pool_size=1, tls=self._tls))
+            .request(requests[0])
+            .get_updates_request(requests[1])
         )
         base = self._settings.TELEGRAM_BASE_URL
         if base:
