@@ -23,6 +23,7 @@ import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiosqlite
 
@@ -132,20 +133,25 @@ def build(size: int, log: bool = True) -> Path:
     return path
 
 
+async def _timed(conn: Any, newest: int, reps: int) -> list[float]:
+    """Seconds per recall (search, neighbours, fitting) on either backend's connection."""
+    before = newest - 60  # the window holds the newest messages
+    times = []
+    for rep in range(reps):
+        q = QUERIES[rep % len(QUERIES)]
+        t0 = time.perf_counter()
+        hits = await recall_index.search(conn, 1, query_terms(q), before, 25)
+        arounds = await recall_index.around(conn, 1, [h[0] for h in hits], before)
+        fit_recalled(arounds, RECALL_TOKENS)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 async def _measure(path: Path, reps: int) -> list[float]:
     async with aiosqlite.connect(path) as conn:
         cur = await conn.execute("SELECT max(id) FROM messages WHERE conversation_id = 1")
         newest = int((await cur.fetchone())[0])  # type: ignore[index]
-        before = newest - 60  # the window holds the newest messages
-        times = []
-        for rep in range(reps):
-            q = QUERIES[rep % len(QUERIES)]
-            t0 = time.perf_counter()
-            hits = await recall_index.search(conn, 1, query_terms(q), before, 25)
-            arounds = await recall_index.around(conn, 1, [h[0] for h in hits], before)
-            fit_recalled(arounds, RECALL_TOKENS)
-            times.append(time.perf_counter() - t0)
-    return times
+        return await _timed(conn, newest, reps)
 
 
 def measure(reps: int = 200, sizes: dict[str, int] = SIZES) -> dict[str, float]:
@@ -256,18 +262,9 @@ async def _pg_measure(url: str, reps: int) -> list[float]:
     try:
         newest = int(await conn.fetchval(
             "SELECT max(id) FROM messages WHERE conversation_id = 1"))
-        before = newest - 60
-        times = []
-        for rep in range(reps):
-            q = QUERIES[rep % len(QUERIES)]
-            t0 = time.perf_counter()
-            hits = await recall_index.search(conn, 1, query_terms(q), before, 25)
-            arounds = await recall_index.around(conn, 1, [h[0] for h in hits], before)
-            fit_recalled(arounds, RECALL_TOKENS)
-            times.append(time.perf_counter() - t0)
+        return await _timed(conn, newest, reps)
     finally:
         await conn.close()
-    return times
 
 
 def measure_pg(reps: int = 200, sizes: dict[str, int] = SIZES) -> dict[str, float]:
