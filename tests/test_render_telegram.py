@@ -15,6 +15,7 @@ import pytest
 from telegram import Bot
 
 from adapters.telegram import sink as telegram_sink
+from adapters.telegram.menu import stop_keyboard
 from adapters.telegram.pacing import ChatPacer
 from adapters.telegram.sink import TelegramSink
 from adapters.telegram.testing import bot_says, telegram_bot
@@ -91,6 +92,26 @@ async def test_a_refused_edit_falls_back_for_that_edit_only(
     [message] = tg.bot_messages(ALICE)
     assert message.text == "Hello and more"  # later edits are formatted again
     assert entity_kinds(message) == [("bold", "Hello"), ("bold", "more")]
+
+
+async def test_a_stop_button_released_while_an_edit_carries_it_still_goes(
+        tg: TelegramApiEmulator, bot: Bot) -> None:
+    # The reply ends (its button released) while an edit that carries the button is
+    # on its way: the sink must still take it off afterwards, or it stays for good.
+    sink = TelegramSink(bot, ALICE, reply_markup=stop_keyboard(ALICE, 1),
+                        markup_waits_for_an_edit=True)
+    first = await sink.send("word0", formatted=True)
+    gate = tg.hold_next("editMessageText")
+    editing = asyncio.create_task(sink.edit(first, "word0 word1", formatted=True))
+    await tg.wait_for_call("editMessageText")
+    sink.release_markup()
+    gate.set()
+    async with asyncio.timeout(5):
+        await editing
+        await sink.drop_markup()
+    [message] = tg.bot_messages(ALICE)
+    assert message.text == "word0 word1" and message.reply_markup is None
+    assert len(tg.calls("editMessageReplyMarkup")) == 1
 
 
 # ----------------------------------------------------------------- items 7 and 10

@@ -57,6 +57,8 @@ class ChannelSink:
             message = await self._channel.send(content, **extra)
         if not self._sent_any:
             self._first = message
+            # Released while this was on its way: the button it carried is still to go.
+            self._unview = bool(extra) and self._view is None
         self._sent_any = True
         self._last_change = time.monotonic()
         return message

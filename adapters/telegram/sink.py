@@ -74,30 +74,31 @@ class TelegramSink:
         reply = None
         if self._reply_to is not None and self._first is None:
             reply = ReplyParameters(self._reply_to, allow_sending_without_reply=True)
+        first = self._first is None
+        markup = self._markup if first and not self._deferred else None
         try:
             async with self._pacer.turn(self._chat_id):
                 sent = await self._bot.send_message(
                     self._chat_id, body, parse_mode=mode, message_thread_id=self._thread_id,
                     reply_parameters=reply, link_preview_options=_NO_PREVIEW,
-                    reply_markup=self._markup if self._first is None and not self._deferred
-                    else None)
+                    reply_markup=markup)
         except BadRequest as exc:
             _translate(exc, formatted)
             raise
-        if self._first is None:
+        if first:
             self._first = sent.message_id
-            self._shown = self._markup is not None and not self._deferred
+            self._carried(markup)
         self._last_change = time.monotonic()
         return sent.message_id
 
     async def edit(self, handle: int, text: str, *, formatted: bool) -> None:
         body, mode = self._body(text, formatted)
+        markup = self._markup if handle == self._first else None
         try:
             async with self._pacer.turn(self._chat_id):
                 await self._bot.edit_message_text(
                     body, chat_id=self._chat_id, message_id=handle, parse_mode=mode,
-                    link_preview_options=_NO_PREVIEW,
-                    reply_markup=self._markup if handle == self._first else None)
+                    link_preview_options=_NO_PREVIEW, reply_markup=markup)
         except BadRequest as exc:
             if is_not_modified(exc):
                 return
@@ -105,8 +106,13 @@ class TelegramSink:
             raise
         self._last_change = time.monotonic()
         if handle == self._first:
-            self._unbutton = False
-            self._shown = self._markup is not None
+            self._carried(markup)
+
+    def _carried(self, markup: InlineKeyboardMarkup | None) -> None:
+        """The first message now shows `markup`, the keyboard the call carried (it may
+        have been released while the call was on its way: then it is still to go)."""
+        self._shown = markup is not None
+        self._unbutton = self._shown and self._markup is None
 
     def release_markup(self) -> None:
         """The reply is complete: its keyboard (a Stop button) goes with the next edit."""

@@ -433,6 +433,7 @@ class DiscordEmulator:
         self.attachments: dict[int, StoredAttachment] = {}
         self._calls: list[Call] = []
         self._faults: list[_Fault] = []
+        self._holds: list[tuple[str | None, str, asyncio.Event]] = []
         self._counter = itertools.count(1)
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -763,6 +764,14 @@ class DiscordEmulator:
         method, _, glob = path_glob.rpartition(" ")
         self._faults.append(_Fault(method or None, glob, status, retry_after, times))
 
+    def hold_next(self, path_glob: str) -> asyncio.Event:
+        """The next request matching `path_glob` ("POST /channels/*/messages") is
+        recorded at once but answered only once the returned event is set."""
+        method, _, glob = path_glob.rpartition(" ")
+        gate = asyncio.Event()
+        self._holds.append((method or None, glob, gate))
+        return gate
+
     async def wait_for(self, predicate: Callable[[], object], timeout: float = 5.0) -> None:  # noqa: ASYNC109
         """Wait until `predicate()` is true, re-checked whenever the emulator's state changes."""
         try:
@@ -1044,6 +1053,12 @@ class DiscordEmulator:
         if not token_route and request.headers.get("Authorization") != f"Bot {self.token}":
             response: web.StreamResponse = _error(401, 0, "401: Unauthorized")
         else:
+            hold = next((h for h in self._holds if h[0] in (None, request.method)
+                         and fnmatch.fnmatchcase(path, h[1])), None)
+            if hold is not None:
+                self._holds.remove(hold)
+                await self._notify()  # the call is in: a test may act while it is held
+                await hold[2].wait()
             fault = self._take_fault(request.method, path)
             response = self._fault_response(fault) if fault else await handler(request)
         call.status = response.status

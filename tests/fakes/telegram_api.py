@@ -488,6 +488,7 @@ class TelegramApiEmulator:
         self._runner: web.AppRunner | None = None
         self._calls: list[ApiCall] = []
         self._failures: dict[str, list[_Failure]] = {}
+        self._holds: dict[str, list[asyncio.Event]] = {}
         self._chats: dict[int, dict[str, Any]] = {}
         self._users: dict[int, dict[str, Any]] = {}
         self._messages: dict[int, list[VisibleMessage]] = {}
@@ -708,6 +709,13 @@ class TelegramApiEmulator:
         self._failures.setdefault(method.lower(), []).append(
             _Failure(status, description, retry_after, times))
 
+    def hold_next(self, method: str) -> asyncio.Event:
+        """The next call of `method` is received (and recorded) at once but carried
+        out only once the returned event is set: a call in flight, held there."""
+        gate = asyncio.Event()
+        self._holds.setdefault(method.lower(), []).append(gate)
+        return gate
+
     @property
     def pending_updates(self) -> int:
         """Updates queued and not yet confirmed by the bot (offset)."""
@@ -845,6 +853,9 @@ class TelegramApiEmulator:
         return web.json_response({"ok": True, "result": result})
 
     async def _dispatch(self, method: str, params: dict[str, Any]) -> Any:
+        holds = self._holds.get(method.lower())
+        if holds:
+            await holds.pop(0).wait()
         failures = self._failures.get(method.lower())
         if failures:
             failure = failures[0]
