@@ -29,6 +29,7 @@ from typing import Any
 import aiosqlite.core
 
 from benchmarks import core, dbseed
+from storage import sqlite_hop
 
 
 def _count_round_trips() -> tuple[collections.Counter[str], Callable[[], None]]:
@@ -37,6 +38,8 @@ def _count_round_trips() -> tuple[collections.Counter[str], Callable[[], None]]:
     original = aiosqlite.core.Connection._execute
 
     async def counting(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if fn is sqlite_hop._on_thread:  # several statements in one hand-off: name them
+            fn = args[1]
         counts[getattr(fn, "__name__", "other")] += 1
         return await original(self, fn, *args, **kwargs)
 

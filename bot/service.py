@@ -583,11 +583,15 @@ class ChatService:
     async def _persona_turn(self, msg: Incoming, ref: ConversationRef) -> PersonaTurn:
         """This conversation's persona: its own pick, else the place's default set in
         chat, else PERSONA_DEFAULTS, else none. A name the file no longer has is skipped."""
-        book = self.personas
-        if not len(book.current):
+        if not len(self.personas.current):
             return NO_PERSONA
-        picked, place_default = await self.store.personas_of(ref.key, msg.platform,
-                                                             msg.place_id)
+        return self._pick_persona(msg, *await self.store.personas_of(ref.key, msg.platform,
+                                                                      msg.place_id))
+
+    def _pick_persona(self, msg: Incoming, picked: str | None,
+                      place_default: str | None) -> PersonaTurn:
+        """The persona of _persona_turn, from the stored picks."""
+        book = self.personas
         for name in (picked, place_default):
             if name and (persona := book.get(name)) is not None:
                 return PersonaTurn(persona)
@@ -747,13 +751,17 @@ class ChatService:
         s = self.settings
         try:
             conv = await self.store.conversation_id(ref)
-            context = await self.store.turn_context(
-                conv, msg.platform, msg.user_id, self._load_limit(),
-                with_summary=s.MEMORY_STRATEGY == "summarize")
+            # The context, notes and personas in one round trip (one thread hand-off
+            # on SQLite), as far as the backend can.
+            with_personas = bool(len(self.personas.current))
+            reads = await self.store.turn_reads(
+                conv, ref, msg.place_id, self._load_limit(),
+                with_summary=s.MEMORY_STRATEGY == "summarize", with_personas=with_personas)
+            context, notes = reads.context, reads.notes
             model = audit.model = self.catalog.choose(context.model_choice)
             summary, history = context.summary, context.history
-            notes = await self.store.notes(conv)
-            persona = await self._persona_turn(msg, ref)
+            persona = self._pick_persona(msg, *reads.personas) \
+                if with_personas and reads.personas is not None else NO_PERSONA
             model = audit.model = await self._persona_model(persona, model)
             audit.persona = persona.name
         except Exception as exc:

@@ -7,6 +7,7 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, suppress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -26,6 +27,17 @@ if TYPE_CHECKING:
 # The recall index is not copied: it is rebuilt from the messages (see copy-db).
 TABLES = ("conversations", "messages", "summaries", "user_settings", "audit", "model_info",
           "conversation_settings", "place_settings", "notes")
+
+
+@dataclass(frozen=True, slots=True)
+class TurnReads:
+    """Everything a chat turn reads before its model call."""
+
+    context: TurnContext
+    notes: list[Note]
+    # (this conversation's persona, its place's default), None where unset; None
+    # altogether when the turn did not ask (no personas are set up).
+    personas: tuple[str | None, str | None] | None = None
 
 
 def redact_url(url: str) -> str:
@@ -129,6 +141,20 @@ class Store(abc.ABC):
             conversation_id, limit, after_id=summary.upto_id if summary else 0)
         return TurnContext(await self.user_model(platform, user_id), summary, history,
                            await self.user_language(platform, user_id))
+
+    async def turn_reads(
+        self, conversation_id: int, ref: ConversationRef, place_id: str | None, limit: int,
+        *, with_summary: bool, with_personas: bool,
+    ) -> TurnReads:
+        """The turn's context, the conversation's notes and (with_personas) its
+        personas (`personas_of`). A backend may answer it all in one round trip;
+        this default asks for each in turn."""
+        context = await self.turn_context(conversation_id, ref.platform, ref.user_id, limit,
+                                          with_summary)
+        notes = await self.notes(conversation_id)
+        personas = await self.personas_of(ref.key, ref.platform, place_id) \
+            if with_personas else None
+        return TurnReads(context, notes, personas)
 
     # -- notes (/remember)
     @abc.abstractmethod

@@ -39,8 +39,8 @@ import contextlib
 import dataclasses
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import asyncpg
@@ -63,6 +63,8 @@ from storage.dialect import POSTGRES
 from storage.migrations import MIGRATIONS, MIGRATIONS_TABLE, Migration
 from storage.queries import COLUMNS, POSTGRES_QUERIES, SERIAL_TABLES
 from storage.sql_store import SQLStore
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -357,6 +359,14 @@ class PostgresStore(SQLStore):
     async def _writing(self) -> AsyncIterator[asyncpg.Connection]:
         async with self.pool.acquire() as conn, conn.transaction():
             yield conn
+
+    async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        async with self._reading() as conn:
+            return await fn(conn, *args)
+
+    async def _run_in_transaction(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        async with self._writing() as conn:
+            return await fn(conn, *args)
 
     async def _fetch(self, sql: str, *args: Any) -> Sequence[Any]:
         async with self._conn() as conn:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from bot.records import AUDIT_COLUMNS, StorageError, StoredMessage, Summary, TurnContext
+from bot.records import AUDIT_COLUMNS, Note, StorageError, StoredMessage, Summary, TurnContext
 from bot.store import TABLES
 from storage.dialect import POSTGRES, SQLITE, Dialect
 
@@ -114,6 +114,23 @@ SELECT * FROM (
     WHERE conversation_id = ? AND id > coalesce((SELECT upto_id FROM s), 0)
     ORDER BY id DESC LIMIT ?
 ) AS recent
+UNION ALL SELECT 1, upto_id, NULL, text, updated_at FROM s
+UNION ALL SELECT 2, 0, language, model, NULL FROM user_settings
+WHERE platform = ? AND user_id = ?
+"""
+    # turn_context with only the messages' ids, read from the (conversation_id, id)
+    # index alone and joined into one text (one row, not one per message; in no
+    # particular order): the SQLite store fetches just the rows it has not cached
+    # (storage/history_cache.py). Rows: (0, 0, NULL, ids, NULL), then turn_context's
+    # kind 1 and 2 rows. Same arguments.
+    turn_context_ids: str = """
+WITH s AS (
+    SELECT text, upto_id, updated_at FROM summaries WHERE conversation_id = ? AND ?
+)
+SELECT 0 AS kind, 0 AS id, CAST(NULL AS TEXT) AS role, (SELECT group_concat(id) FROM (
+    SELECT id FROM messages
+    WHERE conversation_id = ? AND id > coalesce((SELECT upto_id FROM s), 0)
+    ORDER BY id DESC LIMIT ?)) AS content, CAST(NULL AS TEXT) AS updated
 UNION ALL SELECT 1, upto_id, NULL, text, updated_at FROM s
 UNION ALL SELECT 2, 0, language, model, NULL FROM user_settings
 WHERE platform = ? AND user_id = ?
@@ -284,6 +301,11 @@ def messages(rows: Iterable[Sequence[Any]]) -> list[StoredMessage]:
     return [StoredMessage(int(r[0]), r[1], r[2]) for r in rows]
 
 
+def notes(rows: Iterable[Sequence[Any]]) -> list[Note]:
+    """`notes` rows (id, text, created_at) as Notes, in their order."""
+    return [Note(int(r[0]), r[1], r[2]) for r in rows]
+
+
 def summary(row: Sequence[Any] | None) -> Summary | None:
     return Summary(row[0], int(row[1]), row[2]) if row else None
 
@@ -301,6 +323,26 @@ def turn_context(rows: Iterable[Sequence[Any]]) -> TurnContext:
         else:
             choice, language = content, role
     history.reverse()
+    return TurnContext(choice, found, history, language)
+
+
+def window_ids(rows: Sequence[Sequence[Any]]) -> list[int]:
+    """The message ids of `turn_context_ids` rows, oldest first."""
+    joined = next((r[3] for r in rows if r[0] == 0), None)
+    return sorted(map(int, joined.split(","))) if joined else []
+
+
+def turn_context_by_ids(rows: Iterable[Sequence[Any]],
+                        history: list[StoredMessage]) -> TurnContext:
+    """A TurnContext from `turn_context_ids` rows and the window's messages."""
+    choice: str | None = None
+    language: str | None = None
+    found: Summary | None = None
+    for kind, ident, role, content, updated in rows:
+        if kind == 1:
+            found = Summary(content, int(ident), updated)
+        elif kind == 2:
+            choice, language = content, role
     return TurnContext(choice, found, history, language)
 
 

@@ -1,7 +1,9 @@
 """The Store methods both backends answer alike: one query, its rows decoded once.
 
-A backend supplies `_fetch` (a read) and `_write` (one statement in its own
-transaction) and keeps to itself only what its engine does differently:
+A backend supplies `_fetch` (a read), `_write` (one statement in its own
+transaction), `_run` and `_run_in_transaction` (a function of several
+statements on one connection, as one unit: on SQLite one hand-off to its
+thread) and keeps to itself only what its engine does differently:
 transactions, locks, batching, copying in bulk.
 """
 
@@ -10,8 +12,8 @@ from __future__ import annotations
 import abc
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from bot.recall.fitting import Around
 from bot.records import (
@@ -28,6 +30,8 @@ from storage import audit_queries as aq
 from storage import queries, recall_index
 from storage.dialect import Dialect
 from storage.queries import Queries
+
+T = TypeVar("T")
 
 
 def _query(query: tuple[str, list[Any]]) -> list[Any]:
@@ -52,6 +56,14 @@ class SQLStore(Store):
     @abc.abstractmethod
     async def _write(self, sql: str, *args: Any) -> Sequence[Any]:
         """One statement in its own transaction; the rows it returns (RETURNING)."""
+
+    @abc.abstractmethod
+    async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`fn(conn, *args)` on one connection (reads: no transaction of its own)."""
+
+    @abc.abstractmethod
+    async def _run_in_transaction(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`fn(conn, *args)` on one connection inside a transaction, committed after."""
 
     @abc.abstractmethod
     def _reading(self) -> contextlib.AbstractAsyncContextManager[Any]:
@@ -205,20 +217,21 @@ class SQLStore(Store):
 
     # -- notes
     async def notes(self, conversation_id: int) -> list[Note]:
-        return [Note(int(r[0]), r[1], r[2])
-                for r in await self._fetch(self.q.notes, conversation_id)]
+        return queries.notes(await self._fetch(self.q.notes, conversation_id))
 
     async def add_note(self, conversation_id: int, text: str) -> int:
         return int((await self._write(self.q.note_insert, conversation_id, text,
                                       utcnow()))[0][0])
 
     async def delete_note(self, conversation_id: int, note_id: int) -> bool:
-        async with self._writing() as conn:
-            if self.dialect.is_sqlite:
-                cur = await conn.execute(self.q.note_delete, (note_id, conversation_id))
-                return bool(cur.rowcount)
-            return str(await conn.execute(self.q.note_delete, note_id,
-                                          conversation_id)).endswith(" 1")
+        return await self._run_in_transaction(self._delete_note, conversation_id, note_id)
+
+    async def _delete_note(self, conn: Any, conversation_id: int, note_id: int) -> bool:
+        if self.dialect.is_sqlite:
+            cur = await conn.execute(self.q.note_delete, (note_id, conversation_id))
+            return bool(cur.rowcount)
+        return str(await conn.execute(self.q.note_delete, note_id,
+                                      conversation_id)).endswith(" 1")
 
     async def user_conversations(self, platform: str, user_id: str) -> list[int]:
         return [int(r[0]) for r in await self._fetch(self.q.user_conversations, platform,
@@ -227,53 +240,55 @@ class SQLStore(Store):
     # -- the recall index
     async def recall_search(self, conversation_id: int, terms: list[str], before_id: int,
                             limit: int) -> list[tuple[int, float]]:
-        async with self._reading() as conn:
-            return await recall_index.search(conn, conversation_id, terms, before_id, limit)
+        return await self._run(recall_index.search, conversation_id, terms, before_id, limit)
 
     async def recall_around(self, conversation_id: int, ids: list[int],
                             before_id: int) -> list[Around]:
-        async with self._reading() as conn:
-            return await recall_index.around(conn, conversation_id, ids, before_id)
+        return await self._run(recall_index.around, conversation_id, ids, before_id)
 
     async def vectors_since(self, conversation_id: int, model: str,
                             after_id: int) -> list[tuple[int, bytes]]:
-        async with self._reading() as conn:
-            return await recall_index.vectors_since(conn, conversation_id, model, after_id)
+        return await self._run(recall_index.vectors_since, conversation_id, model, after_id)
 
     async def save_vectors(self, model: str, rows: list[tuple[int, int, bytes]]) -> int:
         if not rows:
             return 0
-        async with self._writing() as conn:
-            # A message deleted (/reset, forget) while it was being embedded is skipped.
-            ids = [r[0] for r in rows]
-            if self.dialect.is_sqlite:
-                cur = await conn.execute(
-                    "SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?))",
-                    (json.dumps(ids),))
-                alive = {int(r[0]) for r in await cur.fetchall()}
-            else:
-                alive = {int(r[0]) for r in await conn.fetch(
-                    "SELECT id FROM messages WHERE id = ANY($1::bigint[]) FOR SHARE", ids)}
-            return await recall_index.save_vectors(conn, model,
-                                                   [r for r in rows if r[0] in alive])
+        return await self._run_in_transaction(self._save_vectors, model, rows)
+
+    async def _save_vectors(self, conn: Any, model: str,
+                            rows: list[tuple[int, int, bytes]]) -> int:
+        # A message deleted (/reset, forget) while it was being embedded is skipped.
+        ids = [r[0] for r in rows]
+        if self.dialect.is_sqlite:
+            cur = await conn.execute(
+                "SELECT id FROM messages WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(ids),))
+            alive = {int(r[0]) for r in await cur.fetchall()}
+        else:
+            alive = {int(r[0]) for r in await conn.fetch(
+                "SELECT id FROM messages WHERE id = ANY($1::bigint[]) FOR SHARE", ids)}
+        return await recall_index.save_vectors(conn, model, [r for r in rows if r[0] in alive])
 
     async def messages_without_vectors(
         self, model: str, after_id: int, limit: int,
         conversation_ids: list[int] | None = None,
     ) -> list[tuple[int, int, str]]:
-        async with self._reading() as conn:
-            return await recall_index.messages_without_vectors(conn, model, after_id, limit,
-                                                               conversation_ids)
+        return await self._run(recall_index.messages_without_vectors, model, after_id, limit,
+                               conversation_ids)
 
     async def index_unindexed(self, after_id: int, limit: int,
                               conversation_ids: list[int] | None = None) -> tuple[int, int]:
-        async with self._writing() as conn:
-            rows = await recall_index.unindexed_messages(conn, after_id, limit,
-                                                         conversation_ids)
-            await recall_index.index_messages(conn, rows)
+        rows = await self._run_in_transaction(_index_unindexed, after_id, limit,
+                                              conversation_ids)
         return len(rows), (rows[-1][0] if rows else 0)
 
     async def count_missing(self, model: str | None,
                             conversation_ids: list[int] | None = None) -> int:
-        async with self._reading() as conn:
-            return await recall_index.count_missing(conn, model, conversation_ids)
+        return await self._run(recall_index.count_missing, model, conversation_ids)
+
+
+async def _index_unindexed(conn: Any, after_id: int, limit: int,
+                           conversation_ids: list[int] | None) -> list[tuple[int, int, str]]:
+    rows = await recall_index.unindexed_messages(conn, after_id, limit, conversation_ids)
+    await recall_index.index_messages(conn, rows)
+    return rows

@@ -11,35 +11,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import aiosqlite
 
+from bot.recall.fitting import Around
+from bot.recaller import FUSED_HITS
 from bot.records import (
     AuditRecord,
     ConversationRef,
     StorageError,
+    StoredMessage,
     StoreUnavailable,
     utcnow,
     utcnow_precise,
 )
-from bot.store import TABLES
+from bot.store import TABLES, TurnReads
 from storage import queries, recall_index
 from storage.dialect import SQLITE
+from storage.history_cache import HistoryCache
 from storage.migrations import MIGRATIONS, MIGRATIONS_TABLE, Migration
 from storage.queries import AUDIT_ROW, MESSAGE_ROW, SQLITE_QUERIES
 from storage.sql_store import SQLStore
+from storage.sqlite_hop import in_one_hop, transaction
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 200  # exchanges per commit: 200 × 29 parameters, far below SQLite's 32,766
 Synchronous = Literal["NORMAL", "FULL"]
+T = TypeVar("T")
+AROUND_PREFETCH = FUSED_HITS  # words hits whose neighbours are read with the search
+AROUNDS_KEPT = 256  # searches whose neighbours wait for recall_around (turns in flight)
+# The rows of a turn's window not cached yet (storage/history_cache.py), by id.
+_MESSAGES_BY_ID = ("SELECT id, role, content FROM messages"
+                   " WHERE id IN (SELECT value FROM json_each(?))")
 
 
 @dataclass(slots=True)
@@ -149,6 +161,11 @@ class SQLiteStore(SQLStore):
         self.synchronous = synchronous
         self._db: aiosqlite.Connection | None = None
         self._conv_ids: dict[str, int] = {}
+        # Messages of recent turns by id: a turn reads only the rows it hasn't seen.
+        self._history = HistoryCache()
+        # The neighbours of a recall search's best hits, by (conversation, before_id):
+        # (the hits looked at, their Arounds by hit id), until recall_around asks.
+        self._arounds: dict[tuple[int, int], tuple[frozenset[int], dict[int, Around]]] = {}
         self._pending: list[_PendingExchange] = []
         self._writer: asyncio.Task[None] | None = None
         # One connection: a transaction must not interleave with another
@@ -227,6 +244,7 @@ class SQLiteStore(SQLStore):
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        # A transaction of several hand-offs: no other statement may come between.
         async with self._lock:
             await self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -245,14 +263,30 @@ class SQLiteStore(SQLStore):
     def _writing(self) -> contextlib.AbstractAsyncContextManager[aiosqlite.Connection]:
         return self._transaction()
 
+    async def _run(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`fn(conn, *args)` in one hand-off to the connection's thread (sqlite_hop).
+
+        It can't interleave with anything else, so it needs no lock, only to
+        wait for a transaction of several hand-offs (`_transaction`) to end.
+        """
+        if self._lock.locked():
+            async with self._lock:
+                return await in_one_hop(self.db, fn, *args)
+        return await in_one_hop(self.db, fn, *args)
+
+    async def _run_in_transaction(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`fn(conn, *args)` inside BEGIN IMMEDIATE … COMMIT, all in one hand-off."""
+        return await self._run(transaction, fn, *args)
+
     async def _fetch(self, sql: str, *args: Any) -> Sequence[Any]:
         # One trip to aiosqlite's thread instead of execute + fetchall + close.
-        async with self._lock:
-            return await self.db.execute_fetchall(sql, args)
+        if self._lock.locked():
+            async with self._lock:
+                return await self.db.execute_fetchall(sql, args)
+        return await self.db.execute_fetchall(sql, args)
 
     async def _write(self, sql: str, *args: Any) -> Sequence[Any]:
-        async with self._transaction() as db:
-            return await db.execute_fetchall(sql, args)
+        return await self._run_in_transaction(_fetch_all, sql, args)
 
     # -- conversations and messages
     async def conversation_id(self, ref: ConversationRef) -> int:
@@ -264,20 +298,83 @@ class SQLiteStore(SQLStore):
             return cached
         rows = await self._fetch(self.q.conversation_by_key, ref.key)
         if not rows:
-            # The one writer: nobody can insert it between the two statements.
-            async with self._transaction() as db:
-                rows = await db.execute_fetchall(
-                    self.q.conversation_insert,
-                    (ref.key, ref.platform, ref.user_id, ref.place, utcnow()))
-                if not rows:
-                    rows = await db.execute_fetchall(self.q.conversation_by_key, (ref.key,))
+            rows = await self._run_in_transaction(self._create_conversation, ref)
         return self._remember(ref.key, int(rows[0][0]))
+
+    async def _create_conversation(self, db: aiosqlite.Connection,
+                                   ref: ConversationRef) -> Sequence[Any]:
+        rows = await db.execute_fetchall(
+            self.q.conversation_insert, (ref.key, ref.platform, ref.user_id, ref.place, utcnow()))
+        if not rows:  # another process inserted it since our look-up
+            rows = await db.execute_fetchall(self.q.conversation_by_key, (ref.key,))
+        return rows
 
     def _remember(self, key: str, conversation_id: int) -> int:
         if len(self._conv_ids) >= 50_000:  # a cache, not a registry of every user
             self._conv_ids.clear()
         self._conv_ids[key] = conversation_id
         return conversation_id
+
+    async def turn_reads(
+        self, conversation_id: int, ref: ConversationRef, place_id: str | None, limit: int,
+        *, with_summary: bool, with_personas: bool,
+    ) -> TurnReads:
+        # One hand-off for the turn's reads; of the history only the ids come from
+        # the table's index, and the rows not cached from the table itself.
+        reads = await self._run(self._turn_reads, conversation_id, ref, place_id, limit,
+                                with_summary, with_personas,
+                                self._history.known(conversation_id))
+        self._history.keep(conversation_id, reads.context.history)
+        return reads
+
+    async def _turn_reads(self, db: aiosqlite.Connection, conversation_id: int,
+                          ref: ConversationRef, place_id: str | None, limit: int,
+                          with_summary: bool, with_personas: bool,
+                          known: Mapping[int, StoredMessage]) -> TurnReads:
+        q = self.q
+        rows = await db.execute_fetchall(q.turn_context_ids, (
+            conversation_id, with_summary, conversation_id, limit, ref.platform, ref.user_id))
+        ids = queries.window_ids(rows)
+        missing = [i for i in ids if i not in known]
+        if missing:
+            fetched = {m.id: m for m in queries.messages(await db.execute_fetchall(
+                _MESSAGES_BY_ID, (json.dumps(missing),)))}
+            # A row deleted since the ids were read (another process) is left out.
+            history = [m for i in ids if (m := known.get(i) or fetched.get(i)) is not None]
+        else:
+            history = [known[i] for i in ids]
+        context = queries.turn_context_by_ids(rows, history)
+        notes = queries.notes(await db.execute_fetchall(q.notes, (conversation_id,)))
+        personas = None
+        if with_personas:
+            rows = await db.execute_fetchall(q.personas_of, (ref.key, ref.platform,
+                                                             place_id or ""))
+            personas = (rows[0][0], rows[0][1]) if rows else (None, None)
+        return TurnReads(context, notes, personas)
+
+    # -- the recall index: the best hits' neighbours come with the search
+    async def recall_search(self, conversation_id: int, terms: list[str], before_id: int,
+                            limit: int) -> list[tuple[int, float]]:
+        # The turn asks for the best hits' neighbours next (bot.recaller): read
+        # them in the same hand-off, kept until asked for.
+        hits, looked, arounds = await self._run(_search_around, conversation_id, terms,
+                                                before_id, limit, AROUND_PREFETCH)
+        key = (conversation_id, before_id)
+        self._arounds.pop(key, None)
+        if looked:
+            self._arounds[key] = (looked, {a.hit.id: a for a in arounds})
+            while len(self._arounds) > AROUNDS_KEPT:
+                self._arounds.pop(next(iter(self._arounds)))
+        return hits
+
+    async def recall_around(self, conversation_id: int, ids: list[int],
+                            before_id: int) -> list[Around]:
+        got = self._arounds.pop((conversation_id, before_id), None)
+        if got is not None and got[0].issuperset(ids):
+            # A hit looked at but not found was deleted meanwhile: left out, as below.
+            return [got[1][i] for i in ids if i in got[1]]
+        # Hits beyond the prefetched ones (meaning found them): read as usual.
+        return await super().recall_around(conversation_id, ids, before_id)
 
     async def save_exchange(
         self, conversation_id: int, user_text: str, reply_text: str, audit: AuditRecord
@@ -323,29 +420,45 @@ class SQLiteStore(SQLStore):
             _succeed(batch, ids)
 
     async def _insert_exchanges(self, batch: list[_PendingExchange]) -> list[int]:
-        """Write the batch in one transaction; 0 for an exchange of a user
-        forgotten since its turn began (nothing of it is written)."""
-        async with self._transaction() as db:
-            # Inside the write lock: a `forget` is wholly before or after this.
-            recent = await db.execute_fetchall(self.q.erasures_since,
-                                               (min(e.audit.since for e in batch),))
-            live = [e for e in batch if not queries.erased(
-                recent, e.audit.platform, e.audit.user_id, e.audit.since)]
-            ids: dict[int, int] = {}
-            if live:
-                try:
-                    last = await self._insert_rows(db, live)
-                except sqlite3.IntegrityError:
-                    # A conversation erased by another process before these
-                    # turns began (a stale cached id): resolve it and retry once.
-                    await self._resolve_conversations(db, live)
-                    last = await self._insert_rows(db, live)
-                # Rows inserted by one statement take consecutive rowids.
-                ids = {id(e): n for e, n in zip(live, range(last - len(live) + 1, last + 1),
-                                                strict=True)}
-        return [ids.get(id(e), 0) for e in batch]
+        """Write the batch in one transaction (one hand-off); 0 for an exchange of a
+        user forgotten since its turn began (nothing of it is written)."""
+        written, resolved = await self._run_in_transaction(self._insert_live, batch)
+        for key, conversation_id in resolved.items():
+            self._remember(key, conversation_id)
+        for e, (_, first) in zip(batch, written, strict=True):
+            if first:  # the next turn of the conversation needs these two
+                self._history.add(e.conversation_id, (
+                    StoredMessage(first, "user", e.user_text),
+                    StoredMessage(first + 1, "assistant", e.reply_text)))
+        return [audit_id for audit_id, _ in written]
 
-    async def _insert_rows(self, db: aiosqlite.Connection, batch: list[_PendingExchange]) -> int:
+    async def _insert_live(self, db: aiosqlite.Connection, batch: list[_PendingExchange]
+                           ) -> tuple[list[tuple[int, int]], dict[str, int]]:
+        """(audit id, id of the first of its two messages) of each exchange, (0, 0)
+        where nothing was written; and the conversations resolved anew."""
+        # Inside the write lock: a `forget` is wholly before or after this.
+        recent = await db.execute_fetchall(self.q.erasures_since,
+                                           (min(e.audit.since for e in batch),))
+        live = [e for e in batch if not queries.erased(
+            recent, e.audit.platform, e.audit.user_id, e.audit.since)]
+        ids: dict[int, tuple[int, int]] = {}
+        resolved: dict[str, int] = {}
+        if live:
+            try:
+                first, last = await self._insert_rows(db, live)
+            except sqlite3.IntegrityError:
+                # A conversation erased by another process before these
+                # turns began (a stale cached id): resolve it and retry once.
+                resolved = await self._resolve_conversations(db, live)
+                first, last = await self._insert_rows(db, live)
+            # Rows inserted by one statement take consecutive rowids.
+            ids = {id(e): (last - len(live) + 1 + n, first + 2 * n)
+                   for n, e in enumerate(live)}
+        return [ids.get(id(e), (0, 0)) for e in batch], resolved
+
+    async def _insert_rows(self, db: aiosqlite.Connection,
+                           batch: list[_PendingExchange]) -> tuple[int, int]:
+        """(the first message id, the last audit id) of the rows written."""
         # Two statements whatever the batch size: one multi-row insert per table.
         messages: list[Any] = []
         audits: list[Any] = []
@@ -363,17 +476,19 @@ class SQLiteStore(SQLStore):
                 (e, t) for e in batch for t in (e.user_text, e.reply_text))])
         cur = await db.execute(
             self.q.audit_insert_head + ", ".join([AUDIT_ROW] * len(batch)), audits)
-        return int(cur.lastrowid or 0)
+        return first, int(cur.lastrowid or 0)
 
     async def _resolve_conversations(
         self, db: aiosqlite.Connection, batch: list[_PendingExchange]
-    ) -> None:
-        """Point each exchange at its conversation as it is now (created if gone)."""
+    ) -> dict[str, int]:
+        """Point each exchange at its conversation as it is now (created if gone);
+        the conversations resolved anew, by key (cached once back on the loop)."""
         wanted = sorted({e.conversation_id for e in batch})
         rows = await db.execute_fetchall(
             f"SELECT id FROM conversations WHERE id IN ({', '.join('?' * len(wanted))})",
             wanted)
         existing = {int(r[0]) for r in rows}
+        resolved: dict[str, int] = {}
         for e in batch:
             if e.conversation_id in existing:
                 continue
@@ -383,50 +498,62 @@ class SQLiteStore(SQLStore):
                 (ref.key, ref.platform, ref.user_id, ref.place, utcnow()))
             if not found:
                 found = await db.execute_fetchall(self.q.conversation_by_key, (ref.key,))
-            e.conversation_id = self._remember(ref.key, int(found[0][0]))
+            e.conversation_id = resolved[ref.key] = int(found[0][0])
             existing.add(e.conversation_id)
+        return resolved
 
     async def save_audit(self, audit: AuditRecord) -> int:
         """The record, unless its user was forgotten since `audit.since` (then 0)."""
-        async with self._transaction() as db:
-            recent = await db.execute_fetchall(self.q.erasures_since, (audit.since,))
-            if queries.erased(recent, audit.platform, audit.user_id, audit.since):
-                return 0
-            rows = await db.execute_fetchall(self.q.audit_insert, audit.values())
+        return await self._run_in_transaction(self._insert_audit, audit)
+
+    async def _insert_audit(self, db: aiosqlite.Connection, audit: AuditRecord) -> int:
+        recent = await db.execute_fetchall(self.q.erasures_since, (audit.since,))
+        if queries.erased(recent, audit.platform, audit.user_id, audit.since):
+            return 0
+        rows = await db.execute_fetchall(self.q.audit_insert, audit.values())
         return int(rows[0][0])
 
     async def reset_conversation(self, conversation_id: int) -> int:
-        async with self._transaction() as db:
-            # The words index has no foreign key (FTS5): its rows go first, by hand.
-            await recall_index.delete_conversation(db, conversation_id)
-            cur = await db.execute(self.q.delete_messages, (conversation_id,))
-            await db.execute(self.q.delete_summary, (conversation_id,))
-            await db.execute(self.q.delete_notes, (conversation_id,))
-            return int(cur.rowcount or 0)
+        removed = await self._run_in_transaction(self._reset, conversation_id)
+        self._history.drop(conversation_id)
+        self._arounds.clear()
+        return removed
+
+    async def _reset(self, db: aiosqlite.Connection, conversation_id: int) -> int:
+        # The words index has no foreign key (FTS5): its rows go first, by hand.
+        await recall_index.delete_conversation(db, conversation_id)
+        cur = await db.execute(self.q.delete_messages, (conversation_id,))
+        await db.execute(self.q.delete_summary, (conversation_id,))
+        await db.execute(self.q.delete_notes, (conversation_id,))
+        return int(cur.rowcount or 0)
 
     # -- summaries
     async def save_summary(self, conversation_id: int, text: str, upto_id: int) -> bool:
         # The single writer serialises this with a /reset: whichever is first.
-        async with self._transaction() as db:
-            cur = await db.execute(
-                self.q.save_summary,
-                (conversation_id, text, upto_id, utcnow(), upto_id, conversation_id))
-            return (cur.rowcount or 0) > 0
+        rows = await self._run_in_transaction(_rowcount, self.q.save_summary, (
+            conversation_id, text, upto_id, utcnow(), upto_id, conversation_id))
+        return rows > 0
 
     # -- operators
     async def forget_user(self, platform: str, user_id: str) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        async with self._transaction() as db:
-            for table, sql in queries.forget(self.dialect):
-                cur = await db.execute(sql, (platform, user_id))
-                if table in TABLES:  # the index is not a table of its own to report
-                    counts[table] = int(cur.rowcount or 0)
-            # In the same transaction: whatever read this user's data before
-            # now writes nothing of it later (see _insert_exchanges, save_audit).
-            await db.execute(self.q.prune_erasures, (queries.erasure_horizon(),))
-            await db.execute(self.q.record_erasure,
-                             (platform, queries.erasure_id(platform, user_id), utcnow_precise()))
+        counts = await self._run_in_transaction(self._forget, platform, user_id)
         self._conv_ids.clear()
+        self._history.clear()  # nothing of theirs stays in memory either
+        self._arounds.clear()
+        return counts
+
+    async def _forget(self, db: aiosqlite.Connection, platform: str,
+                      user_id: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for table, sql in queries.forget(self.dialect):
+            cur = await db.execute(sql, (platform, user_id))
+            if table in TABLES:  # the index is not a table of its own to report
+                counts[table] = int(cur.rowcount or 0)
+        # In the same transaction: whatever read this user's data before
+        # now writes nothing of it later (see _insert_exchanges, save_audit).
+        await db.execute(self.q.prune_erasures, (queries.erasure_horizon(),))
+        await db.execute(self.q.record_erasure,
+                         (platform, queries.erasure_id(platform, user_id), utcnow_precise()))
         return counts
 
     @contextlib.asynccontextmanager
@@ -468,6 +595,25 @@ def _succeed(batch: list[_PendingExchange], ids: list[int]) -> None:
     for item, audit_id in zip(batch, ids, strict=True):
         if not item.done.done():
             item.done.set_result(audit_id)
+
+
+async def _search_around(db: aiosqlite.Connection, conversation_id: int, terms: list[str],
+                         before_id: int, limit: int, best: int
+                         ) -> tuple[list[tuple[int, float]], frozenset[int], list[Around]]:
+    """recall_index.search, and recall_index.around of its `best` first hits."""
+    hits = await recall_index.search(db, conversation_id, terms, before_id, limit)
+    top = [i for i, _ in hits[:best]]
+    arounds = await recall_index.around(db, conversation_id, top, before_id) if top else []
+    return hits, frozenset(top), arounds
+
+
+async def _fetch_all(db: aiosqlite.Connection, sql: str,
+                     args: Sequence[Any]) -> Sequence[Any]:
+    return await db.execute_fetchall(sql, args)
+
+
+async def _rowcount(db: aiosqlite.Connection, sql: str, args: Sequence[Any]) -> int:
+    return int((await db.execute(sql, args)).rowcount or 0)
 
 
 def _to_sqlite(value: Any) -> Any:

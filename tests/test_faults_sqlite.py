@@ -10,6 +10,7 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -96,16 +97,14 @@ async def test_group_commit_under_lock_contention_waits_once(tmp_path: Path) -> 
     try:
         conv = await store.conversation_id(REF)
         transactions = 0
-        plain = store._transaction
+        plain = store._run_in_transaction
 
-        @contextlib.asynccontextmanager
-        async def counted() -> AsyncIterator[object]:
+        async def counted(fn: Any, *args: Any) -> Any:
             nonlocal transactions
             transactions += 1
-            async with plain() as db:
-                yield db
+            return await plain(fn, *args)
 
-        store._transaction = counted  # type: ignore[method-assign]
+        store._run_in_transaction = counted  # type: ignore[method-assign]
 
         def record(i: int) -> AuditRecord:
             return AuditRecord(platform="telegram", user_id="1", chat_id="c",
