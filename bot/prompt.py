@@ -11,8 +11,10 @@ first user message instead, for templates without a system role.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,7 +91,9 @@ class PromptPlan:
         self._base = math.ceil(PROMPT_OVERHEAD * factor) \
             + sum(self._cost(e["content"]) for e in self._shown)
         self._new_cost = self._cost(new_text)
-        self._costs: list[int] = []  # history's costs, newest first, as far as needed
+        # Running totals of the history's costs, newest first, as far as needed:
+        # _spent[k] is what the k newest stored messages cost together.
+        self._spent: list[int] = [0]
         self._texts: dict[str, int] = {}  # system texts already costed
 
     def _cost(self, text: str) -> int:
@@ -103,13 +107,19 @@ class PromptPlan:
             cost = self._texts[text] = self._cost(text)
         return cost
 
-    def _history_cost(self, k: int) -> int:
-        """The cost of the k-th newest stored message (0: the newest)."""
-        costs = self._costs
+    def _spend_up_to(self, room: int) -> None:
+        """Cost older messages until their running total passes `room` (or none are left)."""
+        spent = self._spent
         history = self._history
-        while len(costs) <= k:
-            costs.append(self._cost(history[-1 - len(costs)].content))
-        return costs[k]
+        counter, factor = self._counter, self._factor
+        total = spent[-1]
+        while total <= room and len(spent) <= len(history):
+            # A few at a time: a window stops well before a long history's start.
+            done = len(spent) - 1
+            for m in reversed(history[max(0, len(history) - done - 16):len(history) - done]):
+                c = counter(m.content) + MESSAGE_OVERHEAD
+                total += c if factor == 1.0 else math.ceil(c * factor)
+                spent.append(total)
 
     def _window(self, budget: int, sections: Sequence[tuple[str, str]],
                 late_sections: Sequence[tuple[str, str]]) -> tuple[str, bool, int, int]:
@@ -128,21 +138,15 @@ class PromptPlan:
             if used + extra <= budget:
                 full_system, used, summary_used = with_summary, used + extra, True
         history = self._history
-        costs = self._costs  # inlined _history_cost: this loop runs per message
-        kept = 0
-        while kept < len(history):
-            if kept == len(costs):
-                costs.append(self._cost(history[-1 - kept].content))
-            c = costs[kept]
-            if used + c > budget:
-                break
-            used += c
-            kept += 1
+        room = budget - used
+        self._spend_up_to(room)
+        spent = self._spent
+        # The most newest messages whose costs fit the room together.
+        kept = bisect.bisect_right(spent, room) - 1
         # A reply without the question it answers misleads the model.
         while kept and history[len(history) - kept].role == "assistant":
             kept -= 1
-            used -= self._history_cost(kept)
-        return full_system, summary_used, kept, used
+        return full_system, summary_used, kept, used + spent[kept]
 
     def oldest_kept(self, budget: int, sections: Sequence[tuple[str, str]] = ()) \
             -> tuple[int | None, int]:
@@ -158,15 +162,12 @@ class PromptPlan:
         full_system, summary_used, kept, used = self._window(budget, sections, late_sections)
         history = self._history
         window = history[len(history) - kept:] if kept else ()
-        # Strictly alternating turns: consecutive turns of one role merge.
-        turns: list[dict[str, Any]] = []
-        for role, content in itertools.chain(
-                ((e["role"], e["content"]) for e in self._shown),
-                ((m.role, m.content) for m in window), (("user", self._new_text),)):
-            if turns and turns[-1]["role"] == role:
-                turns[-1]["content"] = f"{turns[-1]['content']}\n\n{content}"
-            else:
-                turns.append({"role": role, "content": content})
+        turns = [{"role": e["role"], "content": e["content"]} for e in self._shown]
+        turns += [{"role": m.role, "content": m.content} for m in window]
+        turns.append({"role": "user", "content": self._new_text})
+        roles = [t["role"] for t in turns]
+        if any(map(operator.eq, roles, itertools.islice(roles, 1, None))):
+            turns = _alternating(turns)
         if self._system_as_user:
             first = turns[0]["content"]
             head = f"{full_system}\n\n{first}" if full_system else first
@@ -181,6 +182,17 @@ class PromptPlan:
             summary_used=summary_used,
             tokens=used,
         )
+
+
+def _alternating(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Strictly alternating turns: consecutive turns of one role merge."""
+    out: list[dict[str, Any]] = []
+    for t in turns:
+        if out and out[-1]["role"] == t["role"]:
+            out[-1]["content"] = f"{out[-1]['content']}\n\n{t['content']}"
+        else:
+            out.append(t)
+    return out
 
 
 def build_prompt(

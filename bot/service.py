@@ -764,6 +764,8 @@ class ChatService:
                 if with_personas and reads.personas is not None else NO_PERSONA
             model = audit.model = await self._persona_model(persona, model)
             audit.persona = persona.name
+        except StoreUnavailable:
+            raise  # said as such by the turn (_chat)
         except Exception as exc:
             log.exception("storage failed before the model call")
             audit.status, audit.error = "error", f"storage: {type(exc).__name__}: {exc}"

@@ -10,8 +10,9 @@ It can never serve a stale message: a stored message is never changed and its
 id is never reused (migration 004), and the ids always come from the
 database, so a message deleted meanwhile (/reset, forget, in any process) is
 simply not asked for. Bounded by the characters it keeps, least recently used
-conversation first. Owned by the event loop: the database's thread only reads
-a conversation's mapping, which is replaced, never changed in place.
+conversation first. Owned by the event loop; the database's thread only looks
+ids up in a conversation's mapping during that conversation's turn (single
+dict look-ups and inserts are atomic under the GIL).
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from types import MappingProxyType
 from bot.records import StoredMessage
 
 DEFAULT_MAX_CHARS = 16_000_000  # characters of message text kept, all conversations
+SLACK = 16  # messages a conversation may keep beyond its last window before a rebuild
 EMPTY: Mapping[int, StoredMessage] = MappingProxyType({})
 
 
 class HistoryCache:
     def __init__(self, max_chars: int = DEFAULT_MAX_CHARS) -> None:
         self.max_chars = max_chars
-        self._by_conversation: OrderedDict[int, tuple[dict[int, StoredMessage], int]] = \
+        # conversation → (its messages by id, their characters), least recent first
+        self._by_conversation: OrderedDict[int, tuple[dict[int, StoredMessage], list[int]]] = \
             OrderedDict()
         self._chars = 0
 
@@ -38,20 +41,38 @@ class HistoryCache:
         got = self._by_conversation.get(conversation_id)
         return got[0] if got is not None else EMPTY
 
-    def keep(self, conversation_id: int, messages: Iterable[StoredMessage]) -> None:
-        """The conversation's window as just loaded: it replaces what was kept."""
-        self._put(conversation_id, {m.id: m for m in messages})
+    def keep(self, conversation_id: int, window: list[StoredMessage], *,
+             all_known: bool) -> None:
+        """The conversation's window as just loaded; `all_known`: every message of it
+        came from `known`. What the window no longer holds goes, SLACK at a time."""
+        got = self._by_conversation.get(conversation_id)
+        if got is not None and all_known and len(got[0]) - len(window) <= SLACK:
+            self._by_conversation.move_to_end(conversation_id)
+            return
+        self.drop(conversation_id)
+        chars = sum(len(m.content) for m in window)
+        if chars > self.max_chars:
+            return
+        self._by_conversation[conversation_id] = ({m.id: m for m in window}, [chars])
+        self._grew(chars)
 
     def add(self, conversation_id: int, messages: Iterable[StoredMessage]) -> None:
         """Messages just stored, if the conversation is kept (its next turn needs them)."""
         got = self._by_conversation.get(conversation_id)
-        if got is not None:
-            self._put(conversation_id, {**got[0], **{m.id: m for m in messages}})
+        if got is None:
+            return
+        by_id, chars = got
+        n = 0
+        for m in messages:
+            by_id[m.id] = m
+            n += len(m.content)
+        chars[0] += n
+        self._grew(n)
 
     def drop(self, conversation_id: int) -> None:
         got = self._by_conversation.pop(conversation_id, None)
         if got is not None:
-            self._chars -= got[1]
+            self._chars -= got[1][0]
 
     def clear(self) -> None:
         self._by_conversation.clear()
@@ -60,13 +81,8 @@ class HistoryCache:
     def __len__(self) -> int:
         return sum(len(m) for m, _ in self._by_conversation.values())
 
-    def _put(self, conversation_id: int, messages: dict[int, StoredMessage]) -> None:
-        self.drop(conversation_id)
-        chars = sum(len(m.content) for m in messages.values())
-        if chars > self.max_chars:
-            return
-        self._by_conversation[conversation_id] = (messages, chars)
+    def _grew(self, chars: int) -> None:
         self._chars += chars
-        while self._chars > self.max_chars:
+        while self._chars > self.max_chars and self._by_conversation:
             _, (_, gone) = self._by_conversation.popitem(last=False)
-            self._chars -= gone
+            self._chars -= gone[0]

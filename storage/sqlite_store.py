@@ -40,6 +40,7 @@ from storage.history_cache import HistoryCache
 from storage.migrations import MIGRATIONS, MIGRATIONS_TABLE, Migration
 from storage.queries import AUDIT_ROW, MESSAGE_ROW, SQLITE_QUERIES
 from storage.sql_store import SQLStore
+from storage.sqlite_checkpoint import Checkpointer
 from storage.sqlite_hop import in_one_hop, transaction
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,15 @@ def _identity(path: str) -> tuple[int, int] | None:
     except FileNotFoundError:
         return None
     return st.st_dev, st.st_ino
+
+
+class _FileChanged(Exception):
+    """The database's path no longer names the file the store opened (raised on its
+    thread; the store turns it into StoreUnavailable, logged once)."""
+
+    def __init__(self, found: tuple[int, int] | None) -> None:
+        super().__init__(found)
+        self.found = found
 
 
 def _ref_of(audit: AuditRecord) -> ConversationRef:
@@ -168,6 +178,7 @@ class SQLiteStore(SQLStore):
         self._arounds: dict[tuple[int, int], tuple[frozenset[int], dict[int, Around]]] = {}
         self._pending: list[_PendingExchange] = []
         self._writer: asyncio.Task[None] | None = None
+        self._checkpointer: Checkpointer | None = None
         # One connection: a transaction must not interleave with another
         # coroutine's statements, so every use takes this lock.
         self._lock = asyncio.Lock()
@@ -195,6 +206,10 @@ class SQLiteStore(SQLStore):
             await migrate(self._db, progress=self.on_migration)
             if self.path != ":memory:":
                 self._file = await asyncio.to_thread(_identity, self.path)
+                # Checkpoints beside the turns, not in their commits (sqlite_checkpoint).
+                await self._db.execute("PRAGMA wal_autocheckpoint = 0")
+                self._checkpointer = Checkpointer(self.path, self.synchronous)
+                await self._checkpointer.open()
         except (OSError, sqlite3.Error, StorageError) as exc:
             await self.close()
             raise StorageError(f"cannot use database {self.path!r}: {exc}") from None
@@ -214,6 +229,9 @@ class SQLiteStore(SQLStore):
         if self._writer is not None and not self._writer.done():
             with contextlib.suppress(Exception):
                 await self._writer  # exchanges already acknowledged are written
+        if self._checkpointer is not None:
+            await self._checkpointer.close()
+            self._checkpointer = None
         if self._db is not None:
             db, self._db = self._db, None
             with contextlib.suppress(Exception):
@@ -224,6 +242,9 @@ class SQLiteStore(SQLStore):
 
         Writes would go to a deleted file (lost at exit) or another database
         would be used unannounced: neither may happen silently. Logged once.
+        A turn's reads and every write transaction check it themselves, on
+        the database's thread (a stat in the same hand-off); this is for the
+        rest, at most once every `file_check_every` seconds.
         """
         if self._lost is not None:
             raise StoreUnavailable(self._lost)
@@ -234,13 +255,23 @@ class SQLiteStore(SQLStore):
             return
         self._next_file_check = now + self.file_check_every
         found = await asyncio.to_thread(_identity, self.path)
-        if found == self._file:
-            return
-        what = "deleted" if found is None else "replaced by another file"
-        self._lost = (f"database file {self.path} was {what} while the bot ran; "
-                      "not taking turns (restart the bot to use what is there now)")
-        log.error("%s", self._lost)
-        raise StoreUnavailable(self._lost)
+        if found != self._file:
+            raise self._file_lost(found)
+
+    def _file_lost(self, found: tuple[int, int] | None) -> StoreUnavailable:
+        if self._lost is None:
+            what = "deleted" if found is None else "replaced by another file"
+            self._lost = (f"database file {self.path} was {what} while the bot ran; "
+                          "not taking turns (restart the bot to use what is there now)")
+            log.error("%s", self._lost)
+        return StoreUnavailable(self._lost)
+
+    def _on_file(self) -> None:
+        """On the database's thread: raise _FileChanged unless the path is still our file."""
+        if self._file is not None:
+            found = _identity(self.path)
+            if found != self._file:
+                raise _FileChanged(found)
 
     @contextlib.asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -254,6 +285,11 @@ class SQLiteStore(SQLStore):
                     await self.db.execute("ROLLBACK")
                 raise
             await self.db.execute("COMMIT")
+        self._wrote()
+
+    def _wrote(self) -> None:
+        if self._checkpointer is not None and self._lost is None:
+            self._checkpointer.wrote()
 
     @contextlib.asynccontextmanager
     async def _reading(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -269,14 +305,27 @@ class SQLiteStore(SQLStore):
         It can't interleave with anything else, so it needs no lock, only to
         wait for a transaction of several hand-offs (`_transaction`) to end.
         """
-        if self._lock.locked():
-            async with self._lock:
-                return await in_one_hop(self.db, fn, *args)
-        return await in_one_hop(self.db, fn, *args)
+        try:
+            if self._lock.locked():
+                async with self._lock:
+                    return await in_one_hop(self.db, fn, *args)
+            return await in_one_hop(self.db, fn, *args)
+        except _FileChanged as exc:
+            raise self._file_lost(exc.found) from None
 
     async def _run_in_transaction(self, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """`fn(conn, *args)` inside BEGIN IMMEDIATE … COMMIT, all in one hand-off."""
-        return await self._run(transaction, fn, *args)
+        """`fn(conn, *args)` inside BEGIN IMMEDIATE … COMMIT, all in one hand-off, on
+        the file the store opened (StoreUnavailable, nothing written, if not)."""
+        if self._lost is not None:
+            raise StoreUnavailable(self._lost)
+        result = await self._run(self._transaction_on_file, fn, *args)
+        self._wrote()
+        return result
+
+    async def _transaction_on_file(self, conn: aiosqlite.Connection,
+                                   fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        self._on_file()
+        return await transaction(conn, fn, *args)
 
     async def _fetch(self, sql: str, *args: Any) -> Sequence[Any]:
         # One trip to aiosqlite's thread instead of execute + fetchall + close.
@@ -321,16 +370,18 @@ class SQLiteStore(SQLStore):
     ) -> TurnReads:
         # One hand-off for the turn's reads; of the history only the ids come from
         # the table's index, and the rows not cached from the table itself.
-        reads = await self._run(self._turn_reads, conversation_id, ref, place_id, limit,
-                                with_summary, with_personas,
-                                self._history.known(conversation_id))
-        self._history.keep(conversation_id, reads.context.history)
+        reads, all_known = await self._run(self._turn_reads, conversation_id, ref, place_id,
+                                           limit, with_summary, with_personas,
+                                           self._history.known(conversation_id))
+        self._history.keep(conversation_id, reads.context.history, all_known=all_known)
         return reads
 
     async def _turn_reads(self, db: aiosqlite.Connection, conversation_id: int,
                           ref: ConversationRef, place_id: str | None, limit: int,
                           with_summary: bool, with_personas: bool,
-                          known: Mapping[int, StoredMessage]) -> TurnReads:
+                          known: Mapping[int, StoredMessage]) -> tuple[TurnReads, bool]:
+        """The reads, and whether every message of the window was in `known`."""
+        self._on_file()  # a turn starts only on the file we opened
         q = self.q
         rows = await db.execute_fetchall(q.turn_context_ids, (
             conversation_id, with_summary, conversation_id, limit, ref.platform, ref.user_id))
@@ -350,7 +401,7 @@ class SQLiteStore(SQLStore):
             rows = await db.execute_fetchall(q.personas_of, (ref.key, ref.platform,
                                                              place_id or ""))
             personas = (rows[0][0], rows[0][1]) if rows else (None, None)
-        return TurnReads(context, notes, personas)
+        return TurnReads(context, notes, personas), not missing
 
     # -- the recall index: the best hits' neighbours come with the search
     async def recall_search(self, conversation_id: int, terms: list[str], before_id: int,
@@ -379,7 +430,8 @@ class SQLiteStore(SQLStore):
     async def save_exchange(
         self, conversation_id: int, user_text: str, reply_text: str, audit: AuditRecord
     ) -> int:
-        await self.check_file()
+        if self._lost is not None:  # the write checks the file itself (_run_in_transaction)
+            raise StoreUnavailable(self._lost)
         # Group commit: exchanges that finish while a commit is under way are
         # written together in the next one. Each caller still returns only
         # once its own exchange is committed, whole.
@@ -396,7 +448,7 @@ class SQLiteStore(SQLStore):
             batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
             try:
                 ids = await self._insert_exchanges(batch)
-            except sqlite3.OperationalError as exc:
+            except (sqlite3.OperationalError, StoreUnavailable) as exc:
                 # The write lock (another process) or the file itself: each
                 # exchange alone would wait the busy timeout again. The batch
                 # waited once; it fails together, and so do the exchanges that
@@ -409,7 +461,7 @@ class SQLiteStore(SQLStore):
                 for i, item in enumerate(batch):
                     try:
                         (audit_id,) = await self._insert_exchanges([item])
-                    except sqlite3.OperationalError as exc:
+                    except (sqlite3.OperationalError, StoreUnavailable) as exc:
                         _fail(batch[i:], exc)  # bounded: no second wait per exchange
                         break
                     except Exception as exc:
@@ -559,8 +611,10 @@ class SQLiteStore(SQLStore):
     @contextlib.asynccontextmanager
     async def conversation_lock(self, key: str, wait: float) -> AsyncIterator[None]:
         # One process owns a SQLite file; the service's own per-conversation
-        # ordering is the lock. A turn starts only on the file we opened.
-        await self.check_file()
+        # ordering is the lock. A turn starts only on the file we opened: its
+        # reads check (turn_reads), without a hand-off of their own.
+        if self._lost is not None:
+            raise StoreUnavailable(self._lost)
         yield
 
     # -- copy-db

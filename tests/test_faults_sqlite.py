@@ -44,7 +44,7 @@ async def test_database_file_deleted_or_replaced_stops_turns(
     settings = make_settings(DATABASE_URL=f"sqlite:///{path}")
     async with open_service(settings) as svc:
         assert isinstance(svc.store, SQLiteStore)
-        svc.store.file_check_every = 0  # check every turn (default: at most once a second)
+        # Every turn checks, within its own reads and writes (no once-a-second lag).
         assert await ask(svc, "remember me") == "You said: remember me"
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):

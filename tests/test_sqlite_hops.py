@@ -73,7 +73,8 @@ async def test_a_chat_turn_reads_in_one_hand_off_and_stores_in_one(
         assert reply
         # The context, notes and language in one; the recall search with its hits'
         # neighbours in one; both messages, their words index and the audit row in one.
-        assert dict(hand_offs) == {"_turn_reads": 1, "_search_around": 1, "transaction": 1}
+        assert dict(hand_offs) == {"_turn_reads": 1, "_search_around": 1,
+                                   "_transaction_on_file": 1}
         assert service.recaller.last(conv).recalled.messages  # type: ignore[union-attr]
         db = service.store.db  # type: ignore[attr-defined]
         rows = await db.execute_fetchall("SELECT role, content FROM messages ORDER BY id")
@@ -180,3 +181,45 @@ async def test_code_that_awaits_anything_but_the_connection_is_refused(
     with pytest.raises(RuntimeError, match="awaited something other than its connection"):
         await store._run(sleeps)
     assert await store.applied_migrations()  # the connection is fine
+
+
+async def test_wal_checkpoints_happen_beside_the_commits(store: SQLiteStore,
+                                                        tmp_path: Path) -> None:
+    # No commit checkpoints (one would make its whole group commit wait); the
+    # store's own checkpointer, on its own connection, does after writes.
+    assert (await store.db.execute_fetchall("PRAGMA wal_autocheckpoint"))[0][0] == 0
+    conv = await store.conversation_id(REF)
+    for i in range(30):
+        await store.save_exchange(conv, f"q{i} " * 300, f"a{i} " * 300, audit())
+    checkpointer = store._checkpointer
+    assert checkpointer is not None and checkpointer.checkpoints == 0
+    await checkpointer.flush()
+    assert checkpointer.checkpoints == 1
+    with sqlite3.connect(tmp_path / "bot.db") as other:
+        busy, frames, done = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert busy == 0 and frames > 0 and done == frames  # everything was already copied
+
+
+def test_the_history_cache_is_bounded_by_characters_and_drops_what_left_the_window(
+) -> None:
+    from bot.records import StoredMessage
+    from storage.history_cache import SLACK, HistoryCache
+
+    def window(conv: int, first: int, n: int) -> list[StoredMessage]:
+        return [StoredMessage(conv * 1000 + i, "user", "x" * 10)
+                for i in range(first, first + n)]
+
+    cache = HistoryCache(max_chars=250)
+    cache.keep(1, window(1, 0, 10), all_known=False)
+    cache.keep(2, window(2, 0, 10), all_known=False)
+    assert len(cache) == 20
+    cache.keep(1, window(1, 0, 10), all_known=True)  # conversation 1 is the recent one
+    cache.keep(3, window(3, 0, 10), all_known=False)  # 300 characters: 2 goes
+    assert dict(cache.known(2)) == {} and len(cache.known(1)) == 10
+    # A window that moves on: what it left behind goes once it passes SLACK.
+    big = HistoryCache()
+    big.keep(1, window(1, 0, 5), all_known=False)
+    for turn in range(1, SLACK + 2):
+        big.add(1, window(1, 4 + turn, 1))
+        big.keep(1, window(1, turn, 5), all_known=True)
+    assert len(big.known(1)) <= 5 + SLACK
