@@ -196,16 +196,15 @@ _SEARCH_AROUND_POSTGRES = _SEARCH_POSTGRES + """, best AS (
 )
 SELECT 0, id, score, NULL::int, NULL::bigint, NULL, NULL, NULL FROM ranked
 UNION ALL
-SELECT 1, h, NULL, 0, m.id, m.role, m.content, m.created_at FROM best
-    JOIN messages m ON m.id = best.h AND m.conversation_id = $1 AND m.id < $3
-UNION ALL
-SELECT 1, h, NULL, -1, p.id, p.role, p.content, p.created_at FROM best,
-    LATERAL (SELECT id, role, content, created_at FROM messages
-             WHERE conversation_id = $1 AND id < best.h ORDER BY id DESC LIMIT 1) p
+SELECT 1, h, NULL, m.side, m.id, m.role, m.content, m.created_at FROM best,
+    LATERAL (SELECT CASE WHEN id = best.h THEN 0 ELSE -1 END AS side, id, role, content,
+             created_at FROM messages WHERE conversation_id = $1 AND id <= best.h AND id < $3
+             ORDER BY conversation_id DESC, id DESC LIMIT 2) m
 UNION ALL
 SELECT 1, h, NULL, 1, n.id, n.role, n.content, n.created_at FROM best,
     LATERAL (SELECT id, role, content, created_at FROM messages
-             WHERE conversation_id = $1 AND id > best.h AND id < $3 ORDER BY id LIMIT 1) n
+             WHERE conversation_id = $1 AND id > best.h AND id < $3
+             ORDER BY conversation_id, id LIMIT 1) n
 """
 
 
@@ -284,17 +283,20 @@ SELECT h.id, 1, m.id, m.role, m.content, m.created_at FROM h
     JOIN messages m ON m.id = (SELECT min(id) FROM messages
                                WHERE conversation_id = ?2 AND id > h.id AND id < ?3)
 """
+# PostgreSQL: a hit and the message before it in one descent of the conversation's
+# index (the two newest at or below the hit: no row of its own when it is gone, and
+# then its Around is left out), the one after in another. The index's own order, so
+# a generic plan can't walk the primary key past other conversations' rows instead.
 _AROUND_POSTGRES = """
-SELECT h, 0, m.id, m.role, m.content, m.created_at FROM unnest($1::bigint[]) h
-    JOIN messages m ON m.id = h AND m.conversation_id = $2 AND m.id < $3
-UNION ALL
-SELECT h, -1, p.id, p.role, p.content, p.created_at FROM unnest($1::bigint[]) h,
-    LATERAL (SELECT id, role, content, created_at FROM messages
-             WHERE conversation_id = $2 AND id < h ORDER BY id DESC LIMIT 1) p
+SELECT h, m.side, m.id, m.role, m.content, m.created_at FROM unnest($1::bigint[]) h,
+    LATERAL (SELECT CASE WHEN id = h THEN 0 ELSE -1 END AS side, id, role, content,
+             created_at FROM messages WHERE conversation_id = $2 AND id <= h AND id < $3
+             ORDER BY conversation_id DESC, id DESC LIMIT 2) m
 UNION ALL
 SELECT h, 1, n.id, n.role, n.content, n.created_at FROM unnest($1::bigint[]) h,
     LATERAL (SELECT id, role, content, created_at FROM messages
-             WHERE conversation_id = $2 AND id > h AND id < $3 ORDER BY id LIMIT 1) n
+             WHERE conversation_id = $2 AND id > h AND id < $3
+             ORDER BY conversation_id, id LIMIT 1) n
 """
 
 
@@ -316,10 +318,13 @@ async def around(conn: Any, conversation_id: int, ids: Sequence[int],
 def _arounds(ids: Sequence[int], rows: Iterable[Sequence[Any]]) -> list[Around]:
     """(hit, side, id, role, content, created_at) rows as each hit's Around, in `ids`
     order; a hit without its own row (not in the conversation) is left out."""
+    # Both drivers return integers already: no int() per value (up to 75 rows a turn).
     found: dict[int, dict[int, RecallMessage]] = {}
     for hit, side, mid, role, content, created in rows:
-        found.setdefault(int(hit), {})[int(side)] = RecallMessage(int(mid), role, content,
-                                                                   created)
+        sides = found.get(hit)
+        if sides is None:
+            sides = found[hit] = {}
+        sides[side] = RecallMessage(mid, role, content, created)
     out = []
     for i in ids:
         sides = found.get(i)
