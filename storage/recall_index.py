@@ -157,19 +157,23 @@ async def search(conn: Any, conversation_id: int, terms: Sequence[str], before_i
 
 # PostgreSQL's search, as SQLite's: each term's matches counted newest first up to
 # MAX_CANDIDATES + 1 (recall_postings' primary key, read backwards); the rarest terms
-# kept while their matches fit; the newest MAX_CANDIDATES matches of those ranked by
+# kept while their matches fit (of terms past the cap, the one whose count reached
+# furthest back: see _SEARCH_SQLITE); the newest MAX_CANDIDATES matches of those ranked by
 # ts_rank with every query term. Only this conversation's messages older than $3.
 # Arguments: conversation, terms (text[]), before_id, limit, tsquery, cap.
 _SEARCH_POSTGRES = """
 WITH counted AS MATERIALIZED (  -- counted once, not per reference
-    SELECT t.term, (SELECT count(*) FROM (
-        SELECT 1 FROM recall_postings p WHERE p.conversation_id = $1 AND p.term = t.term
-        AND p.message_id < $3 ORDER BY p.message_id DESC LIMIT $6 + 1) AS x) AS n
-    FROM unnest($2::text[]) AS t(term)
+    SELECT t.term, c.n, CASE WHEN c.n > $6 THEN c.oldest ELSE 0 END AS depth
+    FROM unnest($2::text[]) AS t(term), LATERAL (
+        SELECT count(*) AS n, min(x.message_id) AS oldest FROM (
+            SELECT p.message_id FROM recall_postings p WHERE p.conversation_id = $1
+            AND p.term = t.term AND p.message_id < $3 ORDER BY p.message_id DESC
+            LIMIT $6 + 1) AS x) AS c
 ), kept AS (
     SELECT term FROM (
         SELECT term, row_number() OVER w AS rank, sum(n) OVER w AS running
-        FROM counted WHERE n > 0 WINDOW w AS (ORDER BY n, term ROWS UNBOUNDED PRECEDING)
+        FROM counted WHERE n > 0
+        WINDOW w AS (ORDER BY n, depth, term ROWS UNBOUNDED PRECEDING)
     ) AS s WHERE rank = 1 OR running <= $6
 ), candidates AS (
     SELECT DISTINCT x.message_id FROM kept, LATERAL (
@@ -225,22 +229,29 @@ async def search_around(conn: asyncpg.Connection, conversation_id: int, terms: S
 # SQLite's search in one statement (one thread hop): each term's matches before ?3
 # counted newest first up to MAX_CANDIDATES + 1 (at most that many rowids of its
 # doclist, whatever the history's size; the words table's vocabulary would count a
-# common term's every match); the rarest terms kept while their matches fit (ties
-# by name; the first is always kept); bm25 over the newest MAX_CANDIDATES matches
-# of those. Terms are quoted FTS5 strings, so no query syntax gets through; with
-# no term in the conversation the query names a token no message has ("0x").
+# common term's every match); the rarest terms kept while their matches fit (the
+# first is always kept). Terms past the cap tie on their count, so the rarer is
+# the one whose newest matches reach further back (the oldest rowid read: "guitar"
+# over "evening" in "tips for learning the guitar in the evenings"; by name, the
+# choice was the alphabet's, and a common term's bm25 also pays for scoring its
+# every match, many thousands in a long history); other ties by name. bm25 over
+# the newest MAX_CANDIDATES matches of those. Terms are quoted FTS5 strings, so no
+# query syntax gets through; with no term in the conversation the query names a
+# token no message has ("0x").
 # Arguments: terms (JSON), conversation, before_id, cap, limit.
 _SEARCH_SQLITE = """
 WITH t(term) AS (SELECT value FROM json_each(?1)),
-counted AS (
-    SELECT term, (SELECT count(*) FROM (
-        SELECT rowid FROM recall_fts WHERE recall_fts MATCH
+packed AS (  -- count << 40 | how far back the capped count reached (one subquery)
+    SELECT term, (SELECT count(*) << 40 | CASE WHEN count(*) > ?4 THEN min(rowid) ELSE 0 END
+        FROM (SELECT rowid FROM recall_fts WHERE recall_fts MATCH
             'terms : "' || ?2 || 'x' || replace(term, '"', '""') || '"'
-        AND rowid < ?3 ORDER BY rowid DESC LIMIT ?4 + 1)) AS n
+        AND rowid < ?3 ORDER BY rowid DESC LIMIT ?4 + 1)) AS key
     FROM t
+), counted AS (
+    SELECT term, key >> 40 AS n, key FROM packed
 ), ordered AS (
     SELECT term, sum(n) OVER w AS running, row_number() OVER w AS rank
-    FROM counted WHERE n > 0 WINDOW w AS (ORDER BY n, term ROWS UNBOUNDED PRECEDING)
+    FROM counted WHERE n > 0 WINDOW w AS (ORDER BY key, term ROWS UNBOUNDED PRECEDING)
 ), kept(q) AS (
     SELECT 'terms : (' || group_concat('"' || ?2 || 'x' || replace(term, '"', '""') || '"',
                                        ' OR ') || ')'
