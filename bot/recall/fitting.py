@@ -90,17 +90,47 @@ def fit_recalled(
     by_id: dict[int, RecallMessage] = {}
     hits: list[int] = []
     used = 0
+    bare: dict[tuple[str, str], int] = {}  # (date, role) → a line's cost without content
+
+    def floor(msg: RecallMessage) -> int:
+        # A line with its content costs at least the line without: the counter
+        # grows with the text (as longest_prefix needs), and this is its prefix.
+        key = (msg.created_at[:10], msg.role)
+        if key not in bare:
+            bare[key] = cost("\n" + render_line(msg, ""))
+        return bare[key]
+
+    def may_fit(msg: RecallMessage, line: str, left: int) -> bool:
+        # Once the hits have filled the room, most neighbours don't fit, and a cold
+        # count costs about 20 µs a line: a line whose beginning alone costs more
+        # than what is left is out without counting the rest. Cut before a space
+        # (not inside a word, whose fragment can cost more than the word) the
+        # beginning's pieces are the line's, so it costs no more than the line.
+        # Date and speaker cost about 16 tokens, so two characters of text a token
+        # left usually settle it (English runs about four a token, CJK under one).
+        if floor(msg) > left:
+            return False
+        start = len(line) - len(msg.content)
+        end = start + 2 * (left + 1)
+        if end >= len(line):  # short enough to count whole
+            return True
+        cut = line.rfind(" ", start, end + 1)
+        while cut > start and line[cut - 1] == " ":
+            cut -= 1
+        return cut <= start or cost("\n" + line[:cut]) <= left
 
     def take(msg: RecallMessage, clip: bool) -> bool:
         nonlocal used
         if msg.id in chosen:
             return True
         line = render_line(msg)
+        if not clip and not may_fit(msg, line, room - used):
+            return False
         c = cost("\n" + line)
         if used + c > room:
-            if not clip:  # most neighbours, once the hits have filled the room
+            if not clip:
                 return False
-            left = room - used - cost("\n" + render_line(msg, "")) - cost(ELLIPSIS)
+            left = room - used - floor(msg) - cost(ELLIPSIS)
             if left < MIN_CLIP_TOKENS:
                 return False
             keep = longest_prefix(msg.content, int(left / factor), counter)
