@@ -106,18 +106,23 @@ def fit_recalled(
         # than what is left is out without counting the rest. Cut before a space
         # (not inside a word, whose fragment can cost more than the word) the
         # beginning's pieces are the line's, so it costs no more than the line.
-        # Date and speaker cost about 16 tokens, so two characters of text a token
-        # left usually settle it (English runs about four a token, CJK under one).
-        if floor(msg) > left:
+        # Its text must cost `need` more than date and speaker: first two
+        # characters a token (rare words, CJK), then eight (English runs four).
+        bare_cost = floor(msg)
+        if bare_cost > left:
             return False
         start = len(line) - len(msg.content)
-        end = start + 2 * (left + 1)
-        if end >= len(line):  # short enough to count whole
-            return True
-        cut = line.rfind(" ", start, end + 1)
-        while cut > start and line[cut - 1] == " ":
-            cut -= 1
-        return cut <= start or cost("\n" + line[:cut]) <= left
+        need = left - bare_cost + 1
+        for chars in (2 * need, 8 * need):
+            end = start + chars
+            if end >= len(line):  # short enough to count whole
+                return True
+            cut = line.rfind(" ", start, end + 1)
+            while cut > start and line[cut - 1] == " ":
+                cut -= 1
+            if cut > start and cost("\n" + line[:cut]) > left:
+                return False
+        return True
 
     def take(msg: RecallMessage, clip: bool) -> bool:
         nonlocal used
