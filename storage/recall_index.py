@@ -33,12 +33,14 @@ MIGRATION_NAME = "009_recall"  # the step of storage/migrations.py that makes th
 
 MAX_POSITION = 16383  # PostgreSQL's largest tsvector position
 # Both backends rank at most this many candidate matches, the newest first: ranking
-# costs per match (bm25 about 3 µs each here), and a long history must not make a
-# turn slower (250: a 1,000,000-message history's recall within 2.5 × a 1,000's).
+# costs per match (bm25 about 0.8 µs each here, ts_rank with its row about 1 µs),
+# and a long history must not make a turn slower: 200 keeps a 1,000,000-message
+# history's recall within 2.5 × a 1,000's on both (250 measured 2.4-2.7; the
+# memory benchmark's words-only figures are the same at 150, 200 and 250).
 # The rarest terms are kept whole (terms go in rarest first while their matches
 # fit); a term too common to fit says little about any one message anyway (its idf
 # is near zero).
-MAX_CANDIDATES = 250
+MAX_CANDIDATES = 200
 
 
 def _is_sqlite(conn: Any) -> bool:

@@ -245,3 +245,14 @@ async def test_of_terms_past_the_cap_the_one_reaching_further_back_is_kept(
     await db.commit()
     hits = await recall_index.search(db.conn, conv, ["evening", "guitar"], 10**9, 100)
     assert {h[0] for h in hits} == set(guitar[-5:])
+
+
+async def test_a_lone_common_term_ranks_only_its_newest_matches(db: Db) -> None:
+    # The bound a turn's ranking works within, whatever the history's size.
+    conv = await db.conversation("me")
+    ids = [await db.message(conv, "user", f"the garden, day {i}")
+           for i in range(recall_index.MAX_CANDIDATES + 20)]
+    await db.commit()
+    hits = await recall_index.search(db.conn, conv, ["garden"], 10**9, 1000)
+    assert recall_index.MAX_CANDIDATES == 200
+    assert {h[0] for h in hits} == set(ids[-200:])
