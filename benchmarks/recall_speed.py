@@ -38,6 +38,7 @@ import aiosqlite
 from benchmarks import dbseed, memory_corpus
 from bot import tokens
 from bot.recall import RECALL_HEADER, fit_recalled, query_terms, terms
+from bot.recaller import FUSED_HITS
 from storage import recall_index
 from storage.dialect import POSTGRES, SQLITE
 from storage.migrations import MIGRATIONS
@@ -143,7 +144,8 @@ def build(size: int, log: bool = True) -> Path:
 
 
 async def _recall_once(conn: Any, newest: int, query: str) -> float:
-    """Seconds for one recall (search, neighbours, fitting) on either backend's connection.
+    """Seconds for one recall (search, neighbours, fitting) on either backend's connection,
+    in the round trips a turn makes there.
 
     The token estimate's cache is emptied first (all but the header's): a turn's
     recalled lines are new text to it, and counting one costs about 20 µs cold,
@@ -152,8 +154,12 @@ async def _recall_once(conn: Any, newest: int, query: str) -> float:
     tokens.measure.cache_clear()
     tokens.count_tokens(RECALL_HEADER)
     t0 = time.perf_counter()
-    hits = await recall_index.search(conn, 1, query_terms(query), before, 25)
-    arounds = await recall_index.around(conn, 1, [h[0] for h in hits], before)
+    if isinstance(conn, aiosqlite.Connection):
+        hits = await recall_index.search(conn, 1, query_terms(query), before, 25)
+        arounds = await recall_index.around(conn, 1, [h[0] for h in hits], before)
+    else:  # as a PostgreSQL turn runs it: the best hits' neighbours in the same query
+        _, arounds = await recall_index.search_around(conn, 1, query_terms(query), before,
+                                                      25, FUSED_HITS)
     fit_recalled(arounds, RECALL_TOKENS)
     return time.perf_counter() - t0
 
