@@ -38,9 +38,9 @@ def _count_round_trips() -> tuple[collections.Counter[str], Callable[[], None]]:
     original = aiosqlite.core.Connection._execute
 
     async def counting(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if fn is sqlite_hop._on_thread:  # several statements in one hand-off: name them
-            fn = args[1]
-        counts[getattr(fn, "__name__", "other")] += 1
+        # Several statements in one hand-off (storage/sqlite_hop): named by what ran.
+        ran = args[1] if fn is sqlite_hop._on_thread else fn
+        counts[getattr(ran, "__name__", "other")] += 1
         return await original(self, fn, *args, **kwargs)
 
     aiosqlite.core.Connection._execute = counting  # type: ignore[method-assign]
