@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from storage import recall_index
 from storage.dialect import SQLITE
 from storage.migrations import MIGRATIONS
 from storage.sqlite_store import SQLiteStore
@@ -44,9 +45,12 @@ def conversation_key(uid: str, platform: str = PLATFORM) -> str:
     return f"{platform}:{uid}@dm"
 
 
+SEED_VERSION = 2  # 2: the seeded messages are in the words index too
+
+
 def schema_key() -> str:
-    """Changes whenever a migration is added or edited."""
-    steps = [(m.name, m.statements(SQLITE)) for m in MIGRATIONS]
+    """Changes whenever a migration is added or edited, or the seed's shape changes."""
+    steps = [SEED_VERSION, *((m.name, m.statements(SQLITE)) for m in MIGRATIONS)]
     digest = hashlib.sha256(repr(steps).encode()).hexdigest()[:10]
     return f"{MIGRATIONS[-1].name}-{digest}"
 
@@ -68,7 +72,7 @@ def create_schema(path: Path) -> None:
 
 
 def fill(path: Path, users: Sequence[str], per_user: int, platform: str = PLATFORM) -> None:
-    """Give each user a DM conversation with `per_user` messages.
+    """Give each user a DM conversation with `per_user` messages, in the words index.
 
     Rows go in round by round (one exchange of every user, then the next), as
     a busy bot writes them, so one user's messages are spread over the whole
@@ -100,6 +104,15 @@ def fill(path: Path, users: Sequence[str], per_user: int, platform: str = PLATFO
             "INSERT INTO messages (conversation_id, role, content, created_at)"
             " VALUES (?, ?, ?, ?)",
             rows(),
+        )
+        # In the words index too, as the bot stores them: a turn's recall then
+        # searches a real history and finds its hits, as a returning user's does.
+        db.executemany(
+            "INSERT INTO recall_fts(rowid, terms, conv) VALUES (?, ?, ?)",
+            ((mid, recall_index.fts_terms(cid, recall_index.index_terms(text)),
+              recall_index.conv_token(cid))
+             for mid, cid, text in db.execute(
+                 "SELECT id, conversation_id, content FROM messages").fetchall()),
         )
         db.execute("COMMIT")
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")

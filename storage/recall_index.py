@@ -47,7 +47,7 @@ def _is_sqlite(conn: Any) -> bool:
     return isinstance(conn, aiosqlite.Connection)
 
 
-def _conv_token(conversation_id: int) -> str:
+def conv_token(conversation_id: int) -> str:
     return f"c{conversation_id}"
 
 
@@ -91,7 +91,7 @@ async def index_messages(conn: Any, rows: Iterable[tuple[int, int, str]]) -> int
                                [(mid,) for mid, _, _ in batch])
         await conn.executemany(
             "INSERT INTO recall_fts(rowid, terms, conv) VALUES (?, ?, ?)",
-            [(mid, fts_terms(cid, terms), _conv_token(cid)) for mid, cid, terms in batch])
+            [(mid, fts_terms(cid, terms), conv_token(cid)) for mid, cid, terms in batch])
     else:
         await conn.executemany(
             "INSERT INTO recall_terms(message_id, conversation_id, terms) "
@@ -126,7 +126,7 @@ async def delete_conversation(conn: Any, conversation_id: int) -> tuple[int, int
         cur = await conn.execute(
             "DELETE FROM recall_fts WHERE rowid IN "
             "(SELECT rowid FROM recall_fts WHERE recall_fts MATCH ?)",
-            (f'conv : "{_conv_token(conversation_id)}"',))
+            (f'conv : "{conv_token(conversation_id)}"',))
         terms = cur.rowcount
         cur = await conn.execute("DELETE FROM recall_vectors WHERE conversation_id = ?",
                                  (conversation_id,))
