@@ -174,9 +174,11 @@ class ModelWindows:
         await self._save(model, learned_window=window)
 
     async def observe(self, model: str, messages: list[dict[str, str]],
-                      reported: int | None) -> None:
-        """Correct the token estimate from the server's count, and keep it."""
-        moved = self.calibration.observe(model, messages, reported)
+                      reported: int | None,
+                      measured: tuple[int, float] | None = None) -> None:
+        """Correct the token estimate from the server's count, and keep it
+        (`measured`: the prompt's own measure, Prompt.measured, if known)."""
+        moved = self.calibration.observe(model, messages, reported, measured)
         if moved is None:
             return
         # Written when it moved by more than 2% since the last write, and at

@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from bot.records import StoredMessage
-from bot.tokens import MESSAGE_OVERHEAD, PROMPT_OVERHEAD, count_tokens
+from bot.tokens import (
+    MESSAGE_OVERHEAD,
+    PROMPT_OVERHEAD,
+    TokenFactors,
+    count_tokens,
+    joined,
+    measure,
+)
+
+Measured = tuple[int, float]  # tokens.measure's (base tokens, CJK units)
 
 SUMMARY_HEADER = "Summary of the earlier conversation with this user:"
 
@@ -42,6 +51,9 @@ class Prompt:
     dropped: int  # loaded stored messages that did not fit
     summary_used: bool
     tokens: int  # estimated, after calibration
+    # The messages' tokens.measure with the prompt's overheads (what
+    # Calibration.observe adds up), when the plan had the counter's factors.
+    measured: Measured | None = None
 
 
 def system_text(system: str, sections: Sequence[tuple[str, str]]) -> str:
@@ -76,9 +88,16 @@ class PromptPlan:
         summary: str | None = None,
         factor: float = 1.0,
         counter: Callable[[str], int] = count_tokens,
+        factors: TokenFactors | None = None,
         system_as_user: bool = False,
         examples: Sequence[dict[str, str]] = (),
     ) -> None:
+        # With the counter's factors (counter is then factors.count), the system
+        # text is costed from its parts' measures: the recalled block is new text
+        # every turn, and measuring it again inside the whole costs a fifth of a turn.
+        self._factors = factors
+        if factors is not None:
+            counter = factors.count
         self._counter = counter
         self._factor = factor
         self._history = history
@@ -95,6 +114,43 @@ class PromptPlan:
         # _spent[k] is what the k newest stored messages cost together.
         self._spent: list[int] = [0]
         self._texts: dict[str, int] = {}  # system texts already costed
+        self._known: dict[str, Measured] = {}  # texts measured elsewhere (see `know`)
+        self._system_measured = self._measure(self._system.strip()) \
+            if factors is not None and self._system.strip() else None
+
+    def know(self, text: str, measured: Measured | None) -> None:
+        """`text` (a section's, already stripped) has this tokens.measure: e.g. the
+        recalled block, which fitting measured line by line."""
+        if measured is not None and self._factors is not None:
+            self._known[text] = measured
+
+    def _measure(self, text: str) -> Measured:
+        known = self._known.get(text)
+        return known if known is not None else measure(text)
+
+    def _system_parts(self, sections: Sequence[tuple[str, str]]) -> Measured:
+        """tokens.measure of system_text(self._system, sections), from its parts:
+        each part starts and ends with other than a line break (stripped; a
+        section starts with "## "), so `joined` is exact."""
+        parts = [] if self._system_measured is None else [self._system_measured]
+        for title, text in sections:
+            body = text.strip()
+            if body:
+                # "## title\n" ends in a line break and the body starts with none.
+                head_b, head_c = measure(f"## {title}\n")
+                b, c = self._measure(body)
+                parts.append((head_b + b, head_c + c))
+        return joined(parts)
+
+    def _system_cost(self, sections: Sequence[tuple[str, str]]) -> tuple[str, int,
+                                                                        Measured | None]:
+        """(system text, its cost, its measure when the plan has the factors)."""
+        text = system_text(self._system, sections)
+        if self._factors is None:
+            return text, self._text_cost(text), None
+        m = self._system_parts(sections)
+        c = self._factors.of(m) + MESSAGE_OVERHEAD
+        return text, c if self._factor == 1.0 else math.ceil(c * self._factor), m
 
     def _cost(self, text: str) -> int:
         if self._factor == 1.0:
@@ -122,21 +178,25 @@ class PromptPlan:
                 spent.append(total)
 
     def _window(self, budget: int, sections: Sequence[tuple[str, str]],
-                late_sections: Sequence[tuple[str, str]]) -> tuple[str, bool, int, int]:
-        """(system text, summary used, messages kept, tokens used) within `budget`."""
-        base_system = system_text(self._system, [*sections, *late_sections])
-        fixed = self._base + self._text_cost(base_system)
+                late_sections: Sequence[tuple[str, str]]
+                ) -> tuple[str, Measured | None, bool, int, int]:
+        """(system text, its measure, summary used, messages kept, tokens used)
+        within `budget`."""
+        base_system, base_cost, full_measured = self._system_cost(
+            [*sections, *late_sections])
+        fixed = self._base + base_cost
         used = fixed + self._new_cost
         if used > budget:
             raise TooLong(used, budget - fixed)
         full_system = base_system
         summary_used = False
         if self._summary:
-            with_summary = system_text(self._system, [
+            with_summary, summary_cost, summary_measured = self._system_cost([
                 *sections, (SUMMARY_HEADER, self._summary), *late_sections])
-            extra = self._text_cost(with_summary) - self._text_cost(base_system)
+            extra = summary_cost - base_cost
             if used + extra <= budget:
                 full_system, used, summary_used = with_summary, used + extra, True
+                full_measured = summary_measured
         history = self._history
         room = budget - used
         self._spend_up_to(room)
@@ -146,20 +206,21 @@ class PromptPlan:
         # A reply without the question it answers misleads the model.
         while kept and history[len(history) - kept].role == "assistant":
             kept -= 1
-        return full_system, summary_used, kept, used + spent[kept]
+        return full_system, full_measured, summary_used, kept, used + spent[kept]
 
     def oldest_kept(self, budget: int, sections: Sequence[tuple[str, str]] = ()) \
             -> tuple[int | None, int]:
         """(id of the oldest stored message the window keeps within `budget`, how many
         loaded messages it leaves out), without building the messages."""
-        _, _, kept, _ = self._window(budget, sections, ())
+        _, _, _, kept, _ = self._window(budget, sections, ())
         history = self._history
         return (history[len(history) - kept].id if kept else None), len(history) - kept
 
     def build(self, budget: int, sections: Sequence[tuple[str, str]] = (),
               late_sections: Sequence[tuple[str, str]] = ()) -> Prompt:
         """System text, summary, as many newest messages as fit, the new message."""
-        full_system, summary_used, kept, used = self._window(budget, sections, late_sections)
+        full_system, system_measured, summary_used, kept, used = self._window(
+            budget, sections, late_sections)
         history = self._history
         window = history[len(history) - kept:] if kept else ()
         turns = [{"role": e["role"], "content": e["content"]} for e in self._shown]
@@ -174,6 +235,8 @@ class PromptPlan:
             messages = [{"role": "user", "content": head}, *turns[1:]]
         else:
             messages = [{"role": "system", "content": full_system}, *turns]
+        measured = None if system_measured is None \
+            else self._prompt_measure(system_measured, messages)
         return Prompt(
             messages=messages,
             history_used=kept,
@@ -181,7 +244,23 @@ class PromptPlan:
             dropped=len(history) - kept,
             summary_used=summary_used,
             tokens=used,
+            measured=measured,
         )
+
+    def _prompt_measure(self, system: Measured, messages: list[dict[str, Any]]) -> Measured:
+        """What Calibration.observe would measure of the built prompt. Only the
+        system text is new (its parts' sum); the turns' texts were measured by the
+        costing (cached), a merged or system-as-user one is measured whole (rare)."""
+        base, cjk = PROMPT_OVERHEAD + MESSAGE_OVERHEAD * len(messages), 0.0
+        rest = messages
+        if not self._system_as_user:
+            base, cjk = base + system[0], cjk + system[1]
+            rest = messages[1:]
+        for m in rest:
+            b, c = measure(m["content"])
+            base += b
+            cjk += c
+        return base, cjk
 
 
 def _alternating(turns: list[dict[str, Any]]) -> list[dict[str, Any]]:

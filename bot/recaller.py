@@ -30,6 +30,7 @@ from bot.recall.vectors import Loader, to_blob
 from bot.settings import Settings
 from bot.slots import ModelSlots
 from bot.store import Store
+from bot.tokens import TokenFactors
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ class Recaller:
 
     # -- on the turn
     async def recall(self, conversation_id: int, text: str, before_id: int, budget: int,
-                     counter: Callable[[str], int]) -> Recalled:
+                     counter: Callable[[str], int],
+                     factors: TokenFactors | None = None) -> Recalled:
         """The recalled block for `text` among messages older than before_id, within
         `budget` tokens; nothing (never an error) when recall is off or fails."""
         if not self.on or budget <= 0 or before_id <= 1:
@@ -109,7 +111,7 @@ class Recaller:
                 result = NOTHING
             else:
                 arounds = await self.store.recall_around(conversation_id, fused, before_id)
-                result = fit_recalled(arounds, budget, counter=counter)
+                result = fit_recalled(arounds, budget, counter=counter, factors=factors)
         except Exception:
             log.warning("recall failed for conversation %s; the window alone", conversation_id,
                         exc_info=True)

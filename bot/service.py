@@ -73,7 +73,7 @@ from bot.settings import Settings
 from bot.slots import ModelSlots
 from bot.stats import stats_report
 from bot.store import Store
-from bot.tokens import MESSAGE_OVERHEAD, PROMPT_OVERHEAD, Calibration, count_tokens
+from bot.tokens import MESSAGE_OVERHEAD, PROMPT_OVERHEAD, Calibration, TokenFactors, count_tokens
 
 log = logging.getLogger(__name__)
 exchange_log = logging.getLogger("bot.exchange")
@@ -782,10 +782,11 @@ class ChatService:
         # Every message is counted once for the turn: the recall window's start and
         # each fit below share the plan's counts.
         plan = PromptPlan(persona.system(s.SYSTEM_PROMPT), history, text,
-                          summary=summary.text if summary else None, counter=factors.count,
+                          summary=summary.text if summary else None, factors=factors,
                           system_as_user=s.SYSTEM_AS_USER, examples=persona.examples())
         recalled = await self._recall(conv, text, plan, history, summary, notes_text,
-                                      win.budget, factors.count)
+                                      win.budget, factors)
+        plan.know(recalled.text, recalled.measured)  # the block is not measured again
 
         def build(budget: int) -> Prompt:
             return _with_images(self._turn_prompt(
@@ -919,14 +920,15 @@ class ChatService:
         self._log_exchange(audit)
         self.recaller.stored(conv)  # embeds the new messages off the reply's path
         if usage and usage.prompt_tokens and not images:  # images' tokens aren't text's
-            await self.windows.observe(model, prompt.messages, usage.prompt_tokens)
+            await self.windows.observe(model, prompt.messages, usage.prompt_tokens,
+                                       prompt.measured)
         self._maybe_summarize(conv, ref, msg, model, prompt, history, text, audit.model_response,
                               win.budget, factors.count)
 
     # -- notes and recall in the prompt
     async def _recall(self, conv: int, text: str, plan: PromptPlan,
                       history: list[StoredMessage], summary: Summary | None,
-                      notes_text: str, budget: int, counter: Callable[[str], int]) -> Recalled:
+                      notes_text: str, budget: int, factors: TokenFactors) -> Recalled:
         """The older messages recalled for `text`, within RECALL_TOKENS: only among
         messages older than the window the turn's prompt keeps with that room taken
         (the same plan: the persona's system prompt and examples included)."""
@@ -948,7 +950,7 @@ class ChatService:
             before = history[-1].id + 1
         else:  # all of it summarised
             before = summary.upto_id + 1 if summary else 0
-        return await self.recaller.recall(conv, text, before, reserve, counter)
+        return await self.recaller.recall(conv, text, before, reserve, factors.count, factors)
 
     @staticmethod
     def _notes_sections(notes_text: str) -> list[tuple[str, str]]:
@@ -988,7 +990,7 @@ class ChatService:
             exact = await self._server_count(model, prompt.messages)
             if exact is None:
                 return prompt
-            await self.windows.observe(model, prompt.messages, exact)
+            await self.windows.observe(model, prompt.messages, exact, prompt.measured)
             if exact <= budget:
                 return prompt
             target -= exact - budget + 1
@@ -1096,5 +1098,6 @@ def _user_text(text: str, images: int) -> str:
 
 
 def _with_images(prompt: Prompt, images: Sequence[Image]) -> Prompt:
-    return dataclasses.replace(prompt, messages=attach(prompt.messages, images)) if images \
-        else prompt
+    # Images change the messages: Calibration measures them again (measured=None).
+    return dataclasses.replace(prompt, messages=attach(prompt.messages, images),
+                               measured=None) if images else prompt

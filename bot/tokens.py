@@ -162,6 +162,28 @@ def measure(text: str) -> tuple[int, float]:
     return base, cjk
 
 
+# `measure` of the "\n\n" (or "\n") between two texts that `joined` adds up.
+SEPARATOR = (1, 0.0)
+
+
+def joined(parts: Iterable[tuple[int, float]]) -> tuple[int, float]:
+    """`measure` of texts joined by "\n\n" (or "\n") from their own measures.
+
+    Exact when no text is empty, none but the first starts with "\r" or "\n" and
+    none but the last ends with one: no piece of the estimate then spans a join
+    (none reaches past a line break, a run of line breaks stops at other
+    characters, nothing looks behind, and the one look-ahead, a contraction's
+    word end, sees the same at a line break as at the end), and the line breaks
+    between are one run. The CJK units are multiples of a quarter: exact sums.
+    """
+    base, cjk, n = 0, 0.0, -1
+    for b, c in parts:
+        base += b
+        cjk += c
+        n += 1
+    return base + SEPARATOR[0] * max(n, 0), cjk
+
+
 def count_tokens(text: str) -> int:
     """Estimated tokens of `text` before any per-model correction."""
     base, cjk = measure(text)
@@ -185,6 +207,10 @@ class TokenFactors:
     def count(self, text: str) -> int:
         base, cjk = measure(text)
         return math.ceil(base * self.factor + cjk * self.cjk)
+
+    def of(self, measured: tuple[int, float]) -> int:
+        """`count` of a text from its `measure` (summed parts: see `joined`)."""
+        return math.ceil(measured[0] * self.factor + measured[1] * self.cjk)
 
     def count_messages(self, messages: Iterable[dict[str, str]]) -> int:
         return PROMPT_OVERHEAD + sum(self.count(m["content"]) + MESSAGE_OVERHEAD
@@ -218,17 +244,24 @@ class Calibration:
             self._by_model[model] = factors
 
     def observe(self, model: str, messages: Iterable[dict[str, str]],
-                reported: int | None) -> TokenFactors | None:
-        """Learn from the server's count of a prompt; the new factors if they moved."""
+                reported: int | None,
+                measured: tuple[int, float] | None = None) -> TokenFactors | None:
+        """Learn from the server's count of a prompt; the new factors if they moved.
+
+        `measured`: the prompt's own (base, CJK units) with its overheads, as
+        `PromptPlan` keeps them (Prompt.measured), so it is not measured again."""
         if not reported or reported <= 0:
             return None
-        msgs = list(messages)
-        base = PROMPT_OVERHEAD + MESSAGE_OVERHEAD * len(msgs)
-        cjk = 0.0
-        for m in msgs:
-            b, c = measure(m["content"])
-            base += b
-            cjk += c
+        if measured is None:
+            msgs = list(messages)
+            base = PROMPT_OVERHEAD + MESSAGE_OVERHEAD * len(msgs)
+            cjk = 0.0
+            for m in msgs:
+                b, c = measure(m["content"])
+                base += b
+                cjk += c
+        else:
+            base, cjk = measured
         old = self.factors(model)
         factor, cjk_cost = old.factor, old.cjk
         if cjk * old.cjk > 0.3 * (base * old.factor + cjk * old.cjk):

@@ -148,3 +148,59 @@ def test_a_turn_counts_each_stored_message_once() -> None:
     assert len(stored) == len(set(stored))  # never the same message twice
     assert window[0] is not None and prompts[0].history_used > 0
     assert prompts[0].oldest_used_id is not None and prompts[0].oldest_used_id < window[0]
+
+
+# Texts whose joins could change the estimate: line breaks, spaces and tabs at either
+# end, contractions, CJK, emoji, ideographic spaces (stripped), repeated marks.
+edgy = st.lists(st.sampled_from(["plan", "'s", "'", "\n", "\r\n", "\r", " ", "\t", "的",
+                                 "拉麵", "é", "42", "ok?", "!!", "#", "\u3000", "😀",
+                                 "Week", "\x1c"]),
+                max_size=10).map("".join)
+edgy_sections = st.lists(st.tuples(st.sampled_from(["Notes", "Recalled messages"]), edgy),
+                         max_size=3)
+
+
+def observed(messages: list[dict[str, Any]]) -> tuple[int, float]:
+    """What Calibration.observe measures of a prompt, measured whole."""
+    from bot.tokens import measure
+    base, cjk = PROMPT_OVERHEAD + MESSAGE_OVERHEAD * len(messages), 0.0
+    for m in messages:
+        b, c = measure(m["content"])
+        base, cjk = base + b, cjk + c
+    return base, cjk
+
+
+@settings(max_examples=300, deadline=None)
+@given(system=edgy, history=st.lists(st.tuples(st.sampled_from(["user", "assistant"]),
+                                               edgy), max_size=8),
+       new_text=edgy, budget=st.integers(0, 300), summary=st.none() | edgy,
+       sections=edgy_sections, late=edgy_sections, system_as_user=st.booleans(),
+       factor=st.sampled_from([1.0, 0.7, 1.3]), model=st.sampled_from([1.0, 0.5, 2.2]),
+       cjk=st.sampled_from([1.3, 0.8, 2.1]), known=st.booleans())
+def test_costing_the_system_text_by_its_parts_changes_nothing(
+        system: str, history: list[tuple[str, str]], new_text: str, budget: int,
+        summary: str | None, sections: list[tuple[str, str]], late: list[tuple[str, str]],
+        system_as_user: bool, factor: float, model: float, cjk: float, known: bool) -> None:
+    from bot.tokens import measure
+    factors = TokenFactors(model, cjk)
+    stored = [StoredMessage(i + 1, role, text) for i, (role, text) in enumerate(history)]
+    kw: dict[str, Any] = dict(summary=summary, factor=factor,
+                              system_as_user=system_as_user)
+    whole = PromptPlan(system, stored, new_text, counter=factors.count, **kw)
+    parts = PromptPlan(system, stored, new_text, factors=factors, **kw)
+    if known:  # a section's text measured elsewhere, as fitting hands the recalled block
+        for _, text in late:
+            parts.know(text.strip(), measure(text.strip()))
+    try:
+        want = whole.build(budget, sections, late)
+    except TooLong as exc:
+        try:
+            parts.build(budget, sections, late)
+        except TooLong as got:
+            assert (got.tokens, got.limit) == (exc.tokens, exc.limit)
+            return
+        raise AssertionError("costing by parts fitted what the whole refused") from None
+    got = parts.build(budget, sections, late)
+    assert as_dict(got) == as_dict(want)
+    assert got.measured == observed(got.messages)
+    assert want.measured is None  # without the factors nothing is measured ahead

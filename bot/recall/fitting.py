@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from bot.text_fit import longest_prefix
-from bot.tokens import MESSAGE_OVERHEAD, count_tokens
+from bot.tokens import MESSAGE_OVERHEAD, TokenFactors, count_tokens, measure
 
 RECALL_HEADER = ("Earlier messages from this conversation that may be relevant, oldest first "
                  "('user' is the person you are talking to, 'you' are your own replies):")
@@ -52,6 +52,9 @@ class Recalled:
     text: str  # the block ("" when nothing fits)
     tokens: int  # its cost, as the prompt counts it (calibrated)
     hit_ids: list[int]  # the hits that went in, in rank order
+    # tokens.measure of `text`, when fitting had the counter's factors and could
+    # add it up from its lines (PromptPlan.know: the block is not measured again).
+    measured: tuple[int, float] | None = None
 
     @property
     def ids(self) -> list[int]:
@@ -70,6 +73,7 @@ def fit_recalled(
     factor: float = 1.0,
     counter: Callable[[str], int] = count_tokens,
     paired: int = 0,
+    factors: TokenFactors | None = None,
 ) -> Recalled:
     """Hits in rank order with their neighbours, within `budget` tokens as one block.
 
@@ -78,8 +82,12 @@ def fit_recalled(
     follow in their hits' rank order.
 
     The block is one system message: its cost is the header, the lines and
-    the message overhead, times the model's calibration `factor`.
+    the message overhead, times the model's calibration `factor`. With the
+    counter's `factors` (counter is then factors.count) the block's measure comes
+    along (Recalled.measured).
     """
+    if factors is not None:
+        counter = factors.count
 
     def cost(text: str) -> int:
         return math.ceil(counter(text) * factor)
@@ -170,7 +178,23 @@ def fit_recalled(
     if not chosen:
         return Recalled([], "", 0, [])
     ids = sorted(chosen)
-    text = RECALL_HEADER + "".join("\n" + chosen[i] for i in ids)
+    lines = ["\n" + chosen[i] for i in ids]
+    text = RECALL_HEADER + "".join(lines)
     # The lines' costs add up to at least the whole block's: the estimate's pieces
     # never span a line break except to merge (which only saves), so no recount.
-    return Recalled([by_id[i] for i in ids], text, fixed + used, hits)
+    return Recalled([by_id[i] for i in ids], text, fixed + used, hits,
+                    _block_measure(lines) if factors is not None else None)
+
+
+def _block_measure(lines: list[str]) -> tuple[int, float] | None:
+    """tokens.measure of RECALL_HEADER + the lines, from the measures the costing
+    took (cached): exact when no line ends in whitespace (a line break would join
+    the next line's, and the prompt strips the block's end), see tokens.joined."""
+    base, cjk = measure(RECALL_HEADER)
+    for line in lines:
+        if line[-1].isspace():
+            return None
+        b, c = measure(line)
+        base += b
+        cjk += c
+    return base, cjk
