@@ -133,9 +133,11 @@ def _cjk(run: str) -> tuple[int, float]:
     return len(run.encode("utf-8")) - 3 * len(got), math.fsum(got)
 
 
-@functools.lru_cache(maxsize=50_000)
-def measure(text: str) -> tuple[int, float]:
-    """(tokens of everything but frequent CJK, frequent CJK units) of `text`."""
+def measure_fresh(text: str) -> tuple[int, float]:
+    """(tokens of everything but frequent CJK, frequent CJK units) of `text`.
+
+    `measure` is this, cached; this is for one-off texts (the prefixes tried
+    while clipping), which would only push texts that recur out of the cache."""
     base = 0
     cjk = 0.0
     for m in _PIECE.finditer(text):
@@ -160,6 +162,21 @@ def measure(text: str) -> tuple[int, float]:
         else:  # contractions, control characters
             base += 1
     return base, cjk
+
+
+measure = functools.lru_cache(maxsize=50_000)(measure_fresh)
+_LATIN_START = re.compile(rf"[{_LATIN}]")
+
+
+def after_space(text: str) -> tuple[int, float]:
+    """`measure` of " " + text from text's own (cached): a word takes the space
+    before it in, anything else but a space starts a piece after a lone space."""
+    if text and _LATIN_START.match(text):
+        return measure(text)
+    if not text or text[0] == " ":
+        return measure_fresh(" " + text)  # the spaces run together
+    base, cjk = measure(text)
+    return base + 1, cjk
 
 
 # `measure` of the "\n\n" (or "\n") between two texts that `joined` adds up.
@@ -206,6 +223,11 @@ class TokenFactors:
 
     def count(self, text: str) -> int:
         base, cjk = measure(text)
+        return math.ceil(base * self.factor + cjk * self.cjk)
+
+    def count_fresh(self, text: str) -> int:
+        """`count` of a one-off text, past the cache (see measure_fresh)."""
+        base, cjk = measure_fresh(text)
         return math.ceil(base * self.factor + cjk * self.cjk)
 
     def of(self, measured: tuple[int, float]) -> int:

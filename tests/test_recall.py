@@ -310,13 +310,13 @@ def test_neighbours_that_cannot_fit_are_not_counted_whole() -> None:
 
 recall_words = st.lists(st.sampled_from(["ramen", "'s", "\n", "\r\n", " ", "\t", "的", "é",
                                          "42", "ok?", "😀", "\u3000", "Tainan"]),
-                        max_size=12).map("".join)
+                        max_size=60).map("".join)
 
 
 @settings(max_examples=200, deadline=None)
 @given(rows=st.lists(st.tuples(recall_words, recall_words, recall_words), min_size=1,
                      max_size=6),
-       budget=st.integers(0, 200), factor=st.sampled_from([1.0, 0.7, 1.4]),
+       budget=st.integers(0, 300), factor=st.sampled_from([1.0, 0.7, 1.4]),
        model=st.sampled_from([1.0, 0.6, 1.8]), cjk=st.sampled_from([1.3, 0.9]),
        paired=st.integers(0, 2))
 def test_with_the_factors_the_block_is_the_same_and_its_measure_exact(

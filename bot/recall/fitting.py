@@ -20,7 +20,16 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from bot.text_fit import longest_prefix
-from bot.tokens import MESSAGE_OVERHEAD, TokenFactors, count_tokens, measure
+from bot.tokens import (
+    MESSAGE_OVERHEAD,
+    TokenFactors,
+    after_space,
+    count_tokens,
+    measure,
+    measure_fresh,
+)
+
+Measured = tuple[int, float]  # tokens.measure's (base tokens, CJK units)
 
 RECALL_HEADER = ("Earlier messages from this conversation that may be relevant, oldest first "
                  "('user' is the person you are talking to, 'you' are your own replies):")
@@ -84,10 +93,14 @@ def fit_recalled(
     The block is one system message: its cost is the header, the lines and
     the message overhead, times the model's calibration `factor`. With the
     counter's `factors` (counter is then factors.count) the block's measure comes
-    along (Recalled.measured).
+    along (Recalled.measured), and a line is measured from its content's measure
+    (cached: the same message's, in the window or recalled before).
     """
+    # One-off texts (prefixes tried, clipped lines) are counted past the cache:
+    # they would push out the lines and messages that recur every turn.
+    fresh = counter
     if factors is not None:
-        counter = factors.count
+        counter, fresh = factors.count, factors.count_fresh
 
     def cost(text: str) -> int:
         return math.ceil(counter(text) * factor)
@@ -99,6 +112,18 @@ def fit_recalled(
     hits: list[int] = []
     used = 0
     bare: dict[tuple[str, str], int] = {}  # (date, role) → a line's cost without content
+    heads: dict[tuple[str, str], Measured] = {}  # (date, role) → "\n[date] speaker:"
+    line_measures: dict[int, Measured] = {}  # id → its line's measure (with factors)
+
+    def line_measure(msg: RecallMessage) -> Measured:
+        # measure("\n" + render_line(msg)): the head ends in ":", which nothing after
+        # the space joins, and after_space is the rest's (tokens.after_space).
+        key = (msg.created_at[:10], msg.role)
+        head = heads.get(key)
+        if head is None:
+            head = heads[key] = measure(f"\n[{key[0]}] {SPEAKERS.get(msg.role, msg.role)}:")
+        b, c = after_space(msg.content)
+        return head[0] + b, head[1] + c
 
     def floor(msg: RecallMessage) -> int:
         # A line with its content costs at least the line without: the counter
@@ -128,7 +153,7 @@ def fit_recalled(
             cut = line.rfind(" ", start, end + 1)
             while cut > start and line[cut - 1] == " ":
                 cut -= 1
-            if cut > start and cost("\n" + line[:cut]) > left:
+            if cut > start and math.ceil(fresh("\n" + line[:cut]) * factor) > left:
                 return False
         return True
 
@@ -139,18 +164,29 @@ def fit_recalled(
         line = render_line(msg)
         if not clip and not may_fit(msg, line, room - used):
             return False
-        c = cost("\n" + line)
+        m = None
+        if factors is not None:
+            m = line_measure(msg)
+            c = math.ceil(factors.of(m) * factor)
+        else:
+            c = cost("\n" + line)
         if used + c > room:
             if not clip:
                 return False
             left = room - used - floor(msg) - cost(ELLIPSIS)
             if left < MIN_CLIP_TOKENS:
                 return False
-            keep = longest_prefix(msg.content, int(left / factor), counter)
+            keep = longest_prefix(msg.content, int(left / factor), fresh)
             line = render_line(msg, msg.content[:keep].rstrip() + ELLIPSIS)
-            c = cost("\n" + line)
+            if factors is not None:
+                m = measure_fresh("\n" + line)
+                c = math.ceil(factors.of(m) * factor)
+            else:
+                c = cost("\n" + line)
             if used + c > room:
                 return False
+        if m is not None:
+            line_measures[msg.id] = m
         chosen[msg.id], by_id[msg.id] = line, msg
         used += c
         return True
@@ -178,23 +214,22 @@ def fit_recalled(
     if not chosen:
         return Recalled([], "", 0, [])
     ids = sorted(chosen)
-    lines = ["\n" + chosen[i] for i in ids]
-    text = RECALL_HEADER + "".join(lines)
+    text = RECALL_HEADER + "".join("\n" + chosen[i] for i in ids)
     # The lines' costs add up to at least the whole block's: the estimate's pieces
     # never span a line break except to merge (which only saves), so no recount.
-    return Recalled([by_id[i] for i in ids], text, fixed + used, hits,
-                    _block_measure(lines) if factors is not None else None)
+    block = _block_measure([chosen[i] for i in ids], [line_measures[i] for i in ids]) \
+        if factors is not None else None
+    return Recalled([by_id[i] for i in ids], text, fixed + used, hits, block)
 
 
-def _block_measure(lines: list[str]) -> tuple[int, float] | None:
-    """tokens.measure of RECALL_HEADER + the lines, from the measures the costing
-    took (cached): exact when no line ends in whitespace (a line break would join
-    the next line's, and the prompt strips the block's end), see tokens.joined."""
+def _block_measure(lines: list[str], measures: list[Measured]) -> Measured | None:
+    """tokens.measure of the block from its lines' (each with its line break):
+    exact when no line ends in whitespace (a line break would join the next
+    line's, and the prompt strips the block's end), see tokens.joined."""
     base, cjk = measure(RECALL_HEADER)
-    for line in lines:
-        if line[-1].isspace():
+    for line, (b, c) in zip(lines, measures, strict=True):
+        if line[-1:].isspace() or not line:
             return None
-        b, c = measure(line)
         base += b
         cjk += c
     return base, cjk
