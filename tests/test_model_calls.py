@@ -48,6 +48,24 @@ async def test_reply_timeout_cuts_a_trickling_reply(model_server: ModelServer,
     assert stored == 0  # a cut reply is not history
 
 
+async def test_a_slow_reader_is_not_a_stalled_model(model_server: ModelServer,
+                                                    make_settings: SettingsFactory) -> None:
+    # The reader reads the model's stream itself: while it is busy elsewhere (here it
+    # waits past the stall limit twice) the model's text waits in the socket; neither
+    # the stall limit nor its interruption may touch that other wait.
+    model_server.reply = "one two three four five six"
+    async with open_service(make_settings(LLM_TIMEOUT=5, LLM_STALL_TIMEOUT=0.1)) as svc:
+        reply = await svc.handle(incoming("hello"))
+        shown: list[str] = []
+        async for delta in reply.deltas():
+            shown.append(delta)
+            if len(shown) <= 2:
+                await asyncio.sleep(0.15)  # the slow reader itself, not a synchronisation
+        rows = await svc.store.audit_log(5)
+    assert "".join(shown) == "one two three four five six"
+    assert rows[-1]["status"] == "ok"
+
+
 async def test_stall_timeout_defaults_to_llm_timeout(model_server: ModelServer,
                                                      make_settings: SettingsFactory) -> None:
     assert load_settings(None, LLM_TIMEOUT=7).LLM_STALL_TIMEOUT == 7

@@ -30,10 +30,14 @@ log = logging.getLogger(__name__)
 async def _parts(stream: AsyncIterator[ollama.ChatResponse]) \
         -> AsyncIterator[tuple[str, Usage | None]]:
     """The ollama library's parts as (text, Usage once done): for messages with images."""
-    async for part in stream:
-        text = part.message.content if part.message else ""
-        yield text or "", (Usage(part.prompt_eval_count, part.eval_count, part.done_reason)
-                           if part.done else None)
+    try:
+        async for part in stream:
+            text = part.message.content if part.message else ""
+            yield text or "", (Usage(part.prompt_eval_count, part.eval_count, part.done_reason)
+                               if part.done else None)
+    finally:
+        # Closed with this generator: a reader that stops early hangs up the call now.
+        await stream.aclose()  # type: ignore[attr-defined]
 
 
 class OllamaProvider:
