@@ -407,3 +407,27 @@ async def test_httpx_request_logs_stay_out_of_the_console(
             logging.getLogger(name).setLevel(old)
     assert model_server.requests
     assert "HTTP Request" not in err and "/api/chat" not in err
+
+
+async def test_ollama_chat_carries_the_library_headers_and_the_environment_proxy(
+        model_server: ModelServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The text chat is sent on aiohttp directly (bot.providers.ollama_stream): still with
+    # the ollama library's headers, and through a proxy the environment names, as the
+    # library's httpx client would (the model server stands in for the proxy here).
+    from bot.providers.ollama_provider import OllamaProvider
+
+    monkeypatch.setenv("OLLAMA_API_KEY", "sk-ollama-test")
+    monkeypatch.setenv("HTTP_PROXY", model_server.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    model_server.reply = "proxied hello"
+    provider = OllamaProvider("http://ollama.invalid:11434")
+    try:
+        got = [item async for item in provider.stream(
+            "llama3.2", [{"role": "user", "content": "hi"}], num_ctx=2048, max_tokens=32)]
+    finally:
+        await provider.close()
+    assert "".join(t for t in got if isinstance(t, str)) == "proxied hello"
+    headers = model_server.requests[-1].headers
+    assert headers["Authorization"] == "Bearer sk-ollama-test"
+    assert headers["User-Agent"].startswith("ollama-python/")
