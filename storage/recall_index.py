@@ -33,12 +33,14 @@ MIGRATION_NAME = "009_recall"  # the step of storage/migrations.py that makes th
 
 MAX_POSITION = 16383  # PostgreSQL's largest tsvector position
 # Both backends rank at most this many candidate matches, the newest first: ranking
-# costs per match (bm25 about 3 µs each here), and a long history must not make a
-# turn slower (250: a 1,000,000-message history's recall within 2.5 × a 1,000's).
+# costs per match (bm25 about 0.8 µs each here, ts_rank with its row about 1 µs),
+# and a long history must not make a turn slower: 200 keeps a 1,000,000-message
+# history's recall within 2.5 × a 1,000's on both (250 measured 2.4-2.7; the
+# memory benchmark's words-only figures are the same at 150, 200 and 250).
 # The rarest terms are kept whole (terms go in rarest first while their matches
 # fit); a term too common to fit says little about any one message anyway (its idf
 # is near zero).
-MAX_CANDIDATES = 250
+MAX_CANDIDATES = 200
 
 
 def _is_sqlite(conn: Any) -> bool:
@@ -157,19 +159,23 @@ async def search(conn: Any, conversation_id: int, terms: Sequence[str], before_i
 
 # PostgreSQL's search, as SQLite's: each term's matches counted newest first up to
 # MAX_CANDIDATES + 1 (recall_postings' primary key, read backwards); the rarest terms
-# kept while their matches fit; the newest MAX_CANDIDATES matches of those ranked by
+# kept while their matches fit (of terms past the cap, the one whose count reached
+# furthest back: see _SEARCH_SQLITE); the newest MAX_CANDIDATES matches of those ranked by
 # ts_rank with every query term. Only this conversation's messages older than $3.
 # Arguments: conversation, terms (text[]), before_id, limit, tsquery, cap.
 _SEARCH_POSTGRES = """
 WITH counted AS MATERIALIZED (  -- counted once, not per reference
-    SELECT t.term, (SELECT count(*) FROM (
-        SELECT 1 FROM recall_postings p WHERE p.conversation_id = $1 AND p.term = t.term
-        AND p.message_id < $3 ORDER BY p.message_id DESC LIMIT $6 + 1) AS x) AS n
-    FROM unnest($2::text[]) AS t(term)
+    SELECT t.term, c.n, CASE WHEN c.n > $6 THEN c.oldest ELSE 0 END AS depth
+    FROM unnest($2::text[]) AS t(term), LATERAL (
+        SELECT count(*) AS n, min(x.message_id) AS oldest FROM (
+            SELECT p.message_id FROM recall_postings p WHERE p.conversation_id = $1
+            AND p.term = t.term AND p.message_id < $3 ORDER BY p.message_id DESC
+            LIMIT $6 + 1) AS x) AS c
 ), kept AS (
     SELECT term FROM (
         SELECT term, row_number() OVER w AS rank, sum(n) OVER w AS running
-        FROM counted WHERE n > 0 WINDOW w AS (ORDER BY n, term ROWS UNBOUNDED PRECEDING)
+        FROM counted WHERE n > 0
+        WINDOW w AS (ORDER BY n, depth, term ROWS UNBOUNDED PRECEDING)
     ) AS s WHERE rank = 1 OR running <= $6
 ), candidates AS (
     SELECT DISTINCT x.message_id FROM kept, LATERAL (
@@ -196,16 +202,15 @@ _SEARCH_AROUND_POSTGRES = _SEARCH_POSTGRES + """, best AS (
 )
 SELECT 0, id, score, NULL::int, NULL::bigint, NULL, NULL, NULL FROM ranked
 UNION ALL
-SELECT 1, h, NULL, 0, m.id, m.role, m.content, m.created_at FROM best
-    JOIN messages m ON m.id = best.h AND m.conversation_id = $1 AND m.id < $3
-UNION ALL
-SELECT 1, h, NULL, -1, p.id, p.role, p.content, p.created_at FROM best,
-    LATERAL (SELECT id, role, content, created_at FROM messages
-             WHERE conversation_id = $1 AND id < best.h ORDER BY id DESC LIMIT 1) p
+SELECT 1, h, NULL, m.side, m.id, m.role, m.content, m.created_at FROM best,
+    LATERAL (SELECT CASE WHEN id = best.h THEN 0 ELSE -1 END AS side, id, role, content,
+             created_at FROM messages WHERE conversation_id = $1 AND id <= best.h AND id < $3
+             ORDER BY conversation_id DESC, id DESC LIMIT 2) m
 UNION ALL
 SELECT 1, h, NULL, 1, n.id, n.role, n.content, n.created_at FROM best,
     LATERAL (SELECT id, role, content, created_at FROM messages
-             WHERE conversation_id = $1 AND id > best.h AND id < $3 ORDER BY id LIMIT 1) n
+             WHERE conversation_id = $1 AND id > best.h AND id < $3
+             ORDER BY conversation_id, id LIMIT 1) n
 """
 
 
@@ -226,22 +231,29 @@ async def search_around(conn: asyncpg.Connection, conversation_id: int, terms: S
 # SQLite's search in one statement (one thread hop): each term's matches before ?3
 # counted newest first up to MAX_CANDIDATES + 1 (at most that many rowids of its
 # doclist, whatever the history's size; the words table's vocabulary would count a
-# common term's every match); the rarest terms kept while their matches fit (ties
-# by name; the first is always kept); bm25 over the newest MAX_CANDIDATES matches
-# of those. Terms are quoted FTS5 strings, so no query syntax gets through; with
-# no term in the conversation the query names a token no message has ("0x").
+# common term's every match); the rarest terms kept while their matches fit (the
+# first is always kept). Terms past the cap tie on their count, so the rarer is
+# the one whose newest matches reach further back (the oldest rowid read: "guitar"
+# over "evening" in "tips for learning the guitar in the evenings"; by name, the
+# choice was the alphabet's, and a common term's bm25 also pays for scoring its
+# every match, many thousands in a long history); other ties by name. bm25 over
+# the newest MAX_CANDIDATES matches of those. Terms are quoted FTS5 strings, so no
+# query syntax gets through; with no term in the conversation the query names a
+# token no message has ("0x").
 # Arguments: terms (JSON), conversation, before_id, cap, limit.
 _SEARCH_SQLITE = """
 WITH t(term) AS (SELECT value FROM json_each(?1)),
-counted AS (
-    SELECT term, (SELECT count(*) FROM (
-        SELECT rowid FROM recall_fts WHERE recall_fts MATCH
+packed AS (  -- count << 40 | how far back the capped count reached (one subquery)
+    SELECT term, (SELECT count(*) << 40 | CASE WHEN count(*) > ?4 THEN min(rowid) ELSE 0 END
+        FROM (SELECT rowid FROM recall_fts WHERE recall_fts MATCH
             'terms : "' || ?2 || 'x' || replace(term, '"', '""') || '"'
-        AND rowid < ?3 ORDER BY rowid DESC LIMIT ?4 + 1)) AS n
+        AND rowid < ?3 ORDER BY rowid DESC LIMIT ?4 + 1)) AS key
     FROM t
+), counted AS (
+    SELECT term, key >> 40 AS n, key FROM packed
 ), ordered AS (
     SELECT term, sum(n) OVER w AS running, row_number() OVER w AS rank
-    FROM counted WHERE n > 0 WINDOW w AS (ORDER BY n, term ROWS UNBOUNDED PRECEDING)
+    FROM counted WHERE n > 0 WINDOW w AS (ORDER BY key, term ROWS UNBOUNDED PRECEDING)
 ), kept(q) AS (
     SELECT 'terms : (' || group_concat('"' || ?2 || 'x' || replace(term, '"', '""') || '"',
                                        ' OR ') || ')'
@@ -284,17 +296,20 @@ SELECT h.id, 1, m.id, m.role, m.content, m.created_at FROM h
     JOIN messages m ON m.id = (SELECT min(id) FROM messages
                                WHERE conversation_id = ?2 AND id > h.id AND id < ?3)
 """
+# PostgreSQL: a hit and the message before it in one descent of the conversation's
+# index (the two newest at or below the hit: no row of its own when it is gone, and
+# then its Around is left out), the one after in another. The index's own order, so
+# a generic plan can't walk the primary key past other conversations' rows instead.
 _AROUND_POSTGRES = """
-SELECT h, 0, m.id, m.role, m.content, m.created_at FROM unnest($1::bigint[]) h
-    JOIN messages m ON m.id = h AND m.conversation_id = $2 AND m.id < $3
-UNION ALL
-SELECT h, -1, p.id, p.role, p.content, p.created_at FROM unnest($1::bigint[]) h,
-    LATERAL (SELECT id, role, content, created_at FROM messages
-             WHERE conversation_id = $2 AND id < h ORDER BY id DESC LIMIT 1) p
+SELECT h, m.side, m.id, m.role, m.content, m.created_at FROM unnest($1::bigint[]) h,
+    LATERAL (SELECT CASE WHEN id = h THEN 0 ELSE -1 END AS side, id, role, content,
+             created_at FROM messages WHERE conversation_id = $2 AND id <= h AND id < $3
+             ORDER BY conversation_id DESC, id DESC LIMIT 2) m
 UNION ALL
 SELECT h, 1, n.id, n.role, n.content, n.created_at FROM unnest($1::bigint[]) h,
     LATERAL (SELECT id, role, content, created_at FROM messages
-             WHERE conversation_id = $2 AND id > h AND id < $3 ORDER BY id LIMIT 1) n
+             WHERE conversation_id = $2 AND id > h AND id < $3
+             ORDER BY conversation_id, id LIMIT 1) n
 """
 
 
@@ -316,10 +331,13 @@ async def around(conn: Any, conversation_id: int, ids: Sequence[int],
 def _arounds(ids: Sequence[int], rows: Iterable[Sequence[Any]]) -> list[Around]:
     """(hit, side, id, role, content, created_at) rows as each hit's Around, in `ids`
     order; a hit without its own row (not in the conversation) is left out."""
+    # Both drivers return integers already: no int() per value (up to 75 rows a turn).
     found: dict[int, dict[int, RecallMessage]] = {}
     for hit, side, mid, role, content, created in rows:
-        found.setdefault(int(hit), {})[int(side)] = RecallMessage(int(mid), role, content,
-                                                                   created)
+        sides = found.get(hit)
+        if sides is None:
+            sides = found[hit] = {}
+        sides[side] = RecallMessage(mid, role, content, created)
     out = []
     for i in ids:
         sides = found.get(i)

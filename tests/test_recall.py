@@ -288,3 +288,21 @@ def test_lower_hits_go_in_before_the_neighbours_of_other_lower_hits() -> None:
     assert got.tokens <= 230
     # Paired all the way, the same room holds fewer hits.
     assert fit_recalled(ranked, budget=230, paired=4).hit_ids == [10, 20]
+
+
+def test_neighbours_that_cannot_fit_are_not_counted_whole() -> None:
+    # Hits fill the room; each long neighbour is seen not to fit from its beginning
+    # (a cold count costs about 20 µs a line, and a turn offers up to 50 of them).
+    counted: list[str] = []
+
+    def counter(text: str) -> int:
+        counted.append(text)
+        return count_tokens(text)
+
+    long_text = "a long neighbour about the garden and the weather " * 20
+    ranked = [Around(_msg(i, "user", f"hit number {i} about the garage code"),
+                     _msg(i - 1, "assistant", long_text), _msg(i + 1, "assistant", long_text))
+              for i in range(10, 400, 10)]
+    got = fit_recalled(ranked, budget=300, counter=counter)
+    assert got.hit_ids and len(got.messages) == len(got.hit_ids)  # no neighbour fitted
+    assert not [t for t in counted if long_text in t]

@@ -226,3 +226,33 @@ async def test_a_common_word_does_not_crowd_out_a_rare_one_in_a_long_history(
     # Bounded below the window as well: the newest 20 matches older than it.
     hits = await recall_index.search(db.conn, conv, ["code"], common[-10], 100)
     assert {h[0] for h in hits} == set(common[-30:-10])
+
+
+async def test_of_terms_past_the_cap_the_one_reaching_further_back_is_kept(
+        db: Db, monkeypatch: pytest.MonkeyPatch) -> None:
+    # "tips for learning the guitar in the evenings": both words are past the cap,
+    # so their counts tie; the guitar's newest matches reach further back (rarer),
+    # so the guitar is what the search is about, not the alphabet's first word.
+    monkeypatch.setattr(recall_index, "MAX_CANDIDATES", 5)
+    conv = await db.conversation("me")
+    guitar = []
+    for i in range(10):
+        guitar.append(await db.message(conv, "user", f"guitar chords, lesson {i}"))
+        for j in range(3):
+            await db.message(conv, "assistant", f"filler reply {i} {j}")
+    for i in range(20):
+        await db.message(conv, "user", f"a quiet evening, number {i}")
+    await db.commit()
+    hits = await recall_index.search(db.conn, conv, ["evening", "guitar"], 10**9, 100)
+    assert {h[0] for h in hits} == set(guitar[-5:])
+
+
+async def test_a_lone_common_term_ranks_only_its_newest_matches(db: Db) -> None:
+    # The bound a turn's ranking works within, whatever the history's size.
+    conv = await db.conversation("me")
+    ids = [await db.message(conv, "user", f"the garden, day {i}")
+           for i in range(recall_index.MAX_CANDIDATES + 20)]
+    await db.commit()
+    hits = await recall_index.search(db.conn, conv, ["garden"], 10**9, 1000)
+    assert recall_index.MAX_CANDIDATES == 200
+    assert {h[0] for h in hits} == set(ids[-200:])

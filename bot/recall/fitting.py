@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from bot.text_fit import longest_prefix
 from bot.tokens import MESSAGE_OVERHEAD, count_tokens
@@ -28,16 +29,16 @@ MIN_CLIP_TOKENS = 24  # a clipped hit shorter than this says too little to be wo
 ELLIPSIS = " …"
 
 
-@dataclass(frozen=True, slots=True)
-class RecallMessage:
+# Named tuples, not frozen dataclasses: a turn's recall builds up to 75 of these
+# from rows, and a frozen dataclass costs about three times as much to create.
+class RecallMessage(NamedTuple):
     id: int
     role: str  # "user" or "assistant"
     content: str
     created_at: str  # ISO 8601; the date is its first ten characters
 
 
-@dataclass(frozen=True, slots=True)
-class Around:
+class Around(NamedTuple):
     """A hit and its neighbours in the conversation (None at either end)."""
 
     hit: RecallMessage
@@ -89,16 +90,53 @@ def fit_recalled(
     by_id: dict[int, RecallMessage] = {}
     hits: list[int] = []
     used = 0
+    bare: dict[tuple[str, str], int] = {}  # (date, role) → a line's cost without content
+
+    def floor(msg: RecallMessage) -> int:
+        # A line with its content costs at least the line without: the counter
+        # grows with the text (as longest_prefix needs), and this is its prefix.
+        key = (msg.created_at[:10], msg.role)
+        if key not in bare:
+            bare[key] = cost("\n" + render_line(msg, ""))
+        return bare[key]
+
+    def may_fit(msg: RecallMessage, line: str, left: int) -> bool:
+        # Once the hits have filled the room, most neighbours don't fit, and a cold
+        # count costs about 20 µs a line: a line whose beginning alone costs more
+        # than what is left is out without counting the rest. Cut before a space
+        # (not inside a word, whose fragment can cost more than the word) the
+        # beginning's pieces are the line's, so it costs no more than the line.
+        # Its text must cost `need` more than date and speaker: first two
+        # characters a token (rare words, CJK), then eight (English runs four).
+        bare_cost = floor(msg)
+        if bare_cost > left:
+            return False
+        start = len(line) - len(msg.content)
+        need = left - bare_cost + 1
+        for chars in (2 * need, 8 * need):
+            end = start + chars
+            if end >= len(line):  # short enough to count whole
+                return True
+            cut = line.rfind(" ", start, end + 1)
+            while cut > start and line[cut - 1] == " ":
+                cut -= 1
+            if cut > start and cost("\n" + line[:cut]) > left:
+                return False
+        return True
 
     def take(msg: RecallMessage, clip: bool) -> bool:
         nonlocal used
         if msg.id in chosen:
             return True
         line = render_line(msg)
+        if not clip and not may_fit(msg, line, room - used):
+            return False
         c = cost("\n" + line)
         if used + c > room:
-            left = room - used - cost("\n" + render_line(msg, "")) - cost(ELLIPSIS)
-            if not clip or left < MIN_CLIP_TOKENS:
+            if not clip:
+                return False
+            left = room - used - floor(msg) - cost(ELLIPSIS)
+            if left < MIN_CLIP_TOKENS:
                 return False
             keep = longest_prefix(msg.content, int(left / factor), counter)
             line = render_line(msg, msg.content[:keep].rstrip() + ELLIPSIS)
