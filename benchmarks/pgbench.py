@@ -44,7 +44,7 @@ _STAMP = "2025-01-01T00:00:00.000Z"
 
 async def seed(url: str, users: list[str]) -> None:
     """Schema by the store's own migrations; history rows by COPY."""
-    from storage import open_store
+    from storage import open_store, recall_index
 
     store = open_store(url, pool_size=2)
     await store.open()
@@ -67,6 +67,9 @@ async def seed(url: str, users: list[str]) -> None:
         await conn.copy_records_to_table(
             "messages", columns=["conversation_id", "role", "content", "created_at"],
             records=rows)
+        # In the words index too, as the bot stores them (see dbseed.fill).
+        await recall_index.index_messages(conn, [tuple(r) for r in await conn.fetch(
+            "SELECT id, conversation_id, content FROM messages")])
         await conn.execute("ANALYZE")
     finally:
         await conn.close()

@@ -48,6 +48,24 @@ async def test_reply_timeout_cuts_a_trickling_reply(model_server: ModelServer,
     assert stored == 0  # a cut reply is not history
 
 
+async def test_a_slow_reader_is_not_a_stalled_model(model_server: ModelServer,
+                                                    make_settings: SettingsFactory) -> None:
+    # The reader reads the model's stream itself: while it is busy elsewhere (here it
+    # waits past the stall limit twice) the model's text waits in the socket; neither
+    # the stall limit nor its interruption may touch that other wait.
+    model_server.reply = "one two three four five six"
+    async with open_service(make_settings(LLM_TIMEOUT=5, LLM_STALL_TIMEOUT=0.1)) as svc:
+        reply = await svc.handle(incoming("hello"))
+        shown: list[str] = []
+        async for delta in reply.deltas():
+            shown.append(delta)
+            if len(shown) <= 2:
+                await asyncio.sleep(0.15)  # the slow reader itself, not a synchronisation
+        rows = await svc.store.audit_log(5)
+    assert "".join(shown) == "one two three four five six"
+    assert rows[-1]["status"] == "ok"
+
+
 async def test_stall_timeout_defaults_to_llm_timeout(model_server: ModelServer,
                                                      make_settings: SettingsFactory) -> None:
     assert load_settings(None, LLM_TIMEOUT=7).LLM_STALL_TIMEOUT == 7
@@ -389,3 +407,27 @@ async def test_httpx_request_logs_stay_out_of_the_console(
             logging.getLogger(name).setLevel(old)
     assert model_server.requests
     assert "HTTP Request" not in err and "/api/chat" not in err
+
+
+async def test_ollama_chat_carries_the_library_headers_and_the_environment_proxy(
+        model_server: ModelServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The text chat is sent on aiohttp directly (bot.providers.ollama_stream): still with
+    # the ollama library's headers, and through a proxy the environment names, as the
+    # library's httpx client would (the model server stands in for the proxy here).
+    from bot.providers.ollama_provider import OllamaProvider
+
+    monkeypatch.setenv("OLLAMA_API_KEY", "sk-ollama-test")
+    monkeypatch.setenv("HTTP_PROXY", model_server.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    model_server.reply = "proxied hello"
+    provider = OllamaProvider("http://ollama.invalid:11434")
+    try:
+        got = [item async for item in provider.stream(
+            "llama3.2", [{"role": "user", "content": "hi"}], num_ctx=2048, max_tokens=32)]
+    finally:
+        await provider.close()
+    assert "".join(t for t in got if isinstance(t, str)) == "proxied hello"
+    headers = model_server.requests[-1].headers
+    assert headers["Authorization"] == "Bearer sk-ollama-test"
+    assert headers["User-Agent"].startswith("ollama-python/")

@@ -15,21 +15,12 @@ import aiosqlite
 import aiosqlite.core
 import pytest
 
-from bot.records import AuditRecord, ConversationRef
+from bot.records import AuditRecord
 from bot.store import Store
 from storage import sqlite_hop
 from storage.sqlite_store import SQLiteStore
 from tests.conftest import SettingsFactory, ask
-
-REF = ConversationRef(key="telegram:1@dm", platform="telegram", user_id="1", place="dm")
-
-
-def audit(**kw: object) -> AuditRecord:
-    values: dict[str, object] = dict(platform="telegram", user_id="1", chat_id="c",
-                                     conversation=REF.key, user_input="hi", model="m",
-                                     provider="ollama")
-    values.update(kw)
-    return AuditRecord(**values)  # type: ignore[arg-type]
+from tests.samples import REF, audit
 
 
 @pytest.fixture

@@ -9,23 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from bot.records import AuditRecord, ConversationRef
+from bot.records import ConversationRef
 from bot.settings import SettingsError, load_settings
 from storage.dialect import SQLITE
 from storage.migrations import MIGRATIONS
 from storage.queries import SQLITE_QUERIES
 from storage.sqlite_store import SQLiteStore
 from tests.conftest import SettingsFactory, ask
-
-REF = ConversationRef(key="telegram:1@dm", platform="telegram", user_id="1", place="dm")
-
-
-def audit(**kw: object) -> AuditRecord:
-    values: dict[str, object] = dict(platform="telegram", user_id="1", chat_id="c",
-                                     conversation=REF.key, user_input="hi", model="m",
-                                     provider="ollama")
-    values.update(kw)
-    return AuditRecord(**values)  # type: ignore[arg-type]
+from tests.samples import REF, audit
 
 
 async def test_old_database_is_upgraded_not_dropped(tmp_path: Path) -> None:

@@ -294,7 +294,10 @@ async def test_edits_respect_the_interval(tg: TelegramApiEmulator, tg_settings: 
 
 async def test_two_replies_in_one_group_share_the_pace(
         tg: TelegramApiEmulator, tg_settings: SettingsFactory, model_server: ModelServer) -> None:
-    interval = 0.2
+    interval = 0.3
+    # Times are the emulator's, when a call arrived: a loaded machine delays a call
+    # between the pacer's grant and its arrival, by up to `jitter` here.
+    jitter = 0.1
     model_server.reply = " ".join(f"part{i}" for i in range(12))
     model_server.chunk_delay = 0.05
     group = {"chat_id": GROUP, "chat_type": "group"}
@@ -307,10 +310,10 @@ async def test_two_replies_in_one_group_share_the_pace(
     assert len(times) >= 4
     # One bucket for the chat: past a burst of BURST calls, one call per interval.
     for i, j in itertools.combinations(range(len(times)), 2):
-        assert times[j] - times[i] >= (j - i + 1 - BURST) * interval - 0.05, (i, j, times)
+        assert times[j] - times[i] >= (j - i + 1 - BURST) * interval - jitter, (i, j, times)
     for message in messages:  # and each reply's own edits keep the interval
         gaps = [b - a for a, b in itertools.pairwise(message.changed_at)]
-        assert all(g >= interval - 0.02 for g in gaps), gaps
+        assert all(g >= interval - jitter for g in gaps), gaps
 
 
 async def test_long_reply_is_split_whole_and_code_blocks_stay_closed(

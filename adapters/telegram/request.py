@@ -15,6 +15,7 @@ at its read.
 
 from __future__ import annotations
 
+import json
 import ssl
 from typing import Any
 
@@ -26,6 +27,15 @@ from telegram.error import NetworkError, TelegramError, TimedOut
 from telegram.request import BaseRequest, RequestData
 
 POOL_SIZE = 256  # as PTB's HTTPXRequest
+_JSON = {"Content-Type": "application/json"}
+
+
+def _json_body(parameters: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(parameters)
+    except TypeError:  # orjson.JSONEncodeError
+        # What orjson refuses and the stdlib writes: a lone surrogate, an int past 64 bits.
+        return json.dumps(parameters).encode()
 
 
 class AiohttpRequest(BaseRequest):
@@ -66,10 +76,11 @@ class AiohttpRequest(BaseRequest):
         try:
             return orjson.loads(payload)
         except orjson.JSONDecodeError:
-            # As PTB's own parser: invalid UTF-8 is replaced, not fatal.
+            # As PTB's own parser (the stdlib's): invalid UTF-8 is replaced, and an
+            # escaped lone surrogate (which orjson refuses) is read, not fatal.
             try:
-                return orjson.loads(payload.decode("utf-8", "replace"))
-            except orjson.JSONDecodeError as exc:
+                return json.loads(payload.decode("utf-8", "replace"))
+            except ValueError as exc:
                 raise TelegramError("Invalid server response") from exc
 
     async def do_request(
@@ -93,20 +104,24 @@ class AiohttpRequest(BaseRequest):
             total=None, sock_read=read, sock_connect=connect,
             connect=None if pool is None or connect is None else pool + connect)
         data: Any = None
-        if request_data is not None:
-            data = request_data.json_parameters
-            files = request_data.multipart_data if request_data.contains_files else None
-            if files:
-                form = aiohttp.FormData()
-                for name, value in data.items():
-                    form.add_field(name, value)
-                for name, part in files.items():
-                    filename, content, *rest = part
-                    form.add_field(name, content, filename=filename,
-                                   content_type=rest[0] if rest else None)
-                data = form
+        headers = None
+        if request_data is not None and request_data.contains_files:
+            form = aiohttp.FormData()
+            for name, value in request_data.json_parameters.items():
+                form.add_field(name, value)
+            for name, part in request_data.multipart_data.items():
+                filename, content, *rest = part
+                form.add_field(name, content, filename=filename,
+                               content_type=rest[0] if rest else None)
+            data = form
+        elif request_data is not None:
+            # One JSON body (the Bot API takes application/json for any call without
+            # files): profiled, aiohttp's form encoding of the parameters (FormData,
+            # urlencode) was a tenth of the cost of each call.
+            data, headers = _json_body(request_data.parameters), _JSON
         try:
-            async with session.request(method, url, data=data, timeout=timeout,
+            async with session.request(method, url, data=data, headers=headers,
+                                       timeout=timeout,
                                        allow_redirects=False) as response:
                 return response.status, await response.read()
         except TimeoutError as exc:

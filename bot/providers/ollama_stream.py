@@ -3,26 +3,30 @@
 Profiled, the library cost about a quarter of the bot's CPU per exchange:
 pydantic validation of every prompt message on the way out, and for each
 streamed line `json.loads`, then a pydantic ChatResponse, through httpx's
-text and line decoders. This sends the same request body on the library's
-own httpx client (its host, headers, timeouts and transport errors) and reads
-the NDJSON stream as bytes, each line parsed by orjson. Errors are the
-library's: a status ≥ 400 or an "error" line raises ollama.ResponseError.
-Messages with images still go through the library (its image encoding).
+text and line decoders. This sends the same request body, with the library
+client's headers (its User-Agent, an OLLAMA_API_KEY's bearer), on the aiohttp
+session under the library's httpx client (one connection pool), and reads the
+NDJSON stream as bytes, each line parsed by orjson: httpx's request building
+and its four stream layers per chunk were another ~5 % of the bot's CPU per
+exchange. Errors are the library's: a status >= 400 or an "error" line raises
+ollama.ResponseError; transport errors are aiohttp's. Messages with images
+still go through the library (its image encoding).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import httpx
+import aiohttp
 import orjson
-from ollama import AsyncClient, ResponseError
+from ollama import ResponseError
 
 from bot.providers.base import Usage
 
-_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+# No time limit of the session's own: the call's deadlines are bot.llm_call's.
+_UNLIMITED = aiohttp.ClientTimeout(total=None)
 
 
 def request_body(model: str, messages: list[dict[str, Any]],
@@ -62,17 +66,20 @@ def _part(line: bytes) -> tuple[str, Usage | None]:
     return text or "", Usage(prompt, completion, part.get("done_reason"))
 
 
-async def chat_parts(client: AsyncClient, model: str, messages: list[dict[str, Any]],
+async def chat_parts(session: aiohttp.ClientSession, url: str, headers: Mapping[str, str],
+                     proxy: tuple[Any, aiohttp.BasicAuth | None], model: str,
+                     messages: list[dict[str, Any]],
                      options: dict[str, Any]) -> AsyncIterator[tuple[str, Usage | None]]:
-    """(text, None) per streamed part, then (text, Usage) for the part that says done."""
-    http: httpx.AsyncClient = client._client  # the library's own client and settings
-    async with http.stream("POST", "/api/chat", headers=_HEADERS,
-                           content=request_body(model, messages, options)) as response:
-        if response.status_code >= 400:
-            await response.aread()
-            raise ResponseError(response.text, response.status_code)
+    """(text, None) per streamed part, then (text, Usage) for the part that says done.
+
+    `proxy`: (its URL, its credentials), (None, None) for none."""
+    async with session.post(url, data=request_body(model, messages, options), headers=headers,
+                            proxy=proxy[0], proxy_auth=proxy[1],
+                            timeout=_UNLIMITED) as response:
+        if response.status >= 400:
+            raise ResponseError(await response.text(errors="replace"), response.status)
         pending = b""
-        async for chunk in response.aiter_bytes():
+        async for chunk in response.content.iter_any():
             lines = (pending + chunk).split(b"\n") if pending else chunk.split(b"\n")
             pending = lines.pop()
             for line in lines:

@@ -72,15 +72,18 @@ class OpenAIProvider:
         try:
             chunks = await self._open(model, messages, max_tokens, options)
             opened = True
-            async for chunk in chunks:
-                if chunk.usage is not None:
-                    usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
-                for choice in chunk.choices:
-                    if choice.delta and choice.delta.content:
-                        texted = True
-                        yield choice.delta.content
-                    if choice.finish_reason:
-                        finish = choice.finish_reason
+            # Closed with this generator: a reader that stops early (/stop) hangs up the
+            # call now, not when the stream is collected.
+            async with chunks:
+                async for chunk in chunks:
+                    if chunk.usage is not None:
+                        usage = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                    for choice in chunk.choices:
+                        if choice.delta and choice.delta.content:
+                            texted = True
+                            yield choice.delta.content
+                        if choice.finish_reason:
+                            finish = choice.finish_reason
         except openai.APIStatusError as exc:
             raise _status_error(model, exc) from None
         except (openai.APIConnectionError, httpx.TransportError, OSError) as exc:

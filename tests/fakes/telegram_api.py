@@ -338,6 +338,7 @@ class ApiCall:
     at: float  # time.monotonic() on arrival
     status: int = 200
     error: str | None = None
+    content_type: str = ""  # of the request body ("" without one)
 
 
 @dataclass
@@ -832,11 +833,12 @@ class TelegramApiEmulator:
 
     async def _handle(self, request: web.Request) -> web.Response:
         method = request.match_info["method"]
+        content_type = request.content_type if request.can_read_body else ""
         try:
             params = await _read_params(request)
         except ValueError as exc:
             return web.json_response(bad_request(str(exc)).payload(), status=400)
-        call = ApiCall(method, params, time.monotonic())
+        call = ApiCall(method, params, time.monotonic(), content_type=content_type)
         self._calls.append(call)
         self._notify()  # a long poll answers much later; its arrival is news already
         if request.match_info["token"] != self.bot_token:
