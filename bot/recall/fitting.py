@@ -162,12 +162,15 @@ def fit_recalled(
         if msg.id in chosen:
             return True
         line = render_line(msg)
-        if not clip and not may_fit(msg, line, room - used):
-            return False
         m = None
         if factors is not None:
+            # The content's measure is cached (the window's, an earlier turn's) or
+            # will be: cheaper than may_fit's one-off prefixes, and the same answer
+            # (a prefix that does not fit means the line does not).
             m = line_measure(msg)
             c = math.ceil(factors.of(m) * factor)
+        elif not clip and not may_fit(msg, line, room - used):
+            return False
         else:
             c = cost("\n" + line)
         if used + c > room:
