@@ -300,6 +300,22 @@ END $$
 """
 
 
+# What the postings triggers do with the rows a statement added or removed.
+_POSTINGS_ADD = """    INSERT INTO recall_postings (conversation_id, term, message_id)
+        SELECT n.conversation_id, unnest(tsvector_to_array(n.terms)), n.message_id
+        FROM added n ON CONFLICT DO NOTHING;
+"""
+_POSTINGS_REMOVE = """    DELETE FROM recall_postings p USING removed o
+        WHERE p.conversation_id = o.conversation_id
+        AND p.term = ANY (tsvector_to_array(o.terms)) AND p.message_id = o.message_id;
+"""
+
+
+def _postings_function(name: str, body: str) -> str:
+    return (f"CREATE OR REPLACE FUNCTION {name}() RETURNS trigger\nLANGUAGE plpgsql AS $$\n"
+            f"BEGIN\n{body}    RETURN NULL;\nEND $$")
+
+
 # PostgreSQL's words index as postings, newest first per conversation and term: a
 # search reads at most a bounded number of each term's newest matches (a GIN index
 # finds every match, and a long history has thousands per common word). Kept by
@@ -311,33 +327,9 @@ _POSTINGS = [
     # until commit, so no row written meanwhile is missed.
     "CREATE TABLE recall_postings (conversation_id BIGINT NOT NULL, term TEXT NOT NULL,"
     " message_id BIGINT NOT NULL)",
-    """CREATE OR REPLACE FUNCTION memorybot_postings_added() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO recall_postings (conversation_id, term, message_id)
-        SELECT n.conversation_id, unnest(tsvector_to_array(n.terms)), n.message_id
-        FROM added n ON CONFLICT DO NOTHING;
-    RETURN NULL;
-END $$""",
-    """CREATE OR REPLACE FUNCTION memorybot_postings_removed() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    DELETE FROM recall_postings p USING removed o
-        WHERE p.conversation_id = o.conversation_id
-        AND p.term = ANY (tsvector_to_array(o.terms)) AND p.message_id = o.message_id;
-    RETURN NULL;
-END $$""",
-    """CREATE OR REPLACE FUNCTION memorybot_postings_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    DELETE FROM recall_postings p USING removed o
-        WHERE p.conversation_id = o.conversation_id
-        AND p.term = ANY (tsvector_to_array(o.terms)) AND p.message_id = o.message_id;
-    INSERT INTO recall_postings (conversation_id, term, message_id)
-        SELECT n.conversation_id, unnest(tsvector_to_array(n.terms)), n.message_id
-        FROM added n ON CONFLICT DO NOTHING;
-    RETURN NULL;
-END $$""",
+    _postings_function("memorybot_postings_added", _POSTINGS_ADD),
+    _postings_function("memorybot_postings_removed", _POSTINGS_REMOVE),
+    _postings_function("memorybot_postings_changed", _POSTINGS_REMOVE + _POSTINGS_ADD),
     "CREATE TRIGGER recall_postings_insert AFTER INSERT ON recall_terms"
     " REFERENCING NEW TABLE AS added FOR EACH STATEMENT"
     " EXECUTE FUNCTION memorybot_postings_added()",

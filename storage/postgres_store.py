@@ -492,11 +492,10 @@ class PostgresStore(SQLStore):
                             before_id: int) -> list[Around]:
         turn = self._current_turn()
         got = turn.around if turn is not None else None
-        if got is not None and got[:2] == (conversation_id, before_id) \
-                and got[2].issuperset(ids):
-            # A hit looked at but not found was deleted meanwhile: left out, as below.
-            return [got[3][i] for i in ids if i in got[3]]
-        # Hits beyond the prefetched ones (meaning found them): read as usual.
+        kept = recall_index.prefetched(got[2], got[3], ids) \
+            if got is not None and got[:2] == (conversation_id, before_id) else None
+        if kept is not None:
+            return kept
         return await super().recall_around(conversation_id, ids, before_id)
 
     async def _resolve(self, conn: asyncpg.Connection, audit: AuditRecord) -> int:

@@ -328,6 +328,16 @@ async def around(conn: Any, conversation_id: int, ids: Sequence[int],
     return _arounds(ids, rows)
 
 
+def prefetched(looked: frozenset[int], found: dict[int, Around],
+               ids: Sequence[int]) -> list[Around] | None:
+    """The neighbours read with the search (`looked` at, `found` by hit id), if they
+    cover `ids`; None when the turn asks for more (meaning found other hits). A hit
+    looked at but not found was deleted meanwhile: left out, as `around` would."""
+    if not looked.issuperset(ids):
+        return None
+    return [found[i] for i in ids if i in found]
+
+
 def _arounds(ids: Sequence[int], rows: Iterable[Sequence[Any]]) -> list[Around]:
     """(hit, side, id, role, content, created_at) rows as each hit's Around, in `ids`
     order; a hit without its own row (not in the conversation) is left out."""

@@ -421,10 +421,9 @@ class SQLiteStore(SQLStore):
     async def recall_around(self, conversation_id: int, ids: list[int],
                             before_id: int) -> list[Around]:
         got = self._arounds.pop((conversation_id, before_id), None)
-        if got is not None and got[0].issuperset(ids):
-            # A hit looked at but not found was deleted meanwhile: left out, as below.
-            return [got[1][i] for i in ids if i in got[1]]
-        # Hits beyond the prefetched ones (meaning found them): read as usual.
+        kept = recall_index.prefetched(*got, ids) if got is not None else None
+        if kept is not None:
+            return kept
         return await super().recall_around(conversation_id, ids, before_id)
 
     async def save_exchange(
